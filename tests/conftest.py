@@ -1,0 +1,75 @@
+"""Test tiers.
+
+* Host tier (no marker): pure logic, bytes in and out; runs anywhere.
+* Kernel tier (``@pytest.mark.kernel``): needs a real kernel with ``/dev/vhost-net`` and
+  ``/dev/net/tun``. ``./run-tests`` runs it directly on such a host, otherwise inside the test
+  VM (``python -m kvhost.testvm``). Such a test never skips: run without the device it fails,
+  saying how to run it, so a CI that lost its kernel tier goes red.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+
+def _open_fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+@pytest.fixture(autouse=True)
+def _kernel_tier_guard(request: pytest.FixtureRequest) -> None:
+    if request.node.get_closest_marker("kernel") is None:
+        return
+    if not Path("/dev/vhost-net").exists():
+        pytest.fail(
+            "kernel-tier test run on a kernel without /dev/vhost-net: run it through "
+            "./run-tests (it boots the test VM) or on a host with vhost_net loaded",
+            pytrace=False,
+        )
+
+
+@pytest.fixture
+def fd_leak_check() -> Iterator[None]:
+    """Fails the test if it leaves file descriptors open."""
+    before = _open_fds()
+    yield
+    after = _open_fds()
+    leaked = {fd: _readlink(fd) for fd in after - before}
+    leaked = {fd: target for fd, target in leaked.items() if target is not None}
+    assert not leaked, f"file descriptors leaked: {leaked}"
+
+
+def _readlink(fd: str) -> str | None:
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return None  # closed in the meantime: the fd listing's own handle
+
+
+@pytest.fixture
+def netns() -> Iterator[str]:
+    """A fresh network namespace the test runs in, removed afterwards.
+
+    The whole test process enters it (pytest is single-threaded), so taps, AF_PACKET
+    sockets and netlink calls made by the test all land there and no traffic can reach
+    any other namespace.
+    """
+    from pyroute2 import netns as pr_netns
+
+    name = f"kvtest-{os.getpid()}-{os.urandom(3).hex()}"
+    pr_netns.create(name)
+    pr_netns.pushns(name)
+    try:
+        from pyroute2 import IPRoute
+
+        with IPRoute() as ipr:
+            lo = ipr.link_lookup(ifname="lo")[0]
+            ipr.link("set", index=lo, state="up")
+        yield name
+    finally:
+        pr_netns.popns()
+        pr_netns.remove(name)
