@@ -30,7 +30,7 @@ _IOC_WRITE = 1
 _IOC_READ = 2
 
 
-def _IOC(direction: int, typ: int, nr: int, size: int) -> int:  # noqa: N802 - kernel name
+def _IOC(direction: int, typ: int, nr: int, size: int) -> int:
     if size >= 1 << _IOC_SIZEBITS:
         raise ValueError(f"ioctl argument size {size} does not fit _IOC_SIZEBITS")
     return (
@@ -41,19 +41,19 @@ def _IOC(direction: int, typ: int, nr: int, size: int) -> int:  # noqa: N802 - k
     )
 
 
-def _IO(typ: int, nr: int) -> int:  # noqa: N802
+def _IO(typ: int, nr: int) -> int:
     return _IOC(_IOC_NONE, typ, nr, 0)
 
 
-def _IOR(typ: int, nr: int, size: int) -> int:  # noqa: N802
+def _IOR(typ: int, nr: int, size: int) -> int:
     return _IOC(_IOC_READ, typ, nr, size)
 
 
-def _IOW(typ: int, nr: int, size: int) -> int:  # noqa: N802
+def _IOW(typ: int, nr: int, size: int) -> int:
     return _IOC(_IOC_WRITE, typ, nr, size)
 
 
-def _IOWR(typ: int, nr: int, size: int) -> int:  # noqa: N802
+def _IOWR(typ: int, nr: int, size: int) -> int:
     return _IOC(_IOC_READ | _IOC_WRITE, typ, nr, size)
 
 
@@ -166,6 +166,15 @@ def offsetof(struct: str, field: str) -> int:
 def new(struct: str, **fields: Any) -> Any:
     """A zeroed ``struct NAME`` owned by Python, with ``fields`` set."""
     obj = ffi.new(f"struct {struct} *")
+    for name, value in fields.items():
+        setattr(obj, name, value)
+    return obj
+
+
+def new_var(struct: str, array_field: str, length: int, **fields: Any) -> Any:
+    """A zeroed ``struct NAME`` whose trailing flexible array ``array_field`` has ``length``
+    elements (``vhost_memory.regions``, ``vhost_features_array.features``)."""
+    obj = ffi.new(f"struct {struct} *", {array_field: length})
     for name, value in fields.items():
         setattr(obj, name, value)
     return obj

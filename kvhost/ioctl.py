@@ -30,7 +30,7 @@ def read_max_mem_regions(default: int = 64) -> int:
 def _hint(req: Ioctl, err: int) -> str:
     specific = _REQUEST_HINTS.get((req.name, err))
     if specific is not None:
-        return specific() if callable(specific) else specific
+        return str(specific() if callable(specific) else specific)
     if err == errno.ENOTTY:
         return f"this kernel has no {req.name} (added in Linux {req.since})"
     generic = _ERRNO_HINTS.get(err)
@@ -101,11 +101,12 @@ def ioctl(fd: int, req: Ioctl, arg: Any = 0, *, device: str, mutate: bool = True
         raise KernelError(req.name, device, err.errno or 0, _hint(req, err.errno or 0)) from err
 
 
+#: device node name -> how to make it appear
 _OPEN_HINTS: dict[str, str] = {
-    "/dev/vhost-net": "load the module with 'modprobe vhost_net'",
-    "/dev/net/tun": "load the module with 'modprobe tun'",
-    "/dev/vhost-vsock": "load the module with 'modprobe vhost_vsock'",
-    "/dev/vhost-scsi": "load the module with 'modprobe vhost_scsi'",
+    "vhost-net": "load the module with 'modprobe vhost_net'",
+    "tun": "load the module with 'modprobe tun'",
+    "vhost-vsock": "load the module with 'modprobe vhost_vsock'",
+    "vhost-scsi": "load the module with 'modprobe vhost_scsi'",
 }
 
 
@@ -115,19 +116,20 @@ def open_device(path: str, flags: int = os.O_RDWR) -> int:
     The message says which of missing / not permitted / module not loaded applies and
     what to do about it.
     """
+    todo = _OPEN_HINTS.get(Path(path).name, "load its kernel module")
     try:
         return os.open(path, flags | os.O_CLOEXEC)
     except OSError as err:
         code = err.errno or 0
         if code == errno.ENOENT:
-            hint = f"{path} does not exist: {_OPEN_HINTS.get(path, 'load its kernel module')}"
+            hint = f"{path} does not exist: {todo}"
         elif code in (errno.EACCES, errno.EPERM):
             hint = (
                 f"no permission to open {path}: run as root, add the user to the device's "
                 "group (often 'kvm'), or have a privileged process pass the fd in"
             )
         elif code in (errno.ENODEV, errno.ENXIO):
-            hint = f"{path} exists but no driver is bound: {_OPEN_HINTS.get(path, '')}"
+            hint = f"{path} exists but no driver is bound: {todo}"
         else:
             hint = ""
         raise DeviceUnavailable("open", path, code, hint) from err

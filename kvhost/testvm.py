@@ -27,6 +27,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TextIO
 
 from kvhost.errors import UsageError
 
@@ -80,10 +81,10 @@ def run(
     memory: str = "2G",
     cpus: int = 2,
     quiet: bool = False,
-    out: object = None,
+    out: TextIO | None = None,
 ) -> int:
     """Boot ``kernel``, run ``cmd`` inside, stream its log; return its exit status."""
-    stream = out if out is not None else sys.stdout
+    stream: TextIO = out if out is not None else sys.stdout
     if shutil.which("vng") is None:
         raise UsageError("virtme-ng is not installed: pip install virtme-ng")
     if shutil.which("qemu-system-x86_64") is None:
@@ -113,7 +114,7 @@ def run(
     argv += ["--exec", str(script)]
     if not quiet:
         print(f"[testvm] booting Linux {kernel_release(image)} under QEMU TCG "
-              f"(about 20-40 s) ...", file=stream, flush=True)  # type: ignore[call-overload]
+              f"(about 20-40 s) ...", file=stream, flush=True)
     start = time.monotonic()
     console = results / "console"
     log = results / "log"
@@ -127,15 +128,15 @@ def run(
             if log.exists():
                 if not announced and not quiet:
                     print(f"[testvm] booted in {time.monotonic() - start:.0f} s; running: "
-                          f"{shlex.join(cmd)}", file=stream, flush=True)  # type: ignore[call-overload]
+                          f"{shlex.join(cmd)}", file=stream, flush=True)
                     announced = True
                 with log.open("rb") as f:
                     f.seek(pos)
                     chunk = f.read()
                     pos += len(chunk)
                 if chunk and not quiet:
-                    stream.write(chunk.decode(errors="replace"))  # type: ignore[attr-defined]
-                    stream.flush()  # type: ignore[attr-defined]
+                    stream.write(chunk.decode(errors="replace"))
+                    stream.flush()
             if done:
                 break
             time.sleep(0.5)
@@ -148,7 +149,7 @@ def run(
     rc = int(rcfile.read_text().strip() or VM_FAILED)
     if not quiet:
         print(f"[testvm] Linux {kernel_release(image)}: command exited {rc} after "
-              f"{time.monotonic() - start:.0f} s (log: {log})", file=stream, flush=True)  # type: ignore[call-overload]
+              f"{time.monotonic() - start:.0f} s (log: {log})", file=stream, flush=True)
     return rc
 
 

@@ -1,0 +1,175 @@
+"""kvhost's ABI against the kernel's own headers, and against the reference for newer items.
+
+A C program is generated from ``kvhost.abi`` and compiled against the installed uapi headers
+(Debian's linux-libc-dev). It prints every ioctl number, constant, ``sizeof`` and ``offsetof``
+the headers define; each must equal ours. Items the installed headers are too old to have
+(FEATURES_ARRAY, FORK_FROM_OWNER on 6.1 headers) are checked against the values recorded in
+``shared/reference/kernel-vhost-uapi.md``, which were computed from 7.1.5 headers.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from kvhost import abi, features
+
+HEADERS = (
+    "linux/vhost.h",
+    "linux/vhost_types.h",
+    "linux/if_tun.h",
+    "linux/if.h",
+    "linux/virtio_net.h",
+    "linux/virtio_config.h",
+    "linux/virtio_ring.h",
+)
+REFERENCE = Path(__file__).resolve().parents[2] / "shared/reference/kernel-vhost-uapi.md"
+
+# C spellings of the cffi field names where the kernel hides members behind macros/unions.
+C_FIELD = {("ifreq", "ifr_ifru"): "ifr_ifru"}
+
+_CONST_PREFIXES = ("IFF_", "TUN_F_", "VHOST_F_", "VHOST_NET_F_", "VHOST_VRING_F_",
+                   "VHOST_BACKEND_F_", "VHOST_PAGE_SIZE", "VHOST_FILE_UNBIND",
+                   "VHOST_FORK_OWNER_", "VRING_DESC_F_", "VRING_USED_F_", "VRING_AVAIL_F_",
+                   "VIRTIO_NET_HDR_F_NEEDS_CSUM", "VIRTIO_NET_HDR_GSO_NONE", "IFNAMSIZ",
+                   "VHOST_VIRTIO")
+
+
+def _constants() -> dict[str, int]:
+    return {
+        name: value
+        for name, value in vars(abi).items()
+        if isinstance(value, int) and name.startswith(_CONST_PREFIXES)
+    }
+
+
+def _feature_macros() -> dict[str, int]:
+    out: dict[str, int] = {}
+    for b in features.BITS.values():
+        if b.kind is features.Kind.NET:
+            out[f"VIRTIO_NET_F_{b.name}"] = b.number
+        elif b.kind is features.Kind.TRANSPORT:
+            out[f"VIRTIO_F_{b.name}"] = b.number
+            out[f"VIRTIO_RING_F_{b.name}"] = b.number
+    return out
+
+
+def _c_program() -> str:
+    lines = ["#include <stdio.h>", "#include <stddef.h>"]
+    lines += [f"#include <{h}>" for h in HEADERS]
+    lines.append("int main(void) {")
+    for req in abi.ALL_IOCTLS:
+        lines.append(f"#ifdef {req.name}\n printf(\"ioctl {req.name} %lu\\n\", "
+                     f"(unsigned long){req.name});\n#endif")
+    for name in list(_constants()) + list(_feature_macros()):
+        lines.append(f"#ifdef {name}\n printf(\"const {name} %ld\\n\", (long)({name}));\n#endif")
+    for struct, fields in abi.STRUCT_FIELDS.items():
+        guard = "VHOST_GET_FEATURES_ARRAY" if struct == "vhost_features_array" else None
+        if guard:
+            lines.append(f"#ifdef {guard}")
+        lines.append(f' printf("sizeof {struct} %zu\\n", sizeof(struct {struct}));')
+        for field in fields:
+            cname = C_FIELD.get((struct, field), field)
+            lines.append(f' printf("offsetof {struct}.{field} %zu\\n", '
+                         f"offsetof(struct {struct}, {cname}));")
+        if guard:
+            lines.append("#endif")
+    lines.append(" return 0;\n}")
+    return "\n".join(lines)
+
+
+@pytest.fixture(scope="module")
+def header_values(tmp_path_factory: pytest.TempPathFactory) -> dict[str, int]:
+    cc = shutil.which("gcc") or shutil.which("cc")
+    assert cc, "a C compiler is needed for the ABI check: apt-get install gcc"
+    assert Path("/usr/include/linux/vhost.h").exists(), (
+        "kernel uapi headers missing: apt-get install linux-libc-dev")
+    d = tmp_path_factory.mktemp("abi")
+    (d / "abi.c").write_text(_c_program())
+    subprocess.run([cc, "-o", str(d / "abi"), str(d / "abi.c")], check=True,
+                   capture_output=True, text=True)
+    out = subprocess.run([str(d / "abi")], check=True, capture_output=True, text=True).stdout
+    values: dict[str, int] = {}
+    for line in out.splitlines():
+        kind, name, value = line.split()
+        values[f"{kind} {name}"] = int(value)
+    return values
+
+
+def test_every_ioctl_matches_headers_or_reference(header_values: dict[str, int]) -> None:
+    reference = _reference_ioctls()
+    unchecked = []
+    for req in abi.ALL_IOCTLS:
+        key = f"ioctl {req.name}"
+        if key in header_values:
+            assert header_values[key] == req.number, f"{req.name}: header says " \
+                f"0x{header_values[key]:x}, kvhost 0x{req.number:x}"
+        if req.name in reference:
+            assert reference[req.name] == req.number, f"{req.name}: reference says " \
+                f"0x{reference[req.name]:x}, kvhost 0x{req.number:x}"
+        if key not in header_values and req.name not in reference:
+            unchecked.append(req.name)
+    assert not unchecked, f"ioctl numbers checked against nothing: {unchecked}"
+
+
+def test_newer_ioctls_come_from_reference(header_values: dict[str, int]) -> None:
+    # The 6.1 headers lack these; they must still be checked (against the 7.1.5 values).
+    newer = [r.name for r in abi.ALL_IOCTLS if f"ioctl {r.name}" not in header_values]
+    reference = _reference_ioctls()
+    assert all(name in reference for name in newer), newer
+
+
+def test_constants_match_headers(header_values: dict[str, int]) -> None:
+    checked = 0
+    for name, value in _constants().items():
+        key = f"const {name}"
+        if key in header_values:
+            assert header_values[key] == value, f"{name}: header {header_values[key]}, ours {value}"
+            checked += 1
+    assert checked >= 30, f"only {checked} constants found in the headers"
+
+
+def test_feature_bits_match_headers(header_values: dict[str, int]) -> None:
+    checked = 0
+    for name, value in _feature_macros().items():
+        key = f"const {name}"
+        if key in header_values:
+            assert header_values[key] == value, f"{name}: header {header_values[key]}, ours {value}"
+            checked += 1
+    assert checked >= 40, f"only {checked} feature bits found in the headers"
+
+
+def test_struct_layouts_match_headers(header_values: dict[str, int]) -> None:
+    for struct, fields in abi.STRUCT_FIELDS.items():
+        key = f"sizeof {struct}"
+        if key not in header_values:
+            assert struct == "vhost_features_array"
+            continue
+        assert header_values[key] == abi.sizeof(struct), struct
+        for field in fields:
+            assert header_values[f"offsetof {struct}.{field}"] == abi.offsetof(struct, field), (
+                f"{struct}.{field}")
+
+
+def test_features_array_layout_matches_reference() -> None:
+    # 7.1.5 (reference §1b): count at 0, features[] at 8, sizeof 8.
+    assert abi.sizeof("vhost_features_array") == 8
+    assert abi.offsetof("vhost_features_array", "features") == 8
+
+
+def _reference_ioctls() -> dict[str, int]:
+    if not REFERENCE.exists():
+        pytest.fail(f"reference {REFERENCE} missing: it ships beside the repo in shared/")
+    out: dict[str, int] = {}
+    for line in REFERENCE.read_text().splitlines():
+        cells = [c.strip() for c in line.split("|")]
+        if len(cells) < 4 or not re.fullmatch(r"(VHOST|TUN)[A-Z_]+", cells[1]):
+            continue
+        hexes = [c for c in cells if re.fullmatch(r"0x[0-9a-f]{4,8}", c)]
+        if hexes:
+            out[cells[1]] = int(hexes[-1], 16)
+    return out
