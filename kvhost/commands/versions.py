@@ -1,0 +1,262 @@
+"""Version subcommands: ``manifest``, ``versions``, ``check``, ``compat``, ``qemu-args``,
+``install-udev``. Thin: each parses, calls kvhost.versions / manifest / qemu_args, prints."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from kvhost import manifest as mf
+from kvhost import qemu_args
+from kvhost import versions as ver
+from kvhost.errors import KvhostError, UsageError
+
+DEFAULT_RULES_DIR = Path("/etc/udev/rules.d")
+RULES_NAME = "90-kvhost.rules"
+#: where ``pip install`` puts the entry point for the system interpreter; the rules file
+#: shipped in udev/ uses it, ``kvhost install-udev`` writes the running interpreter instead
+SHIPPED_COMMAND = ("/usr/local/bin/kvhost",)
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser(
+        "manifest",
+        help="probe the kernel and write this host's version manifest",
+        description="Probe kernel vhost-net and tun and atomically write the manifest "
+        "(latest and supported interface versions). Exit 1, leaving any previous manifest "
+        "in place, when the host serves no version.",
+    )
+    p.add_argument(
+        "--output",
+        default=str(mf.DEFAULT_PATH),
+        help=f"manifest path (default {mf.DEFAULT_PATH}; '-' prints it without writing)",
+    )
+    p.add_argument("--json", action="store_true", help="also print the manifest as JSON")
+    p.add_argument(
+        "--kmsg",
+        action="store_true",
+        help="also log the outcome to the kernel log (/dev/kmsg), as the udev rule does",
+    )
+    p.set_defaults(func=_manifest)
+
+    p = sub.add_parser(
+        "versions",
+        help="list the interface version registry, marking what this host supports",
+    )
+    p.add_argument("--manifest", help="judge by this manifest instead of probing this host")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_versions)
+
+    p = sub.add_parser(
+        "check",
+        help="exit 0 if this host (or a manifest) can serve VERSION, else say what is missing",
+    )
+    p.add_argument("version", metavar="VERSION", help="registry name or value list")
+    p.add_argument("--manifest", help="judge by this manifest instead of probing this host")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_check)
+
+    p = sub.add_parser(
+        "compat",
+        help="the newest version every host (one manifest each) supports",
+    )
+    p.add_argument("manifests", metavar="MANIFEST", nargs="+")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_compat)
+
+    p = sub.add_parser(
+        "qemu-args",
+        help="virtio-net-pci properties pinning QEMU's own vhost-net (tap,vhost=on) to VERSION",
+    )
+    p.add_argument("version", metavar="VERSION", help="registry name or value list")
+    p.add_argument("--qemu", default="qemu-system-x86_64", help="QEMU binary to ask")
+    p.add_argument("--json", action="store_true", help="print a JSON list of prop=value")
+    p.set_defaults(func=_qemu_args)
+
+    p = sub.add_parser(
+        "install-udev",
+        help="install the udev rule that writes the manifest when vhost-net or tun appears",
+    )
+    p.add_argument("--rules-dir", default=str(DEFAULT_RULES_DIR))
+    p.add_argument("--manifest", default=str(mf.DEFAULT_PATH), help="manifest path the rule writes")
+    p.add_argument(
+        "--command",
+        help="kvhost command for the rule (default: this interpreter with -m kvhost.cli)",
+    )
+    p.add_argument(
+        "--reload", action="store_true", help="run 'udevadm control --reload' afterwards"
+    )
+    p.set_defaults(func=_install_udev)
+
+
+# --- helpers --------------------------------------------------------------------------------
+
+
+def _kmsg(level: int, text: str) -> None:
+    # The kernel log reaches dmesg and the journal even from a udev RUN program.
+    with contextlib.suppress(OSError), open("/dev/kmsg", "w") as f:
+        f.write(f"<{level}>kvhost: {text}\n")
+
+
+def _host_offer(manifest_path: str | None) -> tuple[ver.Offer, str]:
+    if manifest_path:
+        m = mf.read(manifest_path)
+        return m.offer, m.label
+    from kvhost.probe import probe
+
+    p = probe()
+    return ver.host_offer(p), f"this host (kernel {p.kernel_release})"
+
+
+def _print_json(obj: Any) -> None:
+    print(json.dumps(obj, indent=2))
+
+
+# --- subcommands ----------------------------------------------------------------------------
+
+
+def _manifest(args: argparse.Namespace) -> int:
+    out = None if args.output == "-" else Path(args.output)
+    try:
+        m = mf.generate(out)
+    except KvhostError as err:
+        if args.kmsg:
+            _kmsg(4, f"manifest {args.output} not updated: {err}")
+        raise
+    summary = (
+        f"kernel {m['kernel_release']}: latest {m['latest']}, "
+        f"{len(m['supported'])} versions supported"
+    )
+    if args.kmsg:
+        _kmsg(6, f"wrote {args.output}: {summary}")
+    if args.json or out is None:
+        _print_json(m)
+    else:
+        print(f"wrote {out}: {summary}")
+    return 0
+
+
+def _versions(args: argparse.Namespace) -> int:
+    offer, host = _host_offer(args.manifest)
+    ok = ver.supported(offer)
+    newest = ok[-1].name if ok else None
+    rows = []
+    for v in ver.registry():
+        lack = ver.missing(v, offer)
+        rows.append(
+            {
+                "name": v.name,
+                "spec": v.spec(),
+                "first_kernel": v.first_kernel,
+                "adds": v.adds,
+                "features": v.feature_names(),
+                "supported": not lack,
+                "latest": v.name == newest,
+                "missing": lack,
+            }
+        )
+    if args.json:
+        _print_json(
+            {"host": host, "latest": newest, "problems": list(offer.problems), "versions": rows}
+        )
+        return 0
+    print(f"interface versions ({host}; * = supported here, > = latest here)")
+    for r in rows:
+        mark = ">" if r["latest"] else "*" if r["supported"] else " "
+        print(f" {mark} {r['name']:<26} since {r['first_kernel']:<7} {r['adds']}")
+    for problem in offer.problems:
+        print(f"this host serves no version: {problem}")
+    return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    version = ver.parse(args.version)
+    offer, host = _host_offer(args.manifest)
+    lack = ver.missing(version, offer)
+    if args.json:
+        _print_json(
+            {
+                "host": host,
+                "version": version.label,
+                "spec": version.spec(),
+                "supported": not lack,
+                "missing": lack,
+            }
+        )
+    elif lack:
+        print(f"{host} cannot serve {version.label}: {'; '.join(lack)}")
+    else:
+        print(f"{host} can serve {version.label}")
+    return 1 if lack else 0
+
+
+def _compat(args: argparse.Namespace) -> int:
+    result = mf.compat([mf.read(p) for p in args.manifests])
+    if args.json:
+        _print_json(result.to_json())
+    elif result.version is None:
+        print("no common interface version: " + "; ".join(result.reasons), file=sys.stderr)
+    else:
+        print(result.version.label)
+        for reason in result.reasons:
+            print(f"  note: {reason}")
+    return 0 if result.version else 1
+
+
+def _qemu_args(args: argparse.Namespace) -> int:
+    version = ver.parse(args.version)
+    props = qemu_args.device_properties(version, qemu_args.available_properties(args.qemu))
+    if args.json:
+        _print_json(props)
+    else:
+        print(",".join(props))
+    return 0
+
+
+def render_rule(command: list[str] | tuple[str, ...], manifest: str) -> str:
+    """The udev rules file text running ``command manifest --output MANIFEST --kmsg``.
+
+    Raises UsageError when a word would need quoting (udev's RUN splits on blanks) or the
+    program is not an absolute path (udev runs RUN programs without a PATH search).
+    """
+    words = [*command, "manifest", "--output", manifest, "--kmsg"]
+    for w in words:
+        if not w or any(c.isspace() or c in "'\"\\%$" for c in w):
+            raise UsageError(
+                f"udev RUN cannot carry {w!r}: use a path without blanks, quotes, '%' or '$'"
+            )
+    if not command or not command[0].startswith("/"):
+        raise UsageError(f"udev runs programs by absolute path, got {command[0]!r}")
+    run = " ".join(words)
+    return (
+        "# kvhost: write the vhost-net interface-version manifest when the vhost-net or tun\n"
+        "# misc device appears. Installed by 'kvhost install-udev'; see docs/versions.md.\n"
+        "# A failed probe leaves the previous manifest and logs why to the kernel log.\n"
+        f'ACTION=="add", SUBSYSTEM=="misc", KERNEL=="vhost-net|tun", RUN+="{run}"\n'
+    )
+
+
+def _install_udev(args: argparse.Namespace) -> int:
+    command = shlex.split(args.command) if args.command else [sys.executable, "-m", "kvhost.cli"]
+    text = render_rule(command, str(Path(args.manifest).absolute()))
+    target = Path(args.rules_dir) / RULES_NAME
+    try:
+        mf.write_atomic(target, text.encode())
+    except mf.ManifestError as err:
+        raise UsageError(f"cannot install {target}: {err.__cause__ or err}") from err
+    print(f"installed {target}")
+    if args.reload:
+        done = subprocess.run(
+            ["udevadm", "control", "--reload"], check=False, capture_output=True, text=True
+        )
+        if done.returncode:
+            raise UsageError(f"udevadm control --reload failed: {done.stderr.strip()}")
+    else:
+        print("run 'udevadm control --reload' (or pass --reload) to activate it")
+    return 0

@@ -1,0 +1,272 @@
+"""Tap devices through ``/dev/net/tun``, as a vhost-net backend needs them.
+
+A :class:`Tap` is created (or attached to, by name) with
+``IFF_TAP | IFF_NO_PI [| IFF_VNET_HDR] [| IFF_MULTI_QUEUE]``: with more than one queue, each
+queue is its own fd (one per vhost-net device / queue pair). tun ioctls go through
+:func:`kvhost.ioctl.ioctl`; link settings (up, MTU, bridge) through :mod:`kvhost.netlink`.
+
+The vnet header the tap carries must match what vhost-net expects (reference section 3):
+without ``VHOST_NET_F_VIRTIO_NET_HDR`` vhost-net passes its header through, so the tap must
+use the same length -- 12 with MRG_RXBUF or VERSION_1, 10 otherwise, 24 with UDP-tunnel GSO.
+
+Ownership: the Tap owns its fds until :meth:`Tap.close`; a non-persistent tap disappears
+when its last fd closes.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import struct
+from types import TracebackType
+
+from kvhost import abi, features, netlink
+from kvhost.errors import KernelError, UsageError
+from kvhost.ioctl import ioctl, open_device
+
+TUN_PATH = "/dev/net/tun"
+MAX_QUEUES = 256  # MAX_TAP_QUEUES in drivers/net/tun.c
+
+_INT = struct.Struct("=i")
+_UINT = struct.Struct("=I")
+
+
+def _setiff(fd: int, name: str, flags: int) -> str:
+    ifr = abi.new("ifreq")
+    ifr.ifr_name = name.encode()
+    ifr.ifr_ifru.ifr_flags = flags
+    ioctl(fd, abi.TUNSETIFF, abi.buffer(ifr), device=f"{TUN_PATH} ({name or 'new tap'})")
+    return bytes(abi.ffi.string(ifr.ifr_name)).decode()
+
+
+class Tap:
+    """An attached tap: ``.name``, one fd per queue in ``.fds``. Use :meth:`create`/:meth:`open`."""
+
+    def __init__(self, name: str, fds: list[int], flags: int, netns: str | None) -> None:
+        self.name = name
+        self.fds = fds
+        self.flags = flags
+        self.netns = netns
+
+    @classmethod
+    def _attach(
+        cls, name: str, queues: int, vnet_hdr: bool, netns: str | None, multi_queue: bool | None
+    ) -> Tap:
+        if not 1 <= queues <= MAX_QUEUES:
+            raise UsageError(f"tap queue count {queues} must be from 1 to {MAX_QUEUES}")
+        if len(name.encode()) >= abi.IFNAMSIZ:
+            raise UsageError(f"interface name {name!r} is longer than {abi.IFNAMSIZ - 1} bytes")
+        mq = queues > 1 if multi_queue is None else multi_queue
+        if queues > 1 and not mq:
+            raise UsageError("more than one tap queue needs a multi-queue tap")
+        flags = abi.IFF_TAP | abi.IFF_NO_PI
+        if vnet_hdr:
+            flags |= abi.IFF_VNET_HDR
+        if mq:
+            flags |= abi.IFF_MULTI_QUEUE
+        fds: list[int] = []
+        try:
+            with netlink.in_netns(netns):
+                for _ in range(queues):
+                    fd = open_device(TUN_PATH)
+                    fds.append(fd)
+                    # the first TUNSETIFF creates the tap (or names the kernel's choice);
+                    # the others attach further queues to that same name
+                    name = _setiff(fd, name, flags)
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
+        return cls(name, fds, flags, netns)
+
+    @classmethod
+    def create(
+        cls,
+        name: str | None = None,
+        *,
+        queues: int = 1,
+        vnet_hdr: bool = True,
+        netns: str | None = None,
+        multi_queue: bool | None = None,
+    ) -> Tap:
+        """Create a tap (``name`` None: the kernel picks ``tapN``) with ``queues`` fds.
+
+        ``multi_queue`` defaults to ``queues > 1``. ``netns`` names a namespace to create it
+        in. Needs CAP_NET_ADMIN. Raises KernelError (EPERM, EBUSY...) or
+        DeviceUnavailable when ``/dev/net/tun`` cannot be opened.
+        """
+        return cls._attach(name or "", queues, vnet_hdr, netns, multi_queue)
+
+    @classmethod
+    def open(
+        cls,
+        name: str,
+        *,
+        queues: int = 1,
+        vnet_hdr: bool = True,
+        netns: str | None = None,
+        multi_queue: bool | None = None,
+    ) -> Tap:
+        """Attach to the existing tap ``name`` (flags must match how it was created).
+
+        Raises UsageError when no such interface exists.
+        """
+        netlink.link_index(name, netns)
+        return cls._attach(name, queues, vnet_hdr, netns, multi_queue)
+
+    # -- lifecycle -----------------------------------------------------------------------
+    def fileno(self) -> int:
+        """Queue 0's fd."""
+        if not self.fds:
+            raise ValueError(f"tap {self.name} is closed")
+        return self.fds[0]
+
+    @property
+    def queues(self) -> int:
+        return len(self.fds)
+
+    def close(self) -> None:
+        """Close every queue fd; idempotent."""
+        while self.fds:
+            os.close(self.fds.pop())
+
+    def __enter__(self) -> Tap:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def _ioctl(self, req: abi.Ioctl, arg: object = 0, queue: int = 0) -> int:
+        if not self.fds:
+            raise ValueError(f"tap {self.name} is closed")
+        return ioctl(self.fds[queue], req, arg, device=f"tap {self.name}")
+
+    # -- tun ioctls (settings are per device; queue 0's fd is as good as any) -------------
+    def features(self) -> int:
+        """TUNGETFEATURES: the IFF_* flags this kernel's tun supports."""
+        buf = bytearray(_UINT.size)
+        self._ioctl(abi.TUNGETFEATURES, buf)
+        return int(_UINT.unpack(buf)[0])
+
+    def set_offload(self, flags: int) -> None:
+        """TUNSETOFFLOAD: the TUN_F_* offloads the stack may hand up (EINVAL if refused)."""
+        self._ioctl(abi.TUNSETOFFLOAD, flags)
+
+    def set_vnet_hdr_size(self, n: int) -> None:
+        """TUNSETVNETHDRSZ: at least 10 (EINVAL below)."""
+        self._ioctl(abi.TUNSETVNETHDRSZ, _INT.pack(n))
+
+    def get_vnet_hdr_size(self) -> int:
+        buf = bytearray(_INT.size)
+        self._ioctl(abi.TUNGETVNETHDRSZ, buf)
+        return int(_INT.unpack(buf)[0])
+
+    def set_sndbuf(self, n: int) -> None:
+        """TUNSETSNDBUF for every queue (QEMU and DPDK use INT_MAX: no local drops)."""
+        for q in range(len(self.fds)):
+            self._ioctl(abi.TUNSETSNDBUF, _INT.pack(n), queue=q)
+
+    def set_owner(self, uid: int) -> None:
+        """TUNSETOWNER: let ``uid`` attach to this (persistent) tap."""
+        self._ioctl(abi.TUNSETOWNER, uid)
+
+    def set_group(self, gid: int) -> None:
+        """TUNSETGROUP: let group ``gid`` attach to this (persistent) tap."""
+        self._ioctl(abi.TUNSETGROUP, gid)
+
+    # -- link settings via netlink -------------------------------------------------------
+    @property
+    def index(self) -> int:
+        """The interface index (in the tap's network namespace)."""
+        return netlink.link_index(self.name, self.netns)
+
+    def set_up(self) -> None:
+        netlink.set_up(self.name, self.netns)
+
+    def set_mtu(self, n: int) -> None:
+        netlink.set_mtu(self.name, n, self.netns)
+
+    def set_mac(self, mac: str) -> None:
+        netlink.set_mac(self.name, mac, self.netns)
+
+    def attach_bridge(self, bridge: str) -> None:
+        netlink.attach_bridge(self.name, bridge, self.netns)
+
+
+def vnet_hdr_len(negotiated: int) -> int:
+    """The vnet header length vhost-net uses for ``negotiated`` features (reference 3).
+
+    The tap must be set to this length (TUNSETVNETHDRSZ) when VHOST_NET_F_VIRTIO_NET_HDR
+    is not negotiated.
+    """
+    tunnel = features.mask(["GUEST_UDP_TUNNEL_GSO", "HOST_UDP_TUNNEL_GSO"])
+    if negotiated & tunnel:
+        return abi.VNET_HDR_TUNNEL_LEN
+    if negotiated & features.mask(["MRG_RXBUF", "VERSION_1"]):
+        return abi.VNET_HDR_MRG_LEN
+    return abi.VNET_HDR_LEN
+
+
+def _accepts(tap: Tap, flags: int) -> bool:
+    try:
+        tap.set_offload(flags)
+    except KernelError as err:
+        if err.errno == errno.EINVAL:  # unknown or unsupported flag: the probe's answer
+            return False
+        raise
+    return True
+
+
+def probe_offloads(tap: Tap | None = None) -> tuple[str, ...]:
+    """Names of :data:`kvhost.features.TAP_OFFLOAD_BITS` this kernel's tap accepts.
+
+    Tries each offload with TUNSETOFFLOAD as QEMU and DPDK do: every segmentation offload
+    needs CSUM beside it, ECN needs TSO, USO4 and USO6 only count together, and the UDP
+    tunnel offloads need a plain GSO offload and a vnet header of at least 24 bytes.
+    Uses ``tap`` (restoring offloads 0 and its header size) or a temporary tap; the latter
+    needs CAP_NET_ADMIN (KernelError EPERM otherwise).
+    """
+    if tap is None:
+        with Tap.create(vnet_hdr=True) as temp:
+            return probe_offloads(temp)
+    csum = abi.TUN_F_CSUM
+    tso = abi.TUN_F_TSO4 | abi.TUN_F_TSO6
+    trials: list[tuple[str, int]] = [
+        ("CSUM", csum),
+        ("TSO4", csum | abi.TUN_F_TSO4),
+        ("TSO6", csum | abi.TUN_F_TSO6),
+        ("TSO_ECN", csum | tso | abi.TUN_F_TSO_ECN),
+        ("UFO", csum | abi.TUN_F_UFO),
+        ("USO", csum | abi.TUN_F_USO4 | abi.TUN_F_USO6),
+    ]
+    accepted: list[str] = []
+    old_hdr = tap.get_vnet_hdr_size()
+    try:
+        for name, flags in trials:
+            if _accepts(tap, flags):
+                accepted.append(name)
+        # a plain GSO offload for the tunnel offloads to ride on
+        plain = next(
+            (
+                csum | f
+                for n, f in (("TSO4", abi.TUN_F_TSO4), ("UFO", abi.TUN_F_UFO))
+                if n in accepted
+            ),
+            None,
+        )
+        if plain is not None:
+            tap.set_vnet_hdr_size(abi.VNET_HDR_TUNNEL_LEN)
+            if _accepts(tap, plain | abi.TUN_F_UDP_TUNNEL_GSO):
+                accepted.append("UDP_TUNNEL_GSO")
+                if _accepts(tap, plain | abi.TUN_F_UDP_TUNNEL_GSO | abi.TUN_F_UDP_TUNNEL_GSO_CSUM):
+                    accepted.append("UDP_TUNNEL_GSO_CSUM")
+    finally:
+        tap.set_offload(0)
+        tap.set_vnet_hdr_size(old_hdr)
+    order = list(features.TAP_OFFLOAD_BITS)
+    return tuple(sorted(accepted, key=order.index))

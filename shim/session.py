@@ -1,0 +1,755 @@
+"""One vhost-user connection: the shim's per-connection state machine (sans-IO).
+
+Theory of operation
+===================
+
+A :class:`Session` is fed decoded :class:`~kvhost.vhost_user.protocol.Message` objects (or raw
+bytes + fds through :meth:`Session.receive`) and returns the bytes to send back. It never
+touches a socket. It checks every message against two things, then hands it to a
+:class:`Backend` (``shim.kernel_backend.KernelBackend`` in the program, a recording fake in
+the unit tests) as a plain verb with plain arguments:
+
+* the **connection state**, :class:`ConnectionState`::
+
+        AWAITING_OWNER --SET_OWNER--> OWNED
+              |                         |
+              +------ any error --------+--> FAILED   (fds closed, backend closed)
+              +------ close() ----------+--> CLOSED
+
+  Before SET_OWNER only the negotiation queries are accepted (GET/SET_(PROTOCOL_)FEATURES
+  reads, GET_QUEUE_NUM, the version extension); everything that touches the device needs
+  OWNED. SET_OWNER is where the kernel devices are opened and VHOST_SET_OWNER issued
+  (QEMU sends it at connect time, so its ~20 ms never lands on the guest's DRIVER_OK).
+  QEMU sends SET_OWNER once per queue pair over the same socket; repeats are no-ops.
+
+* the **pinned interface version**: GET_FEATURES offers exactly
+  ``versions.serve_features(version) | PROTOCOL_FEATURES | LOG_ALL``; a SET_FEATURES with any
+  other bit fails the connection, naming the bits. A frontend that negotiated kvhost's
+  ``KVHOST_INTERFACE_VERSION`` protocol bit may select another version the shim can serve
+  with SET_INTERFACE_VERSION, until the first SET_FEATURES locks the version.
+
+Each vring has its own :class:`VringState`::
+
+        STOPPED --SET_VRING_KICK--> STARTED <--disable / incomplete-- RUNNING
+           ^                           |  --enabled and configured-->    |
+           +------ GET_VRING_BASE -----+---------------------------------+
+
+A ring is *started* by its kick fd (vhost-user: the backend starts a ring on a kick; the
+kernel polls the kick fd itself, so receiving it is the start) and stopped by GET_VRING_BASE.
+A started ring *runs* -- the tap queue is attached with VHOST_NET_SET_BACKEND -- only while it
+is also enabled (SET_VRING_ENABLE; rings start enabled when PROTOCOL_FEATURES is not
+negotiated), has a size and addresses, and a memory table exists. QEMU's real order is
+accepted: SET_VRING_CALL/ERR and SET_VRING_ENABLE before the rings are configured, and
+SET_VRING_ENABLE before SET_FEATURES/SET_MEM_TABLE at DRIVER_OK.
+
+Replies: requests with a reply payload get it; any other request carrying NEED_REPLY gets a
+REPLY_ACK u64 (0 = success) once REPLY_ACK is negotiated -- a failure value when the request
+failed, just before the connection is dropped.
+
+Errors: anything the frontend did wrong (bad state, bad bits, unknown request, bad sizes) is a
+:class:`~kvhost.errors.RemoteProtocolError`; the kernel refusing something is a
+:class:`~kvhost.errors.KernelError`. Either fails the connection: one log line saying what
+happened, rings stopped, every fd closed. Only two refusals leave the connection up, because
+the protocol defines a negative answer for them: an unservable SET_INTERFACE_VERSION and a
+NET_SET_MTU the tap refuses.
+
+File descriptors: a message's fds belong to the session the moment it gets the message.
+Each fd handed to the backend becomes the backend's (it closes it on success and on error);
+every fd not handed over is closed before :meth:`Session.handle` returns.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import logging
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from kvhost import features, versions
+from kvhost.errors import (
+    KernelError,
+    KvhostError,
+    RemoteProtocolError,
+    UsageError,
+    VersionError,
+)
+from kvhost.memory import FrontendRegion
+from kvhost.vhost_user import protocol as p
+
+log = logging.getLogger("kvhost.shim")
+
+#: protocol features the shim offers (kvhost's version extension included)
+OFFERED_PROTOCOL_FEATURES = (
+    p.ProtocolFeature.MQ
+    | p.ProtocolFeature.LOG_SHMFD
+    | p.ProtocolFeature.RARP
+    | p.ProtocolFeature.REPLY_ACK
+    | p.ProtocolFeature.MTU
+    | p.ProtocolFeature.KVHOST_INTERFACE_VERSION
+)
+
+REPLY_OK = 0
+REPLY_FAILED = 1
+
+
+class ConnectionState(enum.Enum):
+    """Lifecycle of one frontend connection."""
+
+    #: connected; only negotiation queries until SET_OWNER
+    AWAITING_OWNER = "awaiting-owner"
+    #: SET_OWNER done: kernel devices exist, device messages accepted
+    OWNED = "owned"
+    #: a protocol or kernel error happened; everything is closed, drop the socket
+    FAILED = "failed"
+    #: closed in order (frontend hung up or the shim shuts down)
+    CLOSED = "closed"
+
+
+class VringState(enum.Enum):
+    """Lifecycle of one vring (see the module docstring)."""
+
+    #: not started: initial, or after GET_VRING_BASE
+    STOPPED = "stopped"
+    #: kick received, but disabled or not fully configured: tap queue detached
+    STARTED = "started"
+    #: kernel backend attached: the kernel moves packets
+    RUNNING = "running"
+
+
+class Backend(Protocol):
+    """The verbs the session needs from whatever really runs the rings.
+
+    Rings are numbered as on the wire (queue pair ``i // 2``, ``i % 2`` = 0 RX, 1 TX). Every
+    method taking an fd takes ownership of it (closes it, also on error). Methods raise
+    :class:`RemoteProtocolError` for bad frontend input they detect (addresses outside memory)
+    and :class:`KernelError` when the kernel refuses.
+    """
+
+    @property
+    def queue_pairs(self) -> int:
+        """Queue pairs (tap queues) this backend serves."""
+        ...
+
+    @property
+    def max_mem_regions(self) -> int:
+        """The most memory regions SET_MEM_TABLE may carry."""
+        ...
+
+    def set_owner(self) -> None:
+        """Open the kernel devices and take ownership (VHOST_SET_OWNER)."""
+
+    def reset_owner(self) -> None:
+        """Back to the state right after :meth:`set_owner` (rings detached, table dropped)."""
+
+    def set_features(self, virtio_features: int) -> None:
+        """Apply negotiated virtio features (PROTOCOL_FEATURES removed; LOG_ALL kept)."""
+
+    def set_mem_table(self, regions: Sequence[FrontendRegion]) -> None:
+        """Map the regions and give the kernel the new table."""
+
+    def set_log_base(self, fd: int, mmap_size: int, mmap_offset: int) -> None:
+        """Map the dirty log and hand it to the kernel."""
+
+    def set_vring_num(self, ring: int, num: int) -> None: ...
+
+    def set_vring_base(self, ring: int, base: int) -> None: ...
+
+    def set_vring_addr(
+        self, ring: int, flags: int, desc: int, used: int, avail: int, log_addr: int
+    ) -> None:
+        """Frontend virtual addresses; the backend translates and checks them."""
+
+    def set_vring_kick(self, ring: int, fd: int) -> None: ...
+
+    def set_vring_call(self, ring: int, fd: int) -> None:
+        """``fd`` -1 unbinds."""
+
+    def set_vring_err(self, ring: int, fd: int) -> None:
+        """``fd`` -1 unbinds."""
+
+    def start_vring(self, ring: int) -> None:
+        """Attach the ring's tap queue (VHOST_NET_SET_BACKEND tap fd)."""
+
+    def stop_vring(self, ring: int) -> None:
+        """Detach the ring's tap queue (VHOST_NET_SET_BACKEND -1)."""
+
+    def get_vring_base(self, ring: int) -> int:
+        """The kernel's next avail index of a detached ring."""
+        ...
+
+    def send_rarp(self, mac: bytes) -> None:
+        """Inject a RARP announcement from ``mac`` into the tap."""
+
+    def set_mtu(self, mtu: int) -> None: ...
+
+    def close(self) -> None:
+        """Detach and close everything; idempotent."""
+
+
+@dataclass(slots=True)
+class Vring:
+    """What the session knows about one vring."""
+
+    index: int
+    state: VringState = VringState.STOPPED
+    enabled: bool = False
+    num: int | None = None
+    addressed: bool = False
+
+
+@dataclass(slots=True)
+class _Pending:
+    """The fds of the message being handled; handlers take what they pass on."""
+
+    fds: list[int] = field(default_factory=list)
+
+    def take(self, n: int, what: str) -> list[int]:
+        if len(self.fds) != n:
+            raise RemoteProtocolError(f"{what} needs {n} file descriptor(s), got {len(self.fds)}")
+        out, self.fds = self.fds, []
+        return out
+
+    def close(self) -> None:
+        for fd in self.fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.fds = []
+
+
+class _Refused(KvhostError):
+    """A request the protocol lets the backend decline without dropping the connection."""
+
+
+_Handler = Callable[["Session", p.Message, _Pending], "p.Payload | None"]
+_BEFORE_OWNER = frozenset({ConnectionState.AWAITING_OWNER, ConnectionState.OWNED})
+_OWNED = frozenset({ConnectionState.OWNED})
+
+
+class Session:
+    """The state machine of one connection; see the module docstring.
+
+    ``version`` is served unless the frontend selects another one of ``supported`` (the
+    versions this host can serve, oldest first) through the version extension; ``pinned``
+    forbids that (the operator chose ``version``). ``name`` prefixes log lines.
+    """
+
+    def __init__(
+        self,
+        backend: Backend,
+        version: versions.InterfaceVersion,
+        *,
+        supported: Sequence[versions.InterfaceVersion] = (),
+        pinned: bool = False,
+        name: str = "vhost-user",
+    ) -> None:
+        reason = unservable_reason(version)
+        if reason is not None:
+            raise VersionError(reason)
+        self.backend = backend
+        self.version = version
+        self.supported = [v for v in supported if unservable_reason(v) is None]
+        if not any(version.same_interface(v) for v in self.supported):
+            self.supported.append(version)
+        self.pinned = pinned
+        self.name = name
+        self.state = ConnectionState.AWAITING_OWNER
+        self.codec = p.BackendCodec()
+        self.protocol_features = 0
+        self.acked_features: int | None = None
+        self.has_mem_table = False
+        self.vrings = [Vring(i) for i in range(2 * backend.queue_pairs)]
+        #: the one-sentence reason the connection failed, for the server's log line
+        self.error: str | None = None
+
+    # -- public API ------------------------------------------------------------------
+
+    @property
+    def offered_features(self) -> int:
+        """GET_FEATURES: the pinned version's bits plus PROTOCOL_FEATURES and LOG_ALL."""
+        return versions.serve_features(self.version) | features.PROTOCOL_FEATURES | features.LOG_ALL
+
+    @property
+    def queue_pairs(self) -> int:
+        """GET_QUEUE_NUM: queue pairs served, capped by the version."""
+        return min(self.backend.queue_pairs, self.version.max_queue_pairs)
+
+    @property
+    def done(self) -> bool:
+        """True once the connection must be dropped (failed or closed)."""
+        return self.state in (ConnectionState.FAILED, ConnectionState.CLOSED)
+
+    def receive(self, data: bytes, fds: Sequence[int]) -> list[bytes]:
+        """Feed bytes + fds read from the socket; returns what to send back, in order.
+
+        After it returns, :attr:`done` says whether to drop the connection. Never raises
+        for anything the peer sends.
+        """
+        if self.done:
+            _close_all(fds)
+            return []
+        try:
+            messages = self.codec.receive(data, list(fds))
+        except RemoteProtocolError as err:
+            self._fail(f"malformed message: {err}")
+            return []
+        out: list[bytes] = []
+        for i, msg in enumerate(messages):
+            if self.done:
+                for rest in messages[i:]:
+                    _close_all(rest.fds)
+                break
+            out.extend(self.handle(msg))
+        return out
+
+    def handle(self, msg: p.Message) -> list[bytes]:
+        """Process one decoded message; returns the reply bytes (possibly none)."""
+        pending = _Pending(list(msg.fds))
+        try:
+            if self.done:
+                return []
+            return self._dispatch(msg, pending)
+        finally:
+            pending.close()
+
+    def close(self) -> None:
+        """Stop the rings and close everything (frontend hung up, or shutdown)."""
+        if self.done:
+            return
+        self._stop_all()
+        self.backend.close()
+        self.state = ConnectionState.CLOSED
+
+    # -- dispatch --------------------------------------------------------------------
+
+    def _dispatch(self, msg: p.Message, pending: _Pending) -> list[bytes]:
+        request = msg.request
+        entry = _HANDLERS.get(request) if isinstance(request, p.Request) else None
+        try:
+            if entry is None:
+                raise RemoteProtocolError(f"{msg.name} is not supported by this backend")
+            allowed, handler = entry
+            if self.state not in allowed:
+                raise RemoteProtocolError(f"{msg.name} is not allowed before SET_OWNER")
+            payload = handler(self, msg, pending)
+        except _Refused as err:
+            log.warning("%s: %s refused: %s", self.name, msg.name, err)
+            return self._failure_reply(msg)
+        except (KvhostError, OSError) as err:
+            who = "frontend" if isinstance(err, RemoteProtocolError) else "kernel"
+            out = self._failure_reply(msg)
+            self._fail(f"{msg.name} failed ({who}'s fault): {err}")
+            return out
+        except Exception as err:  # a shim bug must cost one connection, never the process
+            log.exception("%s: internal error handling %s", self.name, msg.name)
+            self._fail(f"{msg.name} hit an internal error: {err!r}")
+            return []
+        if payload is not None:
+            return [self.codec.reply(msg, payload)]
+        if self._wants_ack(msg):
+            return [self._ack(msg, REPLY_OK)]
+        return []
+
+    def _wants_ack(self, msg: p.Message) -> bool:
+        """NEED_REPLY on a request without a reply of its own, with REPLY_ACK negotiated."""
+        return (
+            msg.need_reply
+            and bool(self.protocol_features & p.ProtocolFeature.REPLY_ACK)
+            and msg.request not in p.INHERENT_REPLIES
+            and msg.request != p.Request.SET_LOG_BASE
+        )
+
+    def _failure_reply(self, msg: p.Message) -> list[bytes]:
+        # Requests with a reply of their own have no failure encoding: the frontend sees
+        # the connection close instead.
+        return [self._ack(msg, REPLY_FAILED)] if self._wants_ack(msg) else []
+
+    def _ack(self, msg: p.Message, value: int) -> bytes:
+        return self.codec.reply(msg, p.U64(value))
+
+    def _fail(self, reason: str) -> None:
+        self.error = reason
+        log.error("%s: connection failed: %s", self.name, reason)
+        with contextlib.suppress(KvhostError, OSError):
+            self._stop_all()
+        try:
+            self.backend.close()
+        except (KvhostError, OSError) as err:
+            log.error("%s: closing the kernel devices failed: %s", self.name, err)
+        self.state = ConnectionState.FAILED
+
+    # -- helpers ---------------------------------------------------------------------
+
+    def _vring(self, index: int, request: str) -> Vring:
+        limit = 2 * self.queue_pairs
+        if not 0 <= index < limit:
+            raise RemoteProtocolError(
+                f"{request} for vring {index}: this backend serves vrings 0-{limit - 1} "
+                f"({self.queue_pairs} queue pair(s))"
+            )
+        return self.vrings[index]
+
+    def _sync(self, ring: Vring) -> None:
+        """Attach or detach the ring's tap queue to match its state."""
+        want = (
+            ring.state is not VringState.STOPPED
+            and ring.enabled
+            and ring.num is not None
+            and ring.addressed
+            and self.has_mem_table
+        )
+        if want and ring.state is VringState.STARTED:
+            self.backend.start_vring(ring.index)
+            ring.state = VringState.RUNNING
+            log.debug("%s: vring %d running", self.name, ring.index)
+        elif not want and ring.state is VringState.RUNNING:
+            self.backend.stop_vring(ring.index)
+            ring.state = VringState.STARTED
+
+    def _stop_all(self) -> None:
+        for ring in self.vrings:
+            if ring.state is VringState.RUNNING:
+                self.backend.stop_vring(ring.index)
+            ring.state = VringState.STOPPED
+
+    def _require_stopped(self, ring: Vring, request: str) -> None:
+        if ring.state is not VringState.STOPPED:
+            raise RemoteProtocolError(
+                f"{request} for vring {ring.index} while it is {ring.state.value}; "
+                "stop it with GET_VRING_BASE first"
+            )
+
+    # -- handlers --------------------------------------------------------------------
+
+    def _get_features(self, msg: p.Message, pending: _Pending) -> p.Payload | None:
+        return p.U64(self.offered_features)
+
+    def _set_features(self, msg: p.Message, pending: _Pending) -> p.Payload | None:
+        acked = _u64(msg)
+        extra = acked & ~self.offered_features
+        if extra:
+            raise RemoteProtocolError(
+                f"SET_FEATURES acks bits this backend does not offer under interface version "
+                f"{self.version.label}: {', '.join(features.names(extra))} "
+                f"(offered 0x{self.offered_features:x}, got 0x{acked:x})"
+            )
+        first = self.acked_features is None
+        self.acked_features = acked
+        self.backend.set_features(acked & ~features.PROTOCOL_FEATURES)
+        if not acked & features.PROTOCOL_FEATURES:
+            # without PROTOCOL_FEATURES there is no SET_VRING_ENABLE: rings start enabled
+            for ring in self.vrings:
+                ring.enabled = True
+                self._sync(ring)
+        if first:
+            log.info(
+                "%s: features acked under interface version %s: 0x%x",
+                self.name,
+                self.version.label,
+                acked,
+            )
+        return None
+
+    def _get_protocol_features(self, msg: p.Message, pending: _Pending) -> p.Payload | None:
+        return p.U64(int(OFFERED_PROTOCOL_FEATURES))
+
+    def _set_protocol_features(self, msg: p.Message, pending: _Pending) -> p.Payload | None:
+        acked = _u64(msg)
+        extra = acked & ~int(OFFERED_PROTOCOL_FEATURES)
+        if extra:
+            raise RemoteProtocolError(
+                f"SET_PROTOCOL_FEATURES acks protocol features this backend does not offer: "
+                f"0x{extra:x} ({_protocol_names(extra)})"
+            )
+        self.protocol_features = acked
+        return None
+
+    def _get_queue_num(self, msg: p.Message, pending: _Pending) -> p.Payload | None:
+        return p.U64(self.queue_pairs)
+
+    def _set_owner(self, msg: p.Message, pending: _Pending) -> p.Payload | None:
+        if self.state is ConnectionState.OWNED:
+            return None  # QEMU sends one per queue pair over the same socket
+        self.backend.set_owner()
+        self.state = ConnectionState.OWNED
+        return None
+
+    def _reset_owner(self, msg: p.Message, pending: _Pending) -> p.Payload | None:
+        self._stop_all()
+        self.backend.reset_owner()
+        self.acked_features = None
+        self.has_mem_table = False
+        self.vrings = [Vring(i) for i in range(len(self.vrings))]
+        return None
+
+    def _set_mem_table(self, msg: p.Message, pending: _Pending) -> p.Payload | None:
+        payload = msg.payload
+        assert isinstance(payload, p.MemTable)
+        limit = self.backend.max_mem_regions
+        if len(payload.regions) > limit:
+            raise RemoteProtocolError(
+                f"SET_MEM_TABLE carries {len(payload.regions)} regions; this host's vhost "
+                f"accepts at most {limit}"
+            )
+        fds = pending.take(len(payload.regions), "SET_MEM_TABLE")
+        regions = [
+            FrontendRegion(r.guest_phys_addr, r.memory_size, r.userspace_addr, r.mmap_offset, fd)
+            for r, fd in zip(payload.regions, fds, strict=True)
+        ]
+        self.backend.set_mem_table(regions)
+        self.has_mem_table = True
+        for ring in self.vrings:
+            self._sync(ring)
+        return None
+
+    def _set_log_base(self, msg: p.Message, pending: _Pending) -> p.Payload | None:
+        if not self.protocol_features & p.ProtocolFeature.LOG_SHMFD:
+            raise RemoteProtocolError(
+                "SET_LOG_BASE without the LOG_SHMFD protocol feature: the kernel datapath "
+                "needs the dirty log as a shared memory fd"
+            )
+        payload = msg.payload
+        assert isinstance(payload, p.LogBase)
+        (fd,) = pending.take(1, "SET_LOG_BASE")
+        self.backend.set_log_base(fd, payload.mmap_size, payload.mmap_offset)
+        log.info("%s: dirty log mapped (%d bytes)", self.name, payload.mmap_size)
+        return p.U64(REPLY_OK)
+
+    def _set_vring_num(self, msg: p.Message, pending: _Pending) -> p.Payload | None:
+        index, num = _vring_state(msg)
+        ring = self._vring(index, msg.name)
+        self._require_stopped(ring, msg.name)
+        limit = self.version.max_queue_size
+        if num < 1 or num > limit or num & (num - 1):
+            raise RemoteProtocolError(
+                f"SET_VRING_NUM {num} for vring {index}: ring size must be a power of two "
+                f"from 1 to {limit} under interface version {self.version.label}"
+            )
+        self.backend.set_vring_num(index, num)
+        ring.num = num
+        return None
+
+    def _set_vring_base(self, msg: p.Message, pending: _Pending) -> p.Payload | None:
+        index, base = _vring_state(msg)
+        ring = self._vring(index, msg.name)
+        self._require_stopped(ring, msg.name)
+        if base > 0xFFFF:
+            raise RemoteProtocolError(
+                f"SET_VRING_BASE {base} for vring {index}: split ring indices are 16-bit"
+            )
+        self.backend.set_vring_base(index, base)
+        return None
+
+    def _set_vring_addr(self, msg: p.Message, pending: _Pending) -> p.Payload | None:
+        a = msg.payload
+        assert isinstance(a, p.VringAddr)
+        ring = self._vring(a.index, msg.name)
+        if not self.has_mem_table:
+            raise RemoteProtocolError(
+                f"SET_VRING_ADDR for vring {a.index} before SET_MEM_TABLE: its addresses "
+                "cannot be translated"
+            )
+        self.backend.set_vring_addr(
+            a.index,
+            a.flags,
+            a.desc_user_addr,
+            a.used_user_addr,
+            a.avail_user_addr,
+            a.log_guest_addr,
+        )
+        ring.addressed = True
+        self._sync(ring)
+        return None
+
+    def _vring_fd(self, msg: p.Message, pending: _Pending) -> tuple[Vring, int]:
+        payload = msg.payload
+        assert isinstance(payload, p.VringFile)
+        ring = self._vring(payload.index, msg.name)
+        if payload.no_fd:
+            pending.take(0, f"{msg.name} with the no-fd flag")
+            return ring, -1
+        (fd,) = pending.take(1, msg.name)
+        return ring, fd
+
+    def _set_vring_kick(self, msg: p.Message, pending: _Pending) -> p.Payload | None:
+        ring, fd = self._vring_fd(msg, pending)
+        if fd < 0:
+            raise RemoteProtocolError(
+                f"SET_VRING_KICK for vring {ring.index} without an fd: the kernel datapath "
+                "needs a kick eventfd (polling mode is not supported)"
+            )
+        self.backend.set_vring_kick(ring.index, fd)
+        if ring.state is VringState.STOPPED:
+            ring.state = VringState.STARTED
+        self._sync(ring)
+        return None
+
+    def _set_vring_call(self, msg: p.Message, pending: _Pending) -> p.Payload | None:
+        ring, fd = self._vring_fd(msg, pending)
+        self.backend.set_vring_call(ring.index, fd)
+        return None
+
+    def _set_vring_err(self, msg: p.Message, pending: _Pending) -> p.Payload | None:
+        ring, fd = self._vring_fd(msg, pending)
+        self.backend.set_vring_err(ring.index, fd)
+        return None
+
+    def _get_vring_base(self, msg: p.Message, pending: _Pending) -> p.Payload | None:
+        index, _ = _vring_state(msg)
+        ring = self._vring(index, msg.name)
+        if ring.state is VringState.RUNNING:
+            self.backend.stop_vring(index)
+        ring.state = VringState.STOPPED
+        base = self.backend.get_vring_base(index)
+        return p.VringState(index, base)
+
+    def _set_vring_enable(self, msg: p.Message, pending: _Pending) -> p.Payload | None:
+        index, value = _vring_state(msg)
+        ring = self._vring(index, msg.name)
+        if value not in (0, 1):
+            raise RemoteProtocolError(
+                f"SET_VRING_ENABLE for vring {index} with {value}; expected 0 or 1"
+            )
+        ring.enabled = bool(value)
+        self._sync(ring)
+        return None
+
+    def _send_rarp(self, msg: p.Message, pending: _Pending) -> p.Payload | None:
+        payload = msg.payload
+        assert isinstance(payload, p.RarpMac)
+        self.backend.send_rarp(payload.mac)
+        log.info("%s: RARP announced for %s", self.name, payload.text)
+        return None
+
+    def _net_set_mtu(self, msg: p.Message, pending: _Pending) -> p.Payload | None:
+        mtu = _u64(msg)
+        if not 68 <= mtu <= 65535:
+            raise _Refused(f"MTU {mtu} is outside 68-65535")
+        try:
+            self.backend.set_mtu(mtu)
+        except (KernelError, UsageError) as err:
+            raise _Refused(str(err)) from err
+        log.info("%s: MTU set to %d", self.name, mtu)
+        return None
+
+    def _get_interface_versions(self, msg: p.Message, pending: _Pending) -> p.Payload | None:
+        if not self.protocol_features & p.ProtocolFeature.KVHOST_INTERFACE_VERSION:
+            raise RemoteProtocolError(
+                "GET_INTERFACE_VERSIONS without negotiating protocol feature "
+                "KVHOST_INTERFACE_VERSION (bit 63)"
+            )
+        offered = [self.version] if self.pinned else self.supported
+        return p.VersionList(self.version.label, tuple(v.label for v in offered))
+
+    def _set_interface_version(self, msg: p.Message, pending: _Pending) -> p.Payload | None:
+        payload = msg.payload
+        assert isinstance(payload, p.VersionString)
+        status, why = self._select_version(payload.version)
+        if status is p.VersionStatus.OK:
+            log.info("%s: interface version set to %s", self.name, self.version.label)
+        else:
+            log.warning(
+                "%s: SET_INTERFACE_VERSION %r refused (%s): %s",
+                self.name,
+                payload.version,
+                status.name,
+                why,
+            )
+        return p.U64(int(status))
+
+    def _select_version(self, text: str) -> tuple[p.VersionStatus, str]:
+        if not self.protocol_features & p.ProtocolFeature.KVHOST_INTERFACE_VERSION:
+            return p.VersionStatus.BAD_STATE, (
+                "protocol feature KVHOST_INTERFACE_VERSION (bit 63) was not negotiated"
+            )
+        if self.acked_features is not None:
+            return p.VersionStatus.BAD_STATE, (
+                "SET_FEATURES was already sent; the version is locked once features are acked"
+            )
+        try:
+            wanted = versions.parse(text)
+        except VersionError as err:
+            return p.VersionStatus.UNKNOWN, str(err)
+        if wanted.same_interface(self.version):
+            return p.VersionStatus.OK, ""
+        if not any(wanted.same_interface(v) for v in self.supported):
+            return p.VersionStatus.UNSUPPORTED, (
+                f"this host serves {', '.join(v.label for v in self.supported)}"
+            )
+        if self.pinned:
+            return p.VersionStatus.PINNED, (
+                f"the operator pinned this shim to {self.version.label}"
+            )
+        self.version = next(v for v in self.supported if wanted.same_interface(v))
+        return p.VersionStatus.OK, ""
+
+
+_HANDLERS: dict[p.Request, tuple[frozenset[ConnectionState], _Handler]] = {
+    p.Request.GET_FEATURES: (_BEFORE_OWNER, Session._get_features),
+    p.Request.SET_FEATURES: (_OWNED, Session._set_features),
+    p.Request.GET_PROTOCOL_FEATURES: (_BEFORE_OWNER, Session._get_protocol_features),
+    p.Request.SET_PROTOCOL_FEATURES: (_BEFORE_OWNER, Session._set_protocol_features),
+    p.Request.GET_QUEUE_NUM: (_BEFORE_OWNER, Session._get_queue_num),
+    p.Request.SET_OWNER: (_BEFORE_OWNER, Session._set_owner),
+    p.Request.RESET_OWNER: (_OWNED, Session._reset_owner),
+    p.Request.SET_MEM_TABLE: (_OWNED, Session._set_mem_table),
+    p.Request.SET_LOG_BASE: (_OWNED, Session._set_log_base),
+    p.Request.SET_VRING_NUM: (_OWNED, Session._set_vring_num),
+    p.Request.SET_VRING_ADDR: (_OWNED, Session._set_vring_addr),
+    p.Request.SET_VRING_BASE: (_OWNED, Session._set_vring_base),
+    p.Request.GET_VRING_BASE: (_OWNED, Session._get_vring_base),
+    p.Request.SET_VRING_KICK: (_OWNED, Session._set_vring_kick),
+    p.Request.SET_VRING_CALL: (_OWNED, Session._set_vring_call),
+    p.Request.SET_VRING_ERR: (_OWNED, Session._set_vring_err),
+    p.Request.SET_VRING_ENABLE: (_OWNED, Session._set_vring_enable),
+    p.Request.SEND_RARP: (_OWNED, Session._send_rarp),
+    p.Request.NET_SET_MTU: (_OWNED, Session._net_set_mtu),
+    p.Request.GET_INTERFACE_VERSIONS: (_BEFORE_OWNER, Session._get_interface_versions),
+    p.Request.SET_INTERFACE_VERSION: (_BEFORE_OWNER, Session._set_interface_version),
+}
+
+
+def _u64(msg: p.Message) -> int:
+    payload = msg.payload
+    assert isinstance(payload, p.U64)
+    return payload.value
+
+
+def _vring_state(msg: p.Message) -> tuple[int, int]:
+    payload = msg.payload
+    assert isinstance(payload, p.VringState)
+    return payload.index, payload.num
+
+
+def unservable_reason(version: versions.InterfaceVersion) -> str | None:
+    """Why ``version`` cannot be served over vhost-user, or None.
+
+    vhost-user's GET/SET_FEATURES carry a u64, so feature bits 64-127 (the UDP tunnel GSO
+    bits) cannot be offered to a vhost-user frontend at all.
+    """
+    high = versions.serve_features(version) >> 64 << 64
+    if high:
+        return (
+            f"interface version {version.label} has feature bits above 63 "
+            f"({', '.join(features.names(high))}), which vhost-user's 64-bit GET_FEATURES "
+            "cannot carry; pin an older version with --interface-version"
+        )
+    return None
+
+
+def _protocol_names(bits: int) -> str:
+    out = []
+    for n in features.iter_bits(bits):
+        try:
+            out.append(p.ProtocolFeature(1 << n).name or f"bit {n}")
+        except ValueError:
+            out.append(f"bit {n}")
+    return ", ".join(out)
+
+
+def _close_all(fds: Sequence[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)

@@ -1,0 +1,139 @@
+"""Kernel tier: the udev rule with the real systemd-udevd inside the test VM.
+
+The flow: install the rule (``kvhost install-udev``) into /run/udev/rules.d; an add event for
+vhost-net writes the manifest before ``udevadm settle`` returns; then the probe breaks for
+real -- vhost_net is unloaded, so /dev/vhost-net is gone -- and an add event for tun runs
+the rule again: the previous manifest must stay byte-for-byte and the kernel log must say
+why; finally ``modprobe vhost_net`` (a genuine add event) writes a fresh manifest.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from kvhost import manifest as mf
+from kvhost import versions as ver
+from kvhost.cli import main
+from kvhost.commands.versions import RULES_NAME
+from kvhost.probe import probe
+
+pytestmark = pytest.mark.kernel
+
+RULES_DIR = Path("/run/udev/rules.d")
+UDEVD = "/lib/systemd/systemd-udevd"
+
+
+def sh(*argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=180, check=False)
+    if check and done.returncode:
+        raise AssertionError(f"{' '.join(argv)} exited {done.returncode}: {done.stderr.strip()}")
+    return done
+
+
+def kmsg_lines() -> list[str]:
+    """Every message in the kernel log buffer (one record per read of /dev/kmsg)."""
+    out = []
+    fd = os.open("/dev/kmsg", os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        while True:
+            try:
+                rec = os.read(fd, 8192)
+            except OSError as err:
+                if err.errno == errno.EAGAIN:
+                    break
+                if err.errno == errno.EPIPE:  # overwritten record: skip it
+                    continue
+                raise
+            out.append(rec.decode(errors="replace").split(";", 1)[1].rstrip("\n"))
+    finally:
+        os.close(fd)
+    return out
+
+
+@pytest.fixture
+def udevd() -> Iterator[None]:
+    started = sh("udevadm", "control", "--ping", "--timeout=2", check=False).returncode != 0
+    if started:
+        sh(UDEVD, "--daemon")
+        deadline = time.monotonic() + 30
+        while sh("udevadm", "control", "--ping", "--timeout=2", check=False).returncode:
+            assert time.monotonic() < deadline, "systemd-udevd did not start"
+            time.sleep(0.2)
+    yield
+    if started:
+        sh("udevadm", "control", "--exit", check=False)
+
+
+@pytest.fixture
+def manifest_path() -> Iterator[Path]:
+    d = Path("/run") / f"kvtest-udev-{os.getpid()}"
+    yield d / "vhost-net.json"
+    if d.exists():
+        for child in d.iterdir():
+            child.unlink()
+        d.rmdir()
+
+
+def trigger(sysname: str) -> None:
+    sh("udevadm", "trigger", "--action=add", f"--sysname-match={sysname}")
+    sh("udevadm", "settle", "--timeout=120")
+
+
+def test_udev_writes_the_manifest_and_keeps_it_when_the_probe_breaks(
+    udevd: None, manifest_path: Path
+) -> None:
+    expected = ver.latest(ver.host_offer(probe())).name
+    assert (
+        main(
+            [
+                "install-udev",
+                "--rules-dir",
+                str(RULES_DIR),
+                "--manifest",
+                str(manifest_path),
+                "--reload",
+            ]
+        )
+        == 0
+    )
+    try:
+        # 1. an add event for vhost-net writes the manifest within settle
+        trigger("vhost-net")
+        first = mf.read(manifest_path)
+        assert first.latest.name == expected
+        before = manifest_path.read_bytes()
+        assert any(
+            f"kvhost: wrote {manifest_path}: kernel {os.uname().release}" in line
+            for line in kmsg_lines()
+        )
+
+        # 2. a real broken probe: vhost-net gone, the tun add event runs the rule again
+        sh("modprobe", "-r", "vhost_net")
+        sh("udevadm", "settle", "--timeout=120")
+        assert not Path("/dev/vhost-net").exists()
+        trigger("tun")
+        assert manifest_path.read_bytes() == before
+        assert os.listdir(manifest_path.parent) == [manifest_path.name]
+        why = [
+            line for line in kmsg_lines() if f"kvhost: manifest {manifest_path} not updated" in line
+        ]
+        assert why, "the failed run logged nothing to the kernel log"
+        assert "vhost_net kernel module is not loaded" in why[-1]
+
+        # 3. loading the module is an add event: a fresh manifest appears
+        sh("modprobe", "vhost_net")
+        sh("udevadm", "settle", "--timeout=120")
+        again = mf.read(manifest_path)
+        assert again.generated_at > first.generated_at
+        assert again.latest.name == expected
+    finally:
+        sh("modprobe", "vhost_net", check=False)
+        (RULES_DIR / RULES_NAME).unlink(missing_ok=True)
+        sh("udevadm", "control", "--reload", check=False)

@@ -1,0 +1,787 @@
+"""Host tier: the shim's per-connection state machine (shim.session).
+
+The session is driven with real wire bytes through kvhost's FrontendCodec and talks to a
+*recording* backend: these tests check the state logic (which verbs are called, in which
+order, with which arguments, and what is answered), never what the kernel does with them --
+that is tests/test_kernel_shim.py's job, against a real kernel.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+from collections.abc import Sequence
+
+import pytest
+
+from kvhost import features, versions
+from kvhost.errors import KernelError, VersionError
+from kvhost.memory import FrontendRegion
+from kvhost.vhost_user import protocol as p
+from kvhost.vhost_user.protocol import Request as R
+from shim.session import (
+    OFFERED_PROTOCOL_FEATURES,
+    ConnectionState,
+    Session,
+    VringState,
+    unservable_reason,
+)
+
+V1 = versions.by_name("org.kernel.vhost-net.v1")
+V4 = versions.by_name("org.kernel.vhost-net.v4")
+V5 = versions.by_name("org.kernel.vhost-net.v5")
+assert V1 is not None and V4 is not None and V5 is not None
+
+#: what QEMU 7.2 acks of the shim's protocol features (it does not know bit 63)
+QEMU_PROTOCOL = int(
+    p.ProtocolFeature.MQ
+    | p.ProtocolFeature.LOG_SHMFD
+    | p.ProtocolFeature.RARP
+    | p.ProtocolFeature.REPLY_ACK
+    | p.ProtocolFeature.MTU
+)
+GUEST = features.mask(["VERSION_1", "MRG_RXBUF", "EVENT_IDX", "CSUM", "GUEST_CSUM"])
+
+
+class RecordingBackend:
+    """Implements shim.session.Backend by recording each call; owns (closes) fds like the
+    real one. ``fail`` maps a verb name to the exception it raises instead."""
+
+    def __init__(self, queue_pairs: int = 1, max_mem_regions: int = 8) -> None:
+        self._pairs = queue_pairs
+        self._max = max_mem_regions
+        self.calls: list[tuple[object, ...]] = []
+        self.fail: dict[str, BaseException] = {}
+        self.bases: dict[int, int] = {}
+        self.closed = 0
+
+    @property
+    def queue_pairs(self) -> int:
+        return self._pairs
+
+    @property
+    def max_mem_regions(self) -> int:
+        return self._max
+
+    def _rec(self, *call: object) -> None:
+        self.calls.append(call)
+        exc = self.fail.get(str(call[0]))
+        if exc is not None:
+            raise exc
+
+    def set_owner(self) -> None:
+        self._rec("set_owner")
+
+    def reset_owner(self) -> None:
+        self._rec("reset_owner")
+
+    def set_features(self, virtio_features: int) -> None:
+        self._rec("set_features", virtio_features)
+
+    def set_mem_table(self, regions: Sequence[FrontendRegion]) -> None:
+        for r in regions:
+            os.close(r.fd)
+        self._rec(
+            "set_mem_table",
+            [(r.guest_phys_addr, r.memory_size, r.userspace_addr, r.mmap_offset) for r in regions],
+        )
+
+    def set_log_base(self, fd: int, mmap_size: int, mmap_offset: int) -> None:
+        os.close(fd)
+        self._rec("set_log_base", mmap_size, mmap_offset)
+
+    def set_vring_num(self, ring: int, num: int) -> None:
+        self._rec("set_vring_num", ring, num)
+
+    def set_vring_base(self, ring: int, base: int) -> None:
+        self._rec("set_vring_base", ring, base)
+
+    def set_vring_addr(
+        self, ring: int, flags: int, desc: int, used: int, avail: int, log_addr: int
+    ) -> None:
+        self._rec("set_vring_addr", ring, flags, desc, used, avail, log_addr)
+
+    def set_vring_kick(self, ring: int, fd: int) -> None:
+        os.close(fd)
+        self._rec("set_vring_kick", ring)
+
+    def set_vring_call(self, ring: int, fd: int) -> None:
+        if fd >= 0:
+            os.close(fd)
+        self._rec("set_vring_call", ring, fd >= 0)
+
+    def set_vring_err(self, ring: int, fd: int) -> None:
+        if fd >= 0:
+            os.close(fd)
+        self._rec("set_vring_err", ring, fd >= 0)
+
+    def start_vring(self, ring: int) -> None:
+        self._rec("start_vring", ring)
+
+    def stop_vring(self, ring: int) -> None:
+        self._rec("stop_vring", ring)
+
+    def get_vring_base(self, ring: int) -> int:
+        self._rec("get_vring_base", ring)
+        return self.bases.get(ring, 0)
+
+    def send_rarp(self, mac: bytes) -> None:
+        self._rec("send_rarp", mac)
+
+    def set_mtu(self, mtu: int) -> None:
+        self._rec("set_mtu", mtu)
+
+    def close(self) -> None:
+        self.closed += 1
+        self.calls.append(("close",))
+
+    def verbs(self) -> list[object]:
+        return [c[0] for c in self.calls]
+
+
+class Peer:
+    """A frontend speaking real vhost-user bytes to a Session (no socket in between)."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+        self.codec = p.FrontendCodec()
+
+    def send(
+        self,
+        request: R,
+        payload: p.Payload = p.EMPTY,
+        fds: Sequence[int] = (),
+        *,
+        need_reply: bool = False,
+    ) -> list[p.Message]:
+        data, out_fds = self.codec.request(request, payload, fds, need_reply=need_reply)
+        return self.feed(data, out_fds)
+
+    def feed(self, data: bytes, fds: Sequence[int] = ()) -> list[p.Message]:
+        replies: list[p.Message] = []
+        for chunk in self.session.receive(data, list(fds)):
+            replies.extend(self.codec.receive(chunk))
+        return replies
+
+    def u64(self, request: R, value: int | None = None, **kw: bool) -> int | None:
+        payload: p.Payload = p.EMPTY if value is None else p.U64(value)
+        replies = self.send(request, payload, **kw)
+        if not replies:
+            return None
+        (reply,) = replies
+        assert isinstance(reply.payload, p.U64)
+        return reply.payload.value
+
+    def vring_state(self, request: R, index: int, num: int) -> list[p.Message]:
+        return self.send(request, p.VringState(index, num))
+
+    def vring_file(self, request: R, index: int) -> list[p.Message]:
+        return self.send(request, p.VringFile(index), [os.eventfd(0, os.EFD_CLOEXEC)])
+
+    def negotiate(self, protocol: int = QEMU_PROTOCOL) -> None:
+        assert self.u64(R.GET_FEATURES) is not None
+        assert self.u64(R.GET_PROTOCOL_FEATURES) is not None
+        self.u64(R.SET_PROTOCOL_FEATURES, protocol)
+        self.codec.protocol_features = protocol
+
+    def mem_table(self, regions: Sequence[tuple[int, int, int]], **kw: bool) -> list[p.Message]:
+        table = p.MemTable(tuple(p.MemRegion(gpa, size, va, 0) for gpa, size, va in regions))
+        fds = [os.memfd_create("t", os.MFD_CLOEXEC) for _ in regions]
+        return self.send(R.SET_MEM_TABLE, table, fds, **kw)
+
+    def configure_ring(self, index: int, base: int = 0) -> None:
+        self.vring_state(R.SET_VRING_NUM, index, 256)
+        self.vring_state(R.SET_VRING_BASE, index, base)
+        va = 0x7F00_0000_0000 + index * 0x10000
+        self.send(R.SET_VRING_ADDR, p.VringAddr(index, 0, va, va + 0x2000, va + 0x1000, index))
+        self.vring_file(R.SET_VRING_KICK, index)
+        self.vring_file(R.SET_VRING_CALL, index)
+
+
+def make(
+    queue_pairs: int = 1, version: versions.InterfaceVersion = V5, **kw: object
+) -> tuple[Session, RecordingBackend, Peer]:
+    backend = RecordingBackend(queue_pairs)
+    session = Session(backend, version, name="test", **kw)  # type: ignore[arg-type]
+    return session, backend, Peer(session)
+
+
+def owned(
+    queue_pairs: int = 1, version: versions.InterfaceVersion = V5
+) -> tuple[Session, RecordingBackend, Peer]:
+    session, backend, peer = make(queue_pairs, version)
+    peer.negotiate()
+    peer.send(R.SET_OWNER)
+    return session, backend, peer
+
+
+def offered(version: versions.InterfaceVersion) -> int:
+    return versions.serve_features(version) | features.PROTOCOL_FEATURES | features.LOG_ALL
+
+
+# --- QEMU's real order ---------------------------------------------------------------------
+
+
+def test_qemu_72_startup_and_driver_ok_sequence(fd_leak_check: None) -> None:
+    """Reference §3: the exact order Debian's QEMU 7.2 sends, start to DRIVER_OK to quit."""
+    session, backend, peer = make()
+    # startup
+    assert peer.u64(R.GET_FEATURES) == offered(V5)
+    assert peer.u64(R.GET_PROTOCOL_FEATURES) == int(OFFERED_PROTOCOL_FEATURES)
+    peer.u64(R.SET_PROTOCOL_FEATURES, QEMU_PROTOCOL)
+    peer.codec.protocol_features = QEMU_PROTOCOL
+    assert peer.u64(R.GET_QUEUE_NUM) == 1
+    assert backend.calls == []
+    assert peer.send(R.SET_OWNER) == []
+    assert backend.verbs() == ["set_owner"]
+    assert peer.u64(R.GET_FEATURES) == offered(V5)
+    for i in (0, 1):
+        peer.vring_file(R.SET_VRING_CALL, i)
+        peer.vring_file(R.SET_VRING_ERR, i)
+    for i in (0, 1):
+        peer.vring_state(R.SET_VRING_ENABLE, i, 1)
+    # DRIVER_OK: enables first, then features and the table, then the rings
+    for i in (0, 1):
+        peer.vring_state(R.SET_VRING_ENABLE, i, 1)
+    assert peer.u64(R.SET_FEATURES, GUEST | features.PROTOCOL_FEATURES) is None
+    (ack,) = peer.mem_table([(0, 0xC0000, 0x7F00_0000_0000)], need_reply=True)
+    assert ack.payload == p.U64(0)
+    for i in (0, 1):
+        peer.configure_ring(i)
+    assert session.state is ConnectionState.OWNED
+    assert [r.state for r in session.vrings] == [VringState.RUNNING, VringState.RUNNING]
+    set_features = [c for c in backend.calls if c[0] == "set_features"]
+    assert set_features == [("set_features", GUEST)]  # PROTOCOL_FEATURES never reaches it
+    # each ring attaches right after its kick, before the trailing SET_VRING_CALL
+    v = backend.verbs()
+    assert v[v.index("set_vring_kick") + 1] == "start_vring"
+    assert v.count("start_vring") == 2
+    assert v.index("set_owner") < v.index("set_features") < v.index("set_mem_table")
+    # quit
+    backend.bases = {0: 7, 1: 9}
+    for i, want in ((0, 7), (1, 9)):
+        (reply,) = peer.vring_state(R.GET_VRING_BASE, i, 0)
+        assert reply.payload == p.VringState(i, want)
+    assert backend.calls[-4:] == [
+        ("stop_vring", 0),
+        ("get_vring_base", 0),
+        ("stop_vring", 1),
+        ("get_vring_base", 1),
+    ]
+    assert [r.state for r in session.vrings] == [VringState.STOPPED, VringState.STOPPED]
+    session.close()
+    assert session.state is ConnectionState.CLOSED
+    assert backend.closed == 1
+
+
+def test_multiqueue_init_repeats_per_pair_and_owner_is_taken_once(fd_leak_check: None) -> None:
+    """QEMU runs its vhost-user init once per queue pair on the same socket."""
+    session, backend, peer = make(queue_pairs=4, version=V4)
+    for _ in range(4):
+        peer.negotiate()
+        assert peer.u64(R.GET_QUEUE_NUM) == 4
+        peer.send(R.SET_OWNER)
+    assert backend.verbs().count("set_owner") == 1
+    peer.u64(R.SET_FEATURES, features.mask(["MRG_RXBUF", "MQ"]) | features.PROTOCOL_FEATURES)
+    peer.mem_table([(0, 1 << 20, 0x7F00_0000_0000)])
+    for i in range(8):
+        peer.vring_state(R.SET_VRING_ENABLE, i, 1)
+        peer.configure_ring(i)
+    assert sorted(c[1] for c in backend.calls if c[0] == "start_vring") == list(range(8))
+    assert session.state is ConnectionState.OWNED
+
+
+def test_queue_num_is_capped_by_the_version() -> None:
+    session, _backend, peer = make(queue_pairs=4, version=V1)
+    peer.negotiate()
+    assert peer.u64(R.GET_QUEUE_NUM) == 1
+    peer.send(R.SET_OWNER)
+    peer.vring_file(R.SET_VRING_CALL, 2)  # ring 2 = pair 1: not served under v1
+    assert session.state is ConnectionState.FAILED
+    assert "vrings 0-1" in (session.error or "")
+
+
+# --- features and the pinned version -------------------------------------------------------
+
+
+def test_get_features_offers_exactly_the_version_plus_plumbing() -> None:
+    for v in versions.registry():
+        if unservable_reason(v) is not None:
+            continue
+        _, _, peer = make(version=v)
+        got = peer.u64(R.GET_FEATURES)
+        assert got == versions.serve_features(v) | (1 << 30) | (1 << 26)
+
+
+def test_versions_with_bits_above_63_cannot_be_served_over_vhost_user() -> None:
+    wide = versions.parse(
+        "vhost-net:features=VERSION_1+GUEST_UDP_TUNNEL_GSO+HOST_UDP_TUNNEL_GSO+GUEST_TSO4"
+        "+HOST_TSO4+CSUM+GUEST_CSUM,queue-size=256,queue-pairs=1,mtu=off"
+    )
+    reason = unservable_reason(wide)
+    assert reason is not None
+    assert "GUEST_UDP_TUNNEL_GSO" in reason
+    assert unservable_reason(V5) is None
+    with pytest.raises(VersionError, match="64"):
+        make(version=wide)
+    # and it is never listed as selectable
+    session, _, _ = make(version=V5, supported=[V1, wide, V5])
+    assert session.supported == [V1, V5]
+
+
+def test_set_features_with_a_newer_bit_is_refused_naming_it(
+    fd_leak_check: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    session, backend, peer = owned(version=V1)
+    newer = features.bit("RING_RESET")
+    assert not offered(V1) & newer
+    caplog.set_level(logging.ERROR, "kvhost.shim")
+    legacy = features.mask(["CSUM", "GUEST_CSUM", "INDIRECT_DESC"])
+    (ack,) = peer.send(R.SET_FEATURES, p.U64(legacy | newer), need_reply=True)
+    assert ack.payload == p.U64(1)
+    assert session.state is ConnectionState.FAILED
+    assert "RING_RESET" in (session.error or "")
+    assert "RING_RESET" in caplog.text
+    assert "set_features" not in backend.verbs()
+    assert backend.closed == 1
+
+
+def test_log_all_is_accepted_and_passed_on() -> None:
+    session, backend, peer = owned()
+    peer.u64(R.SET_FEATURES, GUEST | features.LOG_ALL | features.PROTOCOL_FEATURES)
+    assert backend.calls[-1] == ("set_features", GUEST | features.LOG_ALL)
+    assert session.state is ConnectionState.OWNED
+
+
+def test_without_protocol_features_rings_start_enabled(fd_leak_check: None) -> None:
+    session, backend, peer = make()
+    peer.send(R.SET_OWNER)
+    peer.u64(R.SET_FEATURES, GUEST)
+    peer.mem_table([(0, 1 << 20, 0x7F00_0000_0000)])
+    peer.configure_ring(0)
+    assert ("start_vring", 0) in backend.calls
+    assert session.vrings[0].state is VringState.RUNNING
+
+
+def test_protocol_features_not_offered_are_refused() -> None:
+    session, _, peer = make()
+    peer.send(R.SET_PROTOCOL_FEATURES, p.U64(int(p.ProtocolFeature.PAGEFAULT)))
+    assert session.state is ConnectionState.FAILED
+    assert "PAGEFAULT" in (session.error or "")
+
+
+# --- the version extension -----------------------------------------------------------------
+
+
+def _ext_peer(**kw: object) -> tuple[Session, RecordingBackend, Peer]:
+    session, backend, peer = make(**kw)  # type: ignore[arg-type]
+    peer.negotiate(int(OFFERED_PROTOCOL_FEATURES))
+    return session, backend, peer
+
+
+def _set_version(peer: Peer, text: str) -> int:
+    (reply,) = peer.send(R.SET_INTERFACE_VERSION, p.VersionString(text))
+    assert isinstance(reply.payload, p.U64)
+    return reply.payload.value
+
+
+def test_interface_versions_are_listed_and_selectable() -> None:
+    session, _, peer = _ext_peer(version=V5, supported=[V1, V4, V5])
+    (reply,) = peer.send(R.GET_INTERFACE_VERSIONS)
+    assert reply.payload == p.VersionList(V5.label, (V1.label, V4.label, V5.label))
+    assert _set_version(peer, V1.spec()) == p.VersionStatus.OK
+    assert session.version == V1
+    assert peer.u64(R.GET_FEATURES) == offered(V1)
+
+
+def test_interface_version_refusals_keep_the_connection() -> None:
+    session, _, peer = _ext_peer(version=V4, supported=[V1, V4])
+    assert _set_version(peer, "org.kernel.vhost-net.v999") == p.VersionStatus.UNKNOWN
+    assert _set_version(peer, V5.label) == p.VersionStatus.UNSUPPORTED
+    assert session.version == V4
+    peer.send(R.SET_OWNER)
+    peer.u64(R.SET_FEATURES, features.bit("MRG_RXBUF"))
+    assert _set_version(peer, V1.label) == p.VersionStatus.BAD_STATE
+    assert session.version == V4
+    assert session.state is ConnectionState.OWNED
+
+
+def test_pinned_version_cannot_be_changed() -> None:
+    session, _, peer = _ext_peer(version=V4, supported=[V1, V4, V5], pinned=True)
+    (reply,) = peer.send(R.GET_INTERFACE_VERSIONS)
+    assert reply.payload == p.VersionList(V4.label, (V4.label,))
+    assert _set_version(peer, V1.label) == p.VersionStatus.PINNED
+    assert _set_version(peer, V4.spec()) == p.VersionStatus.OK
+    assert session.version == V4
+
+
+def test_set_interface_version_without_bit_63_is_a_bad_state() -> None:
+    session, _, peer = make(version=V4, supported=[V1, V4])
+    peer.negotiate()  # QEMU's set: no bit 63
+    assert _set_version(peer, V1.label) == p.VersionStatus.BAD_STATE
+    assert session.version == V4
+
+
+# --- rings ---------------------------------------------------------------------------------
+
+
+def test_enable_and_disable_attach_and_detach(fd_leak_check: None) -> None:
+    session, backend, peer = owned()
+    peer.u64(R.SET_FEATURES, GUEST | features.PROTOCOL_FEATURES)
+    peer.mem_table([(0, 1 << 20, 0x7F00_0000_0000)])
+    peer.configure_ring(0)
+    assert session.vrings[0].state is VringState.STARTED  # not enabled yet
+    assert "start_vring" not in backend.verbs()
+    peer.vring_state(R.SET_VRING_ENABLE, 0, 1)
+    assert backend.calls[-1] == ("start_vring", 0)
+    peer.vring_state(R.SET_VRING_ENABLE, 0, 0)
+    assert backend.calls[-1] == ("stop_vring", 0)
+    assert session.vrings[0].state is VringState.STARTED
+    # a ring stopped by GET_VRING_BASE needs a new kick before it runs again
+    peer.vring_state(R.GET_VRING_BASE, 0, 0)
+    peer.vring_state(R.SET_VRING_ENABLE, 0, 1)
+    assert session.vrings[0].state is VringState.STOPPED
+    peer.vring_file(R.SET_VRING_KICK, 0)
+    assert session.vrings[0].state is VringState.RUNNING
+
+
+def test_resizing_a_running_ring_fails_the_connection(fd_leak_check: None) -> None:
+    session, backend, peer = owned()
+    peer.u64(R.SET_FEATURES, GUEST)
+    peer.mem_table([(0, 1 << 20, 0x7F00_0000_0000)])
+    peer.configure_ring(0)
+    peer.vring_state(R.SET_VRING_NUM, 0, 128)
+    assert session.state is ConnectionState.FAILED
+    assert "GET_VRING_BASE first" in (session.error or "")
+    # failing stops the running ring before closing the devices
+    assert backend.calls[-2:] == [("stop_vring", 0), ("close",)]
+
+
+@pytest.mark.parametrize("num", [0, 3, 2048, 1 << 20])
+def test_ring_sizes_outside_the_version_are_refused(num: int) -> None:
+    session, backend, peer = owned(version=V1)
+    peer.vring_state(R.SET_VRING_NUM, 0, num)
+    assert session.state is ConnectionState.FAILED
+    assert "power of two from 1 to 1024" in (session.error or "")
+    assert "set_vring_num" not in backend.verbs()
+
+
+def test_ring_address_before_the_memory_table_fails() -> None:
+    session, _, peer = owned()
+    peer.send(R.SET_VRING_ADDR, p.VringAddr(0, 0, 0x1000, 0x3000, 0x2000, 0))
+    assert session.state is ConnectionState.FAILED
+    assert "before SET_MEM_TABLE" in (session.error or "")
+
+
+def test_kick_without_fd_is_refused(fd_leak_check: None) -> None:
+    session, _, peer = owned()
+    peer.send(R.SET_VRING_KICK, p.VringFile(0, no_fd=True))
+    assert session.state is ConnectionState.FAILED
+    assert "polling mode" in (session.error or "")
+
+
+def test_call_without_fd_unbinds() -> None:
+    session, backend, peer = owned()
+    peer.send(R.SET_VRING_CALL, p.VringFile(1, no_fd=True))
+    assert backend.calls[-1] == ("set_vring_call", 1, False)
+    assert session.state is ConnectionState.OWNED
+
+
+# --- bad input and wrong state -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "request_", [R.SET_FEATURES, R.SET_MEM_TABLE, R.SET_VRING_NUM, R.SEND_RARP]
+)
+def test_device_messages_before_set_owner_fail(fd_leak_check: None, request_: R) -> None:
+    session, backend, peer = make()
+    peer.negotiate()
+    payload: p.Payload = {
+        R.SET_FEATURES: p.U64(0),
+        R.SET_VRING_NUM: p.VringState(0, 256),
+        R.SEND_RARP: p.RarpMac(bytes(6)),
+    }.get(request_, p.EMPTY)
+    if request_ is R.SET_MEM_TABLE:
+        peer.mem_table([(0, 4096, 0x1000)])
+    else:
+        peer.send(request_, payload)
+    assert session.state is ConnectionState.FAILED
+    assert "before SET_OWNER" in (session.error or "")
+    assert backend.calls == [("close",)]
+
+
+def test_unknown_request_gets_a_failure_ack_and_fails(fd_leak_check: None) -> None:
+    session, _backend, _peer = owned()
+    flags = p.HeaderFlag.VERSION | p.HeaderFlag.NEED_REPLY
+    out = session.receive(p.raw_message(0x77, flags, b""), [])
+    assert len(out) == 1
+    request, _, size = p.HEADER.unpack_from(out[0])
+    assert (request, size, out[0][p.HEADER_SIZE :]) == (0x77, 8, p.U64(1).pack())
+    assert session.state is ConnectionState.FAILED
+    assert "unknown request 119" in (session.error or "")
+
+
+def test_unsupported_known_request_fails(fd_leak_check: None) -> None:
+    session, _, _peer = owned()
+    fd = os.eventfd(0)
+    session.receive(p.raw_message(R.SET_LOG_FD, p.HeaderFlag.VERSION, b""), [fd])
+    assert session.state is ConnectionState.FAILED
+    assert "SET_LOG_FD is not supported" in (session.error or "")
+    with pytest.raises(OSError) as err:
+        os.fstat(fd)
+    assert err.value.errno == errno.EBADF
+
+
+def test_truncated_header_then_garbage_fails_without_raising() -> None:
+    session, backend, _ = owned()
+    assert session.receive(b"\x01\x00\x00", []) == []
+    assert session.state is ConnectionState.OWNED  # just incomplete so far
+    session.receive(b"\x00\x07\x00\x00\x00" + b"\xff" * 4, [])
+    assert session.state is ConnectionState.FAILED
+    assert "malformed message" in (session.error or "")
+    assert backend.closed == 1
+
+
+def test_wrong_fd_count_closes_every_fd(fd_leak_check: None) -> None:
+    session, _, peer = owned()
+    data, _ = peer.codec.request(R.SET_VRING_KICK, p.VringFile(0), [0])
+    fds = [os.eventfd(0), os.eventfd(0)]
+    session.receive(data, fds)
+    assert session.state is ConnectionState.FAILED
+    assert "2 fds" in (session.error or "")
+
+
+def test_too_many_regions_for_this_host_fail(fd_leak_check: None) -> None:
+    backend = RecordingBackend(max_mem_regions=2)
+    session = Session(backend, V5, name="test")
+    peer = Peer(session)
+    peer.negotiate()
+    peer.send(R.SET_OWNER)
+    peer.mem_table([(0, 4096, 0x10000), (0x10000, 4096, 0x20000), (0x20000, 4096, 0x30000)])
+    assert session.state is ConnectionState.FAILED
+    assert "at most 2" in (session.error or "")
+    assert "set_mem_table" not in backend.verbs()
+
+
+def test_messages_after_failure_are_ignored_and_their_fds_closed(fd_leak_check: None) -> None:
+    session, backend, peer = owned()
+    peer.vring_state(R.SET_VRING_NUM, 9, 256)
+    assert session.state is ConnectionState.FAILED
+    n = len(backend.calls)
+    data, _ = peer.codec.request(R.SET_VRING_KICK, p.VringFile(0), [0])
+    assert session.receive(data, [os.eventfd(0)]) == []
+    assert len(backend.calls) == n
+
+
+def test_kernel_refusal_fails_the_connection_with_a_failure_ack() -> None:
+    session, backend, peer = owned()
+    backend.fail["set_mem_table"] = KernelError("VHOST_SET_MEM_TABLE", "/dev/vhost-net", 7)
+    (ack,) = peer.mem_table([(0, 4096, 0x1000)], need_reply=True)
+    assert ack.payload == p.U64(1)
+    assert session.state is ConnectionState.FAILED
+    assert "kernel's fault" in (session.error or "")
+
+
+def test_mtu_refused_by_the_tap_keeps_the_connection() -> None:
+    session, backend, peer = owned()
+    backend.fail["set_mtu"] = KernelError("RTM_NEWLINK", "tap0", errno.EINVAL)
+    assert peer.u64(R.NET_SET_MTU, 9000, need_reply=True) == 1
+    assert session.state is ConnectionState.OWNED
+    del backend.fail["set_mtu"]
+    assert peer.u64(R.NET_SET_MTU, 1400, need_reply=True) == 0
+    assert backend.calls[-1] == ("set_mtu", 1400)
+    assert peer.u64(R.NET_SET_MTU, 20, need_reply=True) == 1
+
+
+def test_a_backend_bug_costs_the_connection_not_the_process(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    session, backend, peer = owned()
+    backend.fail["send_rarp"] = RuntimeError("boom")
+    peer.send(R.SEND_RARP, p.RarpMac(bytes.fromhex("525400123456")))
+    assert session.state is ConnectionState.FAILED
+    assert "internal error" in (session.error or "")
+    assert "boom" in caplog.text
+
+
+def test_log_base_needs_log_shmfd_and_is_answered(fd_leak_check: None) -> None:
+    session, backend, peer = owned()
+    fd = os.memfd_create("log", os.MFD_CLOEXEC)
+    (reply,) = peer.send(R.SET_LOG_BASE, p.LogBase(4096, 0), [fd])
+    assert reply.request == R.SET_LOG_BASE
+    assert backend.calls[-1] == ("set_log_base", 4096, 0)
+
+    session, backend, peer = make()
+    peer.negotiate(int(p.ProtocolFeature.REPLY_ACK))
+    peer.send(R.SET_OWNER)
+    peer.send(R.SET_LOG_BASE, p.LogBase(4096, 0), [os.memfd_create("log", os.MFD_CLOEXEC)])
+    assert session.state is ConnectionState.FAILED
+    assert "LOG_SHMFD" in (session.error or "")
+
+
+def test_rarp_and_mtu_reach_the_backend() -> None:
+    _session, backend, peer = owned()
+    peer.send(R.SEND_RARP, p.RarpMac(bytes.fromhex("525400123456")))
+    assert backend.calls[-1] == ("send_rarp", bytes.fromhex("525400123456"))
+    peer.u64(R.NET_SET_MTU, 1500)
+    assert backend.calls[-1] == ("set_mtu", 1500)
+
+
+def test_reset_owner_stops_rings_and_forgets_setup(fd_leak_check: None) -> None:
+    session, backend, peer = owned()
+    peer.u64(R.SET_FEATURES, GUEST)
+    peer.mem_table([(0, 1 << 20, 0x7F00_0000_0000)])
+    peer.configure_ring(0)
+    peer.send(R.RESET_OWNER)
+    assert backend.calls[-2:] == [("stop_vring", 0), ("reset_owner",)]
+    assert session.vrings[0].state is VringState.STOPPED
+    assert not session.has_mem_table
+    peer.send(R.SET_VRING_ADDR, p.VringAddr(0, 0, 0x1000, 0x3000, 0x2000, 0))
+    assert session.state is ConnectionState.FAILED
+
+
+def test_close_stops_running_rings() -> None:
+    session, backend, peer = owned()
+    peer.u64(R.SET_FEATURES, GUEST)
+    peer.mem_table([(0, 1 << 20, 0x7F00_0000_0000)])
+    peer.configure_ring(1)
+    session.close()
+    assert backend.calls[-2:] == [("stop_vring", 1), ("close",)]
+    assert session.done
+
+
+# --- the socket layer around the session (shim.server), still with recording backends ------
+
+
+class _ServerHarness:
+    """A ShimServer on a temporary socket path, run in a thread, with recording backends."""
+
+    def __init__(self, path: str) -> None:
+        import threading
+
+        from shim.server import ShimConfig, ShimServer
+
+        self.backends: list[RecordingBackend] = []
+
+        def make_backend(name: str) -> RecordingBackend:
+            b = RecordingBackend()
+            self.backends.append(b)
+            return b
+
+        self.server = ShimServer.listen(path, ShimConfig(V5, make_backend, [V5]))
+        self.path = path
+        self.thread = threading.Thread(target=self.server.serve, daemon=True)
+        self.thread.start()
+
+    def connect(self) -> tuple[object, p.FrontendCodec]:
+        import socket
+
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        sock.settimeout(5)
+        sock.connect(self.path)
+        codec = p.FrontendCodec()
+        _call(sock, codec, R.GET_FEATURES)  # the connection is accepted once this returns
+        return sock, codec
+
+    def stop(self) -> None:
+        self.server.stop()
+        self.thread.join(5)
+        assert not self.thread.is_alive()
+
+
+def _call(
+    sock: object,
+    codec: p.FrontendCodec,
+    request: R,
+    payload: p.Payload = p.EMPTY,
+    fds: Sequence[int] = (),
+) -> list[p.Message]:
+    import socket
+
+    assert isinstance(sock, socket.socket)
+    data, out_fds = codec.request(request, payload, fds)
+    sock.sendmsg(
+        [data],
+        [(socket.SOL_SOCKET, socket.SCM_RIGHTS, bytes(_fd_array(out_fds)))] if out_fds else [],
+    )
+    if not codec.awaiting:
+        return []
+    replies: list[p.Message] = []
+    while not replies:
+        chunk = sock.recv(4096)
+        if not chunk:
+            raise ConnectionError("shim closed the connection")
+        replies = codec.receive(chunk)
+    return replies
+
+
+def _fd_array(fds: Sequence[int]) -> bytes:
+    import array
+
+    return array.array("i", fds).tobytes()
+
+
+def test_server_isolates_a_failing_connection(
+    tmp_path: object, fd_leak_check: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "kvhost.shim")
+    harness = _ServerHarness(f"{tmp_path}/shim.sock")
+    try:
+        good, gcodec = harness.connect()
+        bad, _ = harness.connect()
+        (reply,) = _call(good, gcodec, R.GET_FEATURES)
+        assert reply.payload == p.U64(offered(V5))
+        bad.sendall(p.raw_message(R.GET_FEATURES, 0x2, b""))  # type: ignore[attr-defined]
+        assert bad.recv(64) == b""  # type: ignore[attr-defined]  # dropped
+        # the other connection still works, and fds still travel with its messages
+        _call(good, gcodec, R.SET_OWNER)
+        efd = os.eventfd(0, os.EFD_CLOEXEC)
+        _call(good, gcodec, R.SET_VRING_CALL, p.VringFile(0), [efd])
+        os.close(efd)  # the shim got its own copy
+        (reply,) = _call(good, gcodec, R.GET_QUEUE_NUM)
+        assert reply.payload == p.U64(1)
+        assert harness.backends[0].calls[-1] == ("set_vring_call", 0, True)
+        assert harness.backends[1].closed == 1
+        assert "protocol version 2" in caplog.text
+        assert "connection 2 closed: failed" in caplog.text
+        good.close()  # type: ignore[attr-defined]
+        bad.close()  # type: ignore[attr-defined]
+    finally:
+        harness.stop()
+    assert all(b.closed == 1 for b in harness.backends)
+    assert not os.path.exists(harness.path)
+
+
+def test_server_hang_up_mid_setup_closes_the_session(
+    tmp_path: object, fd_leak_check: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "kvhost.shim")
+    harness = _ServerHarness(f"{tmp_path}/shim.sock")
+    try:
+        sock, codec = harness.connect()
+        _call(sock, codec, R.SET_OWNER)
+        # half a SET_FEATURES, then gone
+        sock.sendall(p.raw_message(R.SET_FEATURES, 1, p.U64(0).pack())[:15])  # type: ignore[attr-defined]
+        sock.close()  # type: ignore[attr-defined]
+        import time
+
+        deadline = time.monotonic() + 5
+        while harness.server.connections and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not harness.server.connections
+        assert harness.backends[0].closed == 1
+        assert "hung up in the middle of a message" in caplog.text
+    finally:
+        harness.stop()
+
+
+def test_server_stop_closes_live_connections(tmp_path: object, fd_leak_check: None) -> None:
+    harness = _ServerHarness(f"{tmp_path}/shim.sock")
+    sock, codec = harness.connect()
+    _call(sock, codec, R.SET_OWNER)
+    _call(sock, codec, R.GET_FEATURES)
+    harness.stop()
+    assert harness.backends[0].closed == 1
+    assert sock.recv(16) == b""  # type: ignore[attr-defined]
+    sock.close()  # type: ignore[attr-defined]
