@@ -153,6 +153,16 @@ class Tap:
         self._ioctl(abi.TUNGETFEATURES, buf)
         return int(_UINT.unpack(buf)[0])
 
+    def get_iff(self, queue: int = 0) -> tuple[str, int]:
+        """TUNGETIFF on one queue's fd: the interface name and its IFF_* flags.
+
+        (``/sys/class/net`` shows only the namespace sysfs was mounted in; this works
+        from any.) EBADFD when that queue is detached.
+        """
+        ifr = abi.new("ifreq")
+        self._ioctl(abi.TUNGETIFF, abi.buffer(ifr), queue=queue)
+        return bytes(abi.ffi.string(ifr.ifr_name)).decode(), int(ifr.ifr_ifru.ifr_flags) & 0xFFFF
+
     def set_offload(self, flags: int) -> None:
         """TUNSETOFFLOAD: the TUN_F_* offloads the stack may hand up (EINVAL if refused)."""
         self._ioctl(abi.TUNSETOFFLOAD, flags)

@@ -239,12 +239,16 @@ def host_offer(probe: ProbeLike) -> Offer:
 # --- the registry ---------------------------------------------------------------------------
 
 
-@cache
-def registry() -> tuple[InterfaceVersion, ...]:
-    """The published versions, oldest first (read once from kvhost/data/versions.json).
+def registry() -> list[InterfaceVersion]:
+    """The published versions, oldest first (a fresh list; the data file is read once).
 
     Raises VersionError when the shipped data file is inconsistent (a packaging bug).
     """
+    return list(_registry())
+
+
+@cache
+def _registry() -> tuple[InterfaceVersion, ...]:
     raw = json.loads(resources.files("kvhost").joinpath("data/versions.json").read_text())
     out: list[InterfaceVersion] = []
     for entry in raw["versions"]:
@@ -274,7 +278,7 @@ def names() -> list[str]:
 
 
 def by_name(name: str) -> InterfaceVersion | None:
-    for v in registry():
+    for v in _registry():
         if v.name == name:
             return v
     return None

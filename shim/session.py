@@ -338,9 +338,13 @@ class Session:
             log.warning("%s: %s refused: %s", self.name, msg.name, err)
             return self._failure_reply(msg)
         except (KvhostError, OSError) as err:
-            who = "frontend" if isinstance(err, RemoteProtocolError) else "kernel"
+            text = str(err) if msg.name in str(err) else f"{msg.name}: {err}"
+            if isinstance(err, RemoteProtocolError):
+                text += " (the frontend's fault)"
+            else:
+                text += " (refused by the kernel)"
             out = self._failure_reply(msg)
-            self._fail(f"{msg.name} failed ({who}'s fault): {err}")
+            self._fail(text)
             return out
         except Exception as err:  # a shim bug must cost one connection, never the process
             log.exception("%s: internal error handling %s", self.name, msg.name)

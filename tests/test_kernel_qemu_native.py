@@ -195,7 +195,7 @@ def test_native_traffic_both_directions(started: tuple[Machine, TapPort]) -> Non
     )
 
 
-def test_native_live_migration_continues_on_destination(netns: str) -> None:
+def test_native_live_migration_continues_on_destination(fd_leak_check: None, netns: str) -> None:
     with ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="kvmig-")))
         uri = f"unix:{tmp / 'migrate.sock'}"
@@ -247,7 +247,7 @@ def test_native_live_migration_continues_on_destination(netns: str) -> None:
         assert "error" not in dst.stderr_text().lower(), dst.stderr_text()
 
 
-def test_vhost_user_backend_line_and_death_report(netns: str) -> None:
+def test_vhost_user_backend_line_and_death_report(fd_leak_check: None, netns: str) -> None:
     """The vhost-user spelling reaches QEMU (it connects and sends GET_FEATURES first), and
     when the backend hangs up QEMU's own complaint comes back in the error."""
     with tempfile.TemporaryDirectory(prefix="kvvhu-") as tmp:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import errno
 import os
-from pathlib import Path
 
 import pytest
 
@@ -16,15 +15,12 @@ from kvhost.tap import Tap, probe_offloads
 pytestmark = pytest.mark.kernel
 
 
-def _tun_flags(name: str) -> int:
-    return int(Path(f"/sys/class/net/{name}/tun_flags").read_text(), 16)
-
-
 def test_single_queue_tap(netns: str, fd_leak_check: None) -> None:
     with Tap.create(vnet_hdr=True) as tap:
         assert tap.name.startswith("tap")
         assert len(tap.fds) == 1 and tap.fileno() == tap.fds[0]
-        flags = _tun_flags(tap.name)
+        name, flags = tap.get_iff()
+        assert name == tap.name
         assert flags & (abi.IFF_TAP | abi.IFF_NO_PI | abi.IFF_VNET_HDR) == (
             abi.IFF_TAP | abi.IFF_NO_PI | abi.IFF_VNET_HDR
         )
@@ -38,23 +34,30 @@ def test_single_queue_tap(netns: str, fd_leak_check: None) -> None:
         assert (info.value.op, info.value.errno) == ("TUNSETVNETHDRSZ", errno.EINVAL)
         tap.set_sndbuf(0x7FFFFFFF)
         assert tap.index == netlink.link_index(tap.name)
-    assert not Path(f"/sys/class/net/{tap.name}").exists()  # gone with its last fd
+    with pytest.raises(UsageError):  # gone with its last fd
+        netlink.link_index(tap.name)
 
 
 def test_multi_queue_tap_has_one_fd_per_queue(netns: str, fd_leak_check: None) -> None:
     with Tap.create("kvmq0", queues=4) as tap:
         assert len(set(tap.fds)) == 4
-        assert _tun_flags("kvmq0") & abi.IFF_MULTI_QUEUE
-        tx_queues = sorted(p.name for p in Path("/sys/class/net/kvmq0/queues").glob("tx-*"))
-        assert tx_queues == ["tx-0", "tx-1", "tx-2", "tx-3"]
+        # every fd is an attached queue of the same multi-queue interface
+        for q in range(4):
+            name, flags = tap.get_iff(q)
+            assert name == "kvmq0"
+            assert flags & (abi.IFF_MULTI_QUEUE | abi.IFF_VNET_HDR) == (
+                abi.IFF_MULTI_QUEUE | abi.IFF_VNET_HDR
+            )
         # another process (here: another Tap) can attach a fifth queue by name
         with Tap.open("kvmq0", multi_queue=True) as extra:
             assert len(extra.fds) == 1
-            assert len(list(Path("/sys/class/net/kvmq0/queues").glob("tx-*"))) == 5
+            assert extra.get_iff()[0] == "kvmq0"
         # a single-queue attach to a multi-queue tap is refused by the kernel
         with pytest.raises(KernelError) as info:
             Tap.open("kvmq0")
         assert info.value.op == "TUNSETIFF"
+    with pytest.raises(UsageError, match="from 1 to 256"):
+        Tap.create(queues=257)
 
 
 def test_open_missing_tap_is_a_usage_error(netns: str) -> None:

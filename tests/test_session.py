@@ -580,7 +580,7 @@ def test_kernel_refusal_fails_the_connection_with_a_failure_ack() -> None:
     (ack,) = peer.mem_table([(0, 4096, 0x1000)], need_reply=True)
     assert ack.payload == p.U64(1)
     assert session.state is ConnectionState.FAILED
-    assert "kernel's fault" in (session.error or "")
+    assert "refused by the kernel" in (session.error or "")
 
 
 def test_mtu_refused_by_the_tap_keeps_the_connection() -> None:

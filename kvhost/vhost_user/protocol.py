@@ -69,11 +69,16 @@ from kvhost.errors import LocalProtocolError, RemoteProtocolError
 
 __all__ = [
     "EMPTY",
+    "HEADER",
     "HEADER_SIZE",
+    "INHERENT_REPLIES",
     "MAX_FDS",
     "MAX_PAYLOAD",
     "MAX_VERSION_BYTES",
+    "MAX_VERSION_COUNT",
+    "MAX_VERSION_LIST_PAYLOAD",
     "MEMORY_BASELINE_NREGIONS",
+    "REQUEST_LAYOUTS",
     "U64",
     "VHOST_USER_F_PROTOCOL_FEATURES",
     "VHOST_USER_VERSION",
@@ -99,6 +104,7 @@ __all__ = [
     "VringState",
     "close_fds",
     "raw_message",
+    "request_layout",
 ]
 
 HEADER = struct.Struct("=III")

@@ -1,0 +1,417 @@
+"""Benchmarks of kvhost-shim, run inside the test VM (needs /dev/vhost-net and root).
+
+    python -m kvhost.testvm -- python3 bench/bench_shim.py [--frames N] [--trials K]
+
+Every number is a ratio measured side by side in one run, so the (slow, TCG) machine cancels
+out:
+
+* datapath: TX frames/s through kernel vhost-net set up by a ``kvhost-shim`` process (driven
+  by kvhost's vhost-user frontend) / frames/s through kernel vhost-net set up directly with
+  kvhost's ioctls; the same ring code pushes the frames in both cases (target >= 0.99);
+* the shim's context switches while 100,000 frames pass (target <= 10: it is off the
+  datapath, asleep in select);
+* control path: the shim's time from the first SET_FEATURES to the last ring started (bytes
+  in, replies out, through Session and KernelBackend) / the same ioctls issued bare
+  (target <= 2); stop: GET_VRING_BASE for both rings, message in -> reply out (<= 1 ms);
+* memory: the shim process's RSS per connected VM, guest memory mappings excluded (<= 4 MiB).
+
+Prints one line per measurement and a summary; exits 1 if a target is missed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from pyroute2 import netns as pr_netns
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from kvhost import features, versions  # noqa: E402
+from kvhost.memory import GuestMemory  # noqa: E402
+from kvhost.tap import Tap, vnet_hdr_len  # noqa: E402
+from kvhost.vhost import VhostNet  # noqa: E402
+from kvhost.vhost_user import protocol as p  # noqa: E402
+from kvhost.vhost_user.frontend import VhostUserFrontend  # noqa: E402
+from kvhost.vhost_user.protocol import Request as R  # noqa: E402
+from kvhost.virtqueue import SplitRing  # noqa: E402
+from shim.kernel_backend import KernelBackend, TapSpec  # noqa: E402
+from shim.session import Session  # noqa: E402
+
+MEMORY = [(0, 0xC0000), (0x100000, 32 << 20)]
+BASE = 0x100000
+RING = 256
+FRAME = b"\x02\x00\x00\x00\x00\x01\x02\x00\x00\x00\x00\x02\x88\xb5" + bytes(50)
+BUF = 2048
+BATCH = 64
+#: the driver's wanted features: what QEMU 7.2 would take of v5
+WANT = features.mask(["VERSION_1", "MRG_RXBUF", "EVENT_IDX", "CSUM", "GUEST_CSUM"])
+
+
+@contextmanager
+def fresh_netns() -> Iterator[None]:
+    name = f"kvbench-{os.getpid()}"
+    pr_netns.create(name)
+    pr_netns.pushns(name)
+    try:
+        for knob in ("all", "default"):
+            Path(f"/proc/sys/net/ipv6/conf/{knob}/disable_ipv6").write_text("1")
+        yield
+    finally:
+        pr_netns.popns()
+        pr_netns.remove(name)
+
+
+# --- one TX blaster for both setups -------------------------------------------------------
+
+
+def blast(mem: GuestMemory, ring: SplitRing, kick_fd: int, buf_gpa: int, total: int) -> float:
+    """Push ``total`` frames through ``ring`` in batches of BATCH per kick; frames/s."""
+    hdr = 12
+    for i in range(RING):
+        mem.write(buf_gpa + i * BUF, bytes(hdr) + FRAME)
+    length = hdr + len(FRAME)
+    sent = 0
+    slot = 0
+    t0 = time.perf_counter()
+    while sent < total:
+        n = min(BATCH, ring.num_free, total - sent)
+        for _ in range(n):
+            ring.add_buffer(buf_gpa + slot * BUF, length, False)
+            slot = (slot + 1) % RING
+        if n:
+            ring.publish()
+            os.eventfd_write(kick_fd, 1)
+            sent += n
+        if ring.num_free < BATCH:
+            ring.pop_used()
+            if ring.num_free < BATCH:
+                time.sleep(0)
+    while ring.last_used != ring.avail_idx:
+        ring.pop_used()
+    return total / (time.perf_counter() - t0)
+
+
+# --- the shim as its own process ------------------------------------------------------------
+
+
+class ShimProcess:
+    def __init__(self, sock: str) -> None:
+        self.sock = sock
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "shim.cli",
+                "--socket-path",
+                sock,
+                "--interface-version",
+                "org.kernel.vhost-net.v5",
+            ],
+            cwd=REPO,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        deadline = time.monotonic() + 60
+        while not os.path.exists(sock):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                err = self.proc.stderr.read() if self.proc.stderr else ""
+                raise RuntimeError(f"kvhost-shim did not start: {err}")
+            time.sleep(0.05)
+
+    def status(self, key: str) -> int:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+        raise KeyError(key)
+
+    def switches(self) -> int:
+        """Voluntary + involuntary context switches of every thread of the shim that is not
+        a vhost worker (since 6.4 those are threads of the owner)."""
+        total = 0
+        for task in Path(f"/proc/{self.proc.pid}/task").iterdir():
+            text = (task / "status").read_text()
+            name = text.splitlines()[0].split()[1]
+            if name.startswith("vhost-"):
+                continue
+            for line in text.splitlines():
+                if line.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")):
+                    total += int(line.split()[1])
+        return total
+
+    def rss_without_guest_memory(self) -> int:
+        """Resident bytes of every mapping but the guest memory and log memfds."""
+        total = 0
+        skip = False
+        for line in Path(f"/proc/{self.proc.pid}/smaps").read_text().splitlines():
+            first = line.split(maxsplit=1)[0]
+            if "-" in first and not first.endswith(":"):
+                skip = "/memfd:" in line
+            elif first == "Rss:" and not skip:
+                total += int(line.split()[1]) * 1024
+        return total
+
+    def stop(self) -> str:
+        self.proc.terminate()
+        _, err = self.proc.communicate(timeout=60)
+        if self.proc.returncode != 0:
+            raise RuntimeError(f"kvhost-shim exited {self.proc.returncode}: {err}")
+        return err
+
+
+def shim_datapath(shim: ShimProcess, frames: int) -> tuple[float, int]:
+    with GuestMemory.create(MEMORY) as mem, VhostUserFrontend(shim.sock) as fe:
+        fe.handshake()
+        dev = fe.start_net(mem, base_gpa=BASE, features=WANT)
+        ring = dev.tx_ring(0)
+        buf = BASE + (16 << 20)
+        blast(mem, ring, dev.kick_fds[1], buf, 2 * BATCH)  # warm up
+        before = shim.switches()
+        rate = blast(mem, ring, dev.kick_fds[1], buf, frames)
+        switched = shim.switches() - before
+        fe.stop(dev)
+    return rate, switched
+
+
+# --- bare kvhost ----------------------------------------------------------------------------
+
+
+class Bare:
+    """vhost-net set up with kvhost's ioctls directly, the way the shim would."""
+
+    def __init__(self, mem: GuestMemory, tap: Tap) -> None:
+        self.mem = mem
+        self.tap = tap
+        self.dev = VhostNet()
+        self.dev.set_owner()
+        self.rings = [SplitRing(mem, i, RING, BASE + i * 0x2000) for i in range(2)]
+        self.kicks = [os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK) for _ in range(2)]
+        self.calls = [os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK) for _ in range(2)]
+
+    def start(self) -> None:
+        negotiated = WANT
+        self.dev.set_features(negotiated & self.dev.get_features() & ~(1 << 27))
+        self.tap.set_offload(features.tun_flags_for(negotiated))
+        self.tap.set_vnet_hdr_size(vnet_hdr_len(negotiated))
+        self.dev.set_mem_table(self.mem.regions)
+        for r in self.rings:
+            self.dev.set_vring_num(r.index, RING)
+            self.dev.set_vring_base(r.index, 0)
+            self.dev.set_vring_addr(
+                r.index,
+                self.mem.hva(r.desc_gpa),
+                self.mem.hva(r.used_gpa),
+                self.mem.hva(r.avail_gpa),
+                r.used_gpa,
+            )
+            self.dev.set_vring_kick(r.index, self.kicks[r.index])
+            self.dev.set_vring_call(r.index, self.calls[r.index])
+            self.dev.net_set_backend(r.index, self.tap.fds[0])
+
+    def stop(self) -> None:
+        for r in self.rings:
+            self.dev.net_set_backend(r.index, -1)
+            self.dev.get_vring_base(r.index)
+
+    def close(self) -> None:
+        self.dev.close()
+        for fd in self.kicks + self.calls:
+            os.close(fd)
+
+
+def bare_datapath(frames: int) -> float:
+    with GuestMemory.create(MEMORY) as mem, Tap.create() as tap:
+        tap.set_sndbuf(0x7FFF_FFFF)
+        tap.set_up()
+        bare = Bare(mem, tap)
+        try:
+            bare.start()
+            buf = BASE + (16 << 20)
+            blast(mem, bare.rings[1], bare.kicks[1], buf, 2 * BATCH)
+            rate = blast(mem, bare.rings[1], bare.kicks[1], buf, frames)
+            bare.stop()
+        finally:
+            bare.close()
+    return rate
+
+
+# --- control path, in process ---------------------------------------------------------------
+
+
+class Feeder:
+    """Feeds wire bytes to a Session the way the server does (no socket)."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+        self.codec = p.FrontendCodec()
+
+    def send(
+        self, request: R, payload: p.Payload = p.EMPTY, fds: list[int] | None = None
+    ) -> list[bytes]:
+        data, out = self.codec.request(request, payload, fds or [])
+        replies = self.session.receive(data, out)
+        for r in replies:
+            self.codec.receive(r)
+        if self.session.done:
+            raise RuntimeError(f"shim session failed: {self.session.error}")
+        return replies
+
+
+def control_path(trials: int) -> tuple[float, float, float]:
+    """Median (shim start s, bare start s, shim stop s)."""
+    v5 = versions.by_name("org.kernel.vhost-net.v5")
+    assert v5 is not None
+    shim_t, bare_t, stop_t = [], [], []
+    for _ in range(trials):
+        with GuestMemory.create(MEMORY) as mem:
+            backend = KernelBackend(TapSpec(queues=1).open, 1, name="bench")
+            session = Session(backend, v5, name="bench")
+            f = Feeder(session)
+            f.send(R.GET_FEATURES)
+            f.send(R.SET_OWNER)
+            rings = [SplitRing(mem, i, RING, BASE + i * 0x2000) for i in range(2)]
+            table = p.MemTable(
+                tuple(
+                    p.MemRegion(r.guest_phys_addr, r.memory_size, r.userspace_addr, 0)
+                    for r in mem.regions
+                )
+            )
+            efds = [os.eventfd(0, os.EFD_CLOEXEC) for _ in range(4)]
+            msgs: list[tuple[R, p.Payload, list[int]]] = [
+                (R.SET_FEATURES, p.U64(WANT | features.PROTOCOL_FEATURES), []),
+                (R.SET_MEM_TABLE, table, mem.fds),
+            ]
+            for r in rings:
+                i = r.index
+                msgs += [
+                    (R.SET_VRING_ENABLE, p.VringState(i, 1), []),
+                    (R.SET_VRING_NUM, p.VringState(i, RING), []),
+                    (R.SET_VRING_BASE, p.VringState(i, 0), []),
+                    (
+                        R.SET_VRING_ADDR,
+                        p.VringAddr(
+                            i,
+                            0,
+                            mem.hva(r.desc_gpa),
+                            mem.hva(r.used_gpa),
+                            mem.hva(r.avail_gpa),
+                            r.used_gpa,
+                        ),
+                        [],
+                    ),
+                    (R.SET_VRING_KICK, p.VringFile(i), [efds[i]]),
+                    (R.SET_VRING_CALL, p.VringFile(i), [efds[2 + i]]),
+                ]
+            # encode first: only the shim's work is timed
+            wire = []
+            for req, payload, fds in msgs:
+                data, out = f.codec.request(req, payload, [os.dup(fd) for fd in fds])
+                wire.append((data, out))
+            t0 = time.perf_counter()
+            for data, out in wire:
+                session.receive(data, out)
+            shim_t.append(time.perf_counter() - t0)
+            assert all(v.state.value == "running" for v in session.vrings), session.error
+            stops = [f.codec.request(R.GET_VRING_BASE, p.VringState(i, 0))[0] for i in (0, 1)]
+            t0 = time.perf_counter()
+            for data in stops:
+                (_reply,) = session.receive(data, [])
+            stop_t.append(time.perf_counter() - t0)
+            session.close()
+            for fd in efds:
+                os.close(fd)
+        with GuestMemory.create(MEMORY) as mem, Tap.create() as tap:
+            bare = Bare(mem, tap)
+            try:
+                t0 = time.perf_counter()
+                bare.start()
+                bare_t.append(time.perf_counter() - t0)
+                bare.stop()
+            finally:
+                bare.close()
+    return statistics.median(shim_t), statistics.median(bare_t), statistics.median(stop_t)
+
+
+def rss_per_vm(shim: ShimProcess, vms: int) -> float:
+    time.sleep(0.2)
+    base = shim.rss_without_guest_memory()
+    mems = [GuestMemory.create(MEMORY) for _ in range(vms)]
+    fes = [VhostUserFrontend(shim.sock) for _ in range(vms)]
+    try:
+        for fe, mem in zip(fes, mems, strict=True):
+            fe.connect()
+            fe.handshake()
+            dev = fe.start_net(mem, base_gpa=BASE, features=WANT)
+            dev.send([FRAME] * 32)
+            dev.wait_tx_done(timeout=5)
+        time.sleep(0.2)
+        grown = shim.rss_without_guest_memory() - base
+    finally:
+        for fe in fes:
+            fe.close()
+        for mem in mems:
+            mem.close()
+    return grown / vms
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--frames", type=int, default=100_000)
+    ap.add_argument("--trials", type=int, default=3)
+    ap.add_argument("--vms", type=int, default=4)
+    args = ap.parse_args()
+    ok = True
+    with fresh_netns():
+        shim_s, bare_s, stop_s = control_path(args.trials)
+        start_ratio = shim_s / bare_s
+        print(
+            f"control: shim start {shim_s * 1e3:.2f} ms, bare ioctls {bare_s * 1e3:.2f} ms, "
+            f"ratio {start_ratio:.2f} (target <= 2)"
+        )
+        print(
+            f"control: stop (GET_VRING_BASE x2, in -> out) {stop_s * 1e3:.3f} ms (target <= 1 ms)"
+        )
+        ok &= start_ratio <= 2 and stop_s <= 1e-3
+
+        sock = f"/run/kvbench-{os.getpid()}.sock"
+        shim = ShimProcess(sock)
+        try:
+            shim_rates, bare_rates, switches = [], [], []
+            for _ in range(args.trials):
+                rate, sw = shim_datapath(shim, args.frames)
+                shim_rates.append(rate)
+                switches.append(sw)
+                bare_rates.append(bare_datapath(args.frames))
+            ratio = max(shim_rates) / max(bare_rates)
+            print(
+                f"datapath: shim {max(shim_rates):,.0f} frames/s, bare {max(bare_rates):,.0f} "
+                f"frames/s, ratio {ratio:.3f} (target >= 0.99); all shim "
+                f"{[round(r) for r in shim_rates]}, bare {[round(r) for r in bare_rates]}"
+            )
+            print(
+                f"datapath: shim context switches during {args.frames:,} frames: "
+                f"{max(switches)} (target <= 10; per trial {switches})"
+            )
+            ok &= ratio >= 0.99 and max(switches) <= 10
+            per_vm = rss_per_vm(shim, args.vms)
+            print(
+                f"memory: shim RSS per connected VM {per_vm / 2**20:.2f} MiB without guest "
+                f"memory ({args.vms} VMs; target <= 4 MiB)"
+            )
+            ok &= per_vm <= 4 << 20
+        finally:
+            shim.stop()
+    print("all targets met" if ok else "TARGET MISSED")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

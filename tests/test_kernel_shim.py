@@ -1,0 +1,548 @@
+"""Kernel tier: kvhost's Python frontend -> kvhost-shim -> kernel vhost-net -> tap.
+
+Everything here is real: the shim server runs in a thread of the test process (so
+``fd_leak_check`` sees its fds too), inside the fresh network namespace of the ``netns``
+fixture, with real /dev/vhost-net devices and real taps. Frames sent through a TX ring must
+come out of the tap (seen by an AF_PACKET socket on the tap, the host side) byte for byte;
+frames sent out of the tap from the host side must land in RX buffers byte for byte.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import mmap
+import os
+import socket
+import struct
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from kvhost import features, netlink, versions
+from kvhost.errors import RemoteProtocolError
+from kvhost.memory import GuestMemory, MemoryRegion
+from kvhost.vhost_user import protocol as p
+from kvhost.vhost_user.frontend import NetDevice, VersionRefused, VhostUserFrontend
+from kvhost.vhost_user.protocol import Request as R
+from shim.kernel_backend import KernelBackend, TapSpec
+from shim.server import ShimConfig, ShimServer
+from shim.session import Backend
+
+pytestmark = pytest.mark.kernel
+
+V1 = versions.by_name("org.kernel.vhost-net.v1")
+V5 = versions.by_name("org.kernel.vhost-net.v5")
+assert V1 is not None and V5 is not None
+
+ETH_P_ALL = 0x0003
+ETH_P_TEST = 0x88B5  # IEEE 802 local experimental ethertype: nothing else sends it
+PACKET_OUTGOING = 4
+MEMORY = [(0, 0xC0000), (0x100000, 8 << 20)]  # QEMU-like: a low hole, then RAM
+BASE_GPA = 0x100000
+
+
+class Shim:
+    """A ShimServer in a thread, one created tap per connection (``kvs1``, ``kvs2``...)."""
+
+    def __init__(
+        self,
+        path: str,
+        version: versions.InterfaceVersion,
+        queues: int,
+        *,
+        pinned: bool = False,
+        supported: list[versions.InterfaceVersion] | None = None,
+    ) -> None:
+        self.path = path
+        self.queues = queues
+        self.taps: list[str] = []
+
+        def make_backend(name: str) -> Backend:
+            tap = f"kvs{len(self.taps) + 1}"
+            self.taps.append(tap)
+            return KernelBackend(TapSpec(queues=queues, name=tap).open, queues, name=name)
+
+        config = ShimConfig(version, make_backend, supported or [version], pinned)
+        self.server = ShimServer.listen(path, config)
+        self.thread = threading.Thread(target=self.server.serve, name="shim", daemon=True)
+        self.thread.start()
+
+    def frontend(self) -> VhostUserFrontend:
+        fe = VhostUserFrontend(self.path, timeout=10)
+        fe.connect()
+        return fe
+
+    def wait_idle(self, timeout: float = 5.0) -> None:
+        """Wait until the server has no connection left."""
+        deadline = time.monotonic() + timeout
+        while self.server.connections and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not self.server.connections, "the shim kept a connection open"
+
+    def stop(self) -> None:
+        self.server.stop()
+        self.thread.join(10)
+        assert not self.thread.is_alive(), "the shim did not stop"
+
+
+@pytest.fixture
+def no_ipv6(netns: str) -> None:
+    """Keep the host stack from sending IPv6 solicitations out of the taps (they would land
+    in RX buffers between the test's frames)."""
+    for knob in ("all", "default"):
+        Path(f"/proc/sys/net/ipv6/conf/{knob}/disable_ipv6").write_text("1")
+
+
+@pytest.fixture
+def make_shim(tmp_path: Path, no_ipv6: None) -> Iterator[type[Shim]]:
+    started: list[Shim] = []
+
+    class _Shim(Shim):
+        def __init__(
+            self, version: versions.InterfaceVersion = V5, queues: int = 1, **kw: object
+        ) -> None:
+            super().__init__(str(tmp_path / f"shim{len(started)}.sock"), version, queues, **kw)  # type: ignore[arg-type]
+            started.append(self)
+
+    yield _Shim
+    for shim in started:
+        shim.stop()
+
+
+def packet_socket(ifname: str) -> socket.socket:
+    s = socket.socket(
+        socket.AF_PACKET, socket.SOCK_RAW | socket.SOCK_CLOEXEC, socket.htons(ETH_P_ALL)
+    )
+    s.bind((ifname, 0))
+    s.settimeout(0.2)
+    return s
+
+
+def test_frames(n: int, tag: str) -> list[bytes]:
+    """Distinct frames (different source MACs and lengths, so multiqueue taps hash them
+    apart) with the test ethertype."""
+    out = []
+    for i in range(n):
+        src = bytes([0x52, 0x54, 0x00, 0x12, i >> 8 & 0xFF, i & 0xFF])
+        body = f"{tag} frame {i} ".encode() * (3 + i % 7)
+        out.append(b"\x02\x00\x00\x00\x00\x01" + src + struct.pack("!H", ETH_P_TEST) + body)
+    return out
+
+
+test_frames.__test__ = False  # type: ignore[attr-defined]
+
+
+def captured(sock: socket.socket, want: int, timeout: float = 5.0) -> list[bytes]:
+    """Test-ethertype frames the tap interface received (not ones the host sent)."""
+    out: list[bytes] = []
+    deadline = time.monotonic() + timeout
+    while len(out) < want and time.monotonic() < deadline:
+        try:
+            data, addr = sock.recvfrom(65536)
+        except TimeoutError:
+            continue
+        if addr[2] != PACKET_OUTGOING and data[12:14] == struct.pack("!H", ETH_P_TEST):
+            out.append(data)
+    return out
+
+
+def start(fe: VhostUserFrontend, mem: GuestMemory, queue_pairs: int = 1, **kw: object) -> NetDevice:
+    fe.handshake(**kw)  # type: ignore[arg-type]
+    return fe.start_net(mem, queue_pairs=queue_pairs, base_gpa=BASE_GPA)
+
+
+def assert_alive(fe: VhostUserFrontend, shim: Shim) -> None:
+    """The connection still answers, and the shim still serves it."""
+    assert fe.get_features() & features.PROTOCOL_FEATURES
+    assert fe.get_queue_num() == min(shim.queues, 8)
+
+
+# --- the datapath --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("queue_pairs", [1, 4])
+def test_frames_pass_both_ways_byte_for_byte(
+    make_shim: type[Shim], fd_leak_check: None, queue_pairs: int
+) -> None:
+    shim = make_shim(V5, queue_pairs)
+    with GuestMemory.create(MEMORY) as mem, shim.frontend() as fe:
+        dev = start(fe, mem, queue_pairs)
+        (tap,) = shim.taps
+        with packet_socket(tap) as cap:
+            # TX: every queue pair's frames come out of the tap unchanged
+            sent: list[bytes] = []
+            for qp in range(queue_pairs):
+                frames = test_frames(3, f"tx qp{qp}")
+                assert dev.send(frames, qp) == len(frames)
+                sent += frames
+                assert dev.wait_tx_done(qp, timeout=5)
+            assert sorted(captured(cap, len(sent))) == sorted(sent)
+            # RX: frames sent out of the tap from the host side land in RX buffers
+            incoming = test_frames(8 * queue_pairs, "rx")
+            for frame in incoming:
+                cap.send(frame)
+            got: list[bytes] = []
+            deadline = time.monotonic() + 10
+            while len(got) < len(incoming) and time.monotonic() < deadline:
+                for qp in range(queue_pairs):
+                    got += [
+                        f
+                        for f in dev.receive(qp, timeout=0.05)
+                        if f[12:14] == struct.pack("!H", ETH_P_TEST)
+                    ]
+            assert sorted(got) == sorted(incoming)
+        bases = fe.stop(dev)
+        # the kernel's own ring positions come back: 3 frames consumed per TX ring
+        assert [bases[2 * qp + 1] for qp in range(queue_pairs)] == [3] * queue_pairs
+    shim.wait_idle()
+
+
+def test_rarp_reaches_the_host_side_of_the_tap(make_shim: type[Shim], fd_leak_check: None) -> None:
+    shim = make_shim()
+    with GuestMemory.create(MEMORY) as mem, shim.frontend() as fe:
+        start(fe, mem)
+        with packet_socket(shim.taps[0]) as cap:
+            fe.send_rarp("52:54:00:ab:cd:ef")
+            mac = bytes.fromhex("525400abcdef")
+            deadline = time.monotonic() + 5
+            frame = b""
+            while time.monotonic() < deadline:
+                with contextlib.suppress(TimeoutError):
+                    data, addr = cap.recvfrom(2048)
+                    if data[12:14] == b"\x80\x35" and addr[2] != PACKET_OUTGOING:
+                        frame = data
+                        break
+        assert frame[:6] == b"\xff" * 6 and frame[6:12] == mac
+        assert frame[14:22] == struct.pack("!HHBBH", 1, 0x0800, 6, 4, 3)  # reverse request
+        assert frame[22:28] == mac and frame[32:38] == mac
+        assert len(frame) == 60
+    shim.wait_idle()
+
+
+def test_net_set_mtu_sets_the_tap_mtu(make_shim: type[Shim], fd_leak_check: None) -> None:
+    shim = make_shim()
+    with GuestMemory.create(MEMORY) as mem, shim.frontend() as fe:
+        fe.handshake()
+        fe.start_net(mem, base_gpa=BASE_GPA, mtu=1280)
+        assert netlink.link_info(shim.taps[0])["mtu"] == 1280
+    shim.wait_idle()
+
+
+def test_dirty_log_marks_pages_the_kernel_writes(
+    make_shim: type[Shim], fd_leak_check: None
+) -> None:
+    """LOG_SHMFD end to end: log fd mapped by the shim and given to the kernel, LOG_ALL via
+    SET_FEATURES, vring log addresses: an RX frame dirties its buffer's and the used
+    ring's pages in the frontend's copy of the log."""
+    shim = make_shim()
+    top = max(gpa + size for gpa, size in MEMORY)
+    log_size = -(-top // (4096 * 8))
+    log_fd = os.memfd_create("dirty-log", os.MFD_CLOEXEC)
+    try:
+        os.ftruncate(log_fd, log_size)
+        with (
+            GuestMemory.create(MEMORY) as mem,
+            shim.frontend() as fe,
+            mmap.mmap(log_fd, log_size) as log_map,
+        ):
+            dev = start(fe, mem)
+            fe.set_log_base(log_fd, log_size)
+            fe.set_features(fe.acked_features | features.LOG_ALL)
+            for ring in dev.rings:
+                fe.set_vring_addr_for(ring, log=True)
+            with packet_socket(shim.taps[0]) as cap:
+                (frame,) = test_frames(1, "dirty")
+                cap.send(frame)
+                got = [f for f in dev.receive(0, timeout=5) if f[12:14] == frame[12:14]]
+            assert got == [frame]
+            used_page = dev.rx_ring(0).used_gpa // 4096
+            dirty = {
+                i * 8 + b for i, byte in enumerate(log_map[:]) for b in range(8) if byte >> b & 1
+            }
+            assert used_page in dirty
+            # packet buffers lie above every ring; only RX data is written there
+            buffers_from = max(r.used_gpa for r in dev.rings) // 4096 + 1
+            assert any(page >= buffers_from for page in dirty)
+    finally:
+        os.close(log_fd)
+    shim.wait_idle()
+
+
+# --- versions ------------------------------------------------------------------------------
+
+
+def test_pinned_low_version_refuses_a_newer_bit(
+    make_shim: type[Shim], fd_leak_check: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "kvhost.shim")
+    shim = make_shim(V1, pinned=True)
+    with shim.frontend() as fe:
+        fe.handshake()
+        want = versions.serve_features(V1) | features.PROTOCOL_FEATURES | features.LOG_ALL
+        assert fe.features == want
+        newer = features.bit("VERSION_1")  # what a VM started on a v5 host negotiated
+        with pytest.raises(RemoteProtocolError):
+            fe.set_features(
+                versions.serve_features(V1) | newer | features.PROTOCOL_FEATURES, ack=True
+            )
+    shim.wait_idle()
+    assert "VERSION_1" in caplog.text and "does not offer" in caplog.text
+
+
+def test_frontend_selects_a_version_and_a_pin_refuses_others(
+    make_shim: type[Shim], fd_leak_check: None
+) -> None:
+    shim = make_shim(V5, supported=[V1, V5])
+    with shim.frontend() as fe:
+        listed = fe.handshake(version=V1.label)
+        assert listed is not None and listed.supported == (V1.label, V5.label)
+        assert fe.features == (
+            versions.serve_features(V1) | features.PROTOCOL_FEATURES | features.LOG_ALL
+        )
+    pinned = make_shim(V5, supported=[V1, V5], pinned=True)
+    with pinned.frontend() as fe, pytest.raises(VersionRefused) as err:
+        fe.handshake(version=V1.label)
+    assert err.value.status == p.VersionStatus.PINNED
+    shim.wait_idle()
+    pinned.wait_idle()
+
+
+# --- bad input: each dropped with a clear log line, the witness keeps working ---------------
+
+
+@pytest.fixture
+def witness(make_shim: type[Shim]) -> Iterator[tuple[Shim, VhostUserFrontend, NetDevice]]:
+    """A shim with one healthy, running connection that must survive the bad one."""
+    shim = make_shim()
+    with GuestMemory.create(MEMORY) as mem, shim.frontend() as fe:
+        dev = start(fe, mem)
+        yield shim, fe, dev
+        # still moving packets through the kernel after the other connection died
+        with packet_socket(shim.taps[0]) as cap:
+            frames = test_frames(2, "witness")
+            dev.send(frames)
+            assert sorted(captured(cap, 2)) == sorted(frames)
+        assert_alive(fe, shim)
+
+
+def _dropped(shim: Shim, fe: VhostUserFrontend, caplog: pytest.LogCaptureFixture, why: str) -> None:
+    if fe.state.value not in ("failed", "closed"):  # else the frontend saw the refusal
+        assert fe.wait_closed(5), "the shim kept the bad connection open"
+    fe.close()
+    deadline = time.monotonic() + 5
+    while len(shim.server.connections) > 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(shim.server.connections) == 1
+    assert why in caplog.text, caplog.text
+
+
+@pytest.fixture
+def log_info(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
+    caplog.set_level(logging.INFO, "kvhost.shim")
+    return caplog
+
+
+def test_truncated_header(
+    witness: tuple[Shim, VhostUserFrontend, NetDevice],
+    fd_leak_check: None,
+    log_info: pytest.LogCaptureFixture,
+) -> None:
+    shim = witness[0]
+    fe = shim.frontend()
+    fe.send_raw(p.raw_message(R.GET_FEATURES, 1, b"")[:7])
+    fe.close()
+    deadline = time.monotonic() + 5
+    while "hung up in the middle of a message" not in log_info.text and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert "hung up in the middle of a message" in log_info.text
+
+
+def test_size_larger_than_payload(
+    witness: tuple[Shim, VhostUserFrontend, NetDevice],
+    fd_leak_check: None,
+    log_info: pytest.LogCaptureFixture,
+) -> None:
+    shim = witness[0]
+    fe = shim.frontend()
+    fe.send_raw(p.raw_message(R.SET_FEATURES, 1, bytes(8), size=4096))
+    _dropped(shim, fe, log_info, "SET_FEATURES announces a 4096-byte payload")
+
+
+def test_unknown_request(
+    witness: tuple[Shim, VhostUserFrontend, NetDevice],
+    fd_leak_check: None,
+    log_info: pytest.LogCaptureFixture,
+) -> None:
+    shim = witness[0]
+    fe = shim.frontend()
+    fe.handshake()
+    fe.send_raw(p.raw_message(0x99, p.HeaderFlag.VERSION | p.HeaderFlag.NEED_REPLY, b""))
+    _dropped(shim, fe, log_info, "unknown request 153 (0x99) is not supported")
+
+
+def test_wrong_fd_count(
+    witness: tuple[Shim, VhostUserFrontend, NetDevice],
+    fd_leak_check: None,
+    log_info: pytest.LogCaptureFixture,
+) -> None:
+    shim = witness[0]
+    fe = shim.frontend()
+    fe.handshake()
+    a, b = os.eventfd(0, os.EFD_CLOEXEC), os.eventfd(0, os.EFD_CLOEXEC)
+    try:
+        fe.send_raw(p.raw_message(R.SET_VRING_CALL, 1, p.VringFile(0).pack()), [a, b])
+    finally:
+        os.close(a)
+        os.close(b)
+    _dropped(shim, fe, log_info, "SET_VRING_CALL came with 2 fds; it needs 1")
+
+
+def test_mem_table_with_fewer_fds_than_regions(
+    witness: tuple[Shim, VhostUserFrontend, NetDevice],
+    fd_leak_check: None,
+    log_info: pytest.LogCaptureFixture,
+) -> None:
+    shim = witness[0]
+    fe = shim.frontend()
+    fe.handshake()
+    with GuestMemory.create(MEMORY) as mem:
+        table = p.MemTable(
+            tuple(
+                p.MemRegion(r.guest_phys_addr, r.memory_size, r.userspace_addr, 0)
+                for r in mem.regions
+            )
+        )
+        fe.send_raw(p.raw_message(R.SET_MEM_TABLE, 1, table.pack()), mem.fds[:1])
+    _dropped(shim, fe, log_info, "SET_MEM_TABLE came with 1 fds; it needs 2")
+
+
+def test_ring_address_outside_memory(
+    witness: tuple[Shim, VhostUserFrontend, NetDevice],
+    fd_leak_check: None,
+    log_info: pytest.LogCaptureFixture,
+) -> None:
+    shim = witness[0]
+    fe = shim.frontend()
+    fe.handshake()
+    with GuestMemory.create(MEMORY) as mem:
+        fe.set_features(fe.features & ~features.LOG_ALL)
+        fe.set_mem_table(mem)
+        fe.set_vring_num(0, 256)
+        last = mem.regions[-1]
+        outside = last.userspace_addr + last.memory_size - 0x800  # the ring runs off the end
+        fe.send_raw(
+            *fe.codec.request(
+                R.SET_VRING_ADDR,
+                p.VringAddr(0, 0, outside, mem.hva(BASE_GPA), mem.hva(BASE_GPA + 0x1000), 0),
+            )
+        )
+        _dropped(shim, fe, log_info, "is outside every memory region")
+
+
+def test_overlapping_regions(
+    witness: tuple[Shim, VhostUserFrontend, NetDevice],
+    fd_leak_check: None,
+    log_info: pytest.LogCaptureFixture,
+) -> None:
+    shim = witness[0]
+    fe = shim.frontend()
+    fe.handshake()
+    with GuestMemory.create([(0, 1 << 20), (1 << 20, 1 << 20)]) as mem:
+        a, b = mem.regions
+        overlapping = [a, MemoryRegion(0x80000, b.memory_size, b.userspace_addr, b.fd)]
+        with contextlib.suppress(RemoteProtocolError):
+            fe.set_mem_table(overlapping)
+        _dropped(shim, fe, log_info, "overlap")
+
+
+def test_too_many_regions_for_the_protocol(
+    witness: tuple[Shim, VhostUserFrontend, NetDevice],
+    fd_leak_check: None,
+    log_info: pytest.LogCaptureFixture,
+) -> None:
+    shim = witness[0]
+    fe = shim.frontend()
+    fe.handshake()
+    regions = [(i << 20, 1 << 16) for i in range(9)]
+    with GuestMemory.create(regions) as mem:
+        head = struct.pack("=II", 9, 0)
+        body = b"".join(
+            p.MemRegion(r.guest_phys_addr, r.memory_size, r.userspace_addr, 0).pack()
+            for r in mem.regions
+        )
+        fe.send_raw(p.raw_message(R.SET_MEM_TABLE, 1, head + body), mem.fds[:8])
+    _dropped(shim, fe, log_info, "memory table announces 9 regions")
+
+
+def test_message_in_the_wrong_state(
+    witness: tuple[Shim, VhostUserFrontend, NetDevice],
+    fd_leak_check: None,
+    log_info: pytest.LogCaptureFixture,
+) -> None:
+    shim = witness[0]
+    fe = shim.frontend()
+    fe.get_features()
+    with GuestMemory.create(MEMORY) as mem:
+        data, fds = fe.codec.request(
+            R.SET_MEM_TABLE,
+            p.MemTable(
+                tuple(
+                    p.MemRegion(r.guest_phys_addr, r.memory_size, r.userspace_addr, 0)
+                    for r in mem.regions
+                )
+            ),
+            mem.fds,
+        )
+        fe.send_raw(data, fds)
+    _dropped(shim, fe, log_info, "SET_MEM_TABLE is not allowed before SET_OWNER")
+
+
+def test_resizing_a_running_ring(
+    witness: tuple[Shim, VhostUserFrontend, NetDevice],
+    fd_leak_check: None,
+    log_info: pytest.LogCaptureFixture,
+) -> None:
+    shim = witness[0]
+    fe = shim.frontend()
+    with GuestMemory.create(MEMORY) as mem:
+        start(fe, mem)
+        fe.send_raw(*fe.codec.request(R.SET_VRING_NUM, p.VringState(1, 128)))
+        _dropped(shim, fe, log_info, "stop it with GET_VRING_BASE first")
+
+
+def test_frontend_disconnect_mid_setup(
+    witness: tuple[Shim, VhostUserFrontend, NetDevice],
+    fd_leak_check: None,
+    log_info: pytest.LogCaptureFixture,
+) -> None:
+    shim = witness[0]
+    fe = shim.frontend()
+    fe.handshake()
+    with GuestMemory.create(MEMORY) as mem:
+        fe.set_features(fe.features & ~features.LOG_ALL)
+        fe.set_mem_table(mem)
+        fe.set_vring_num(0, 256)
+        fe.close()
+    deadline = time.monotonic() + 5
+    while len(shim.server.connections) > 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(shim.server.connections) == 1
+    assert "closed: frontend hung up" in log_info.text
+
+
+def test_sigterm_like_stop_detaches_rings_and_closes_everything(
+    make_shim: type[Shim], fd_leak_check: None
+) -> None:
+    shim = make_shim()
+    with GuestMemory.create(MEMORY) as mem, shim.frontend() as fe:
+        start(fe, mem)
+        shim.stop()
+        assert fe.wait_closed(5)
+    assert not Path(shim.path).exists()
+    # the tap vanished with its last fd
+    with pytest.raises(Exception, match="no network interface"):
+        netlink.link_index(shim.taps[0])
