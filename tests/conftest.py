@@ -9,7 +9,9 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -50,26 +52,37 @@ def _readlink(fd: str) -> str | None:
         return None  # closed in the meantime: the fd listing's own handle
 
 
+_CLONE_NEWNET = 0x40000000
+
+
+def _setns(fd: int) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.setns(fd, _CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"setns: {os.strerror(err)}")
+
+
 @pytest.fixture
 def netns() -> Iterator[str]:
     """A fresh network namespace the test runs in, removed afterwards.
 
     The whole test process enters it (pytest is single-threaded), so taps, AF_PACKET
-    sockets and netlink calls made by the test all land there and no traffic can reach
-    any other namespace.
+    sockets, netlink calls and child processes (QEMU, the shim) all land there and no
+    traffic can reach any other namespace. ``ip netns add`` creates it: pyroute2's own
+    creation forks a helper process, which under TCG took up to 40 s and sometimes timed out.
     """
-    from pyroute2 import netns as pr_netns
-
     name = f"kvtest-{os.getpid()}-{os.urandom(3).hex()}"
-    pr_netns.create(name)
-    pr_netns.pushns(name)
+    subprocess.run(["ip", "netns", "add", name], check=True, capture_output=True, text=True)
+    home = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
     try:
-        from pyroute2 import IPRoute
-
-        with IPRoute() as ipr:
-            lo = ipr.link_lookup(ifname="lo")[0]
-            ipr.link("set", index=lo, state="up")
+        target = os.open(f"/run/netns/{name}", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            _setns(target)
+        finally:
+            os.close(target)
+        subprocess.run(["ip", "link", "set", "lo", "up"], check=True, capture_output=True)
         yield name
     finally:
-        pr_netns.popns()
-        pr_netns.remove(name)
+        _setns(home)
+        os.close(home)
+        subprocess.run(["ip", "netns", "del", name], check=False, capture_output=True)

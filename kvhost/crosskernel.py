@@ -1,0 +1,900 @@
+"""Cross-kernel live migration: a VM started on Linux 6.12 moves to Linux 6.1 (issue 7).
+
+Debian 12 ships two kernels whose vhost-net differs: 6.12 adds RING_RESET (and the tap accepts
+USO). A guest that starts on 6.12 with QEMU's own vhost-net negotiates RING_RESET and cannot be
+loaded on 6.1 ("Features 0x... unsupported"). Pinning the VM to the interface version both
+hosts support (``kvhost compat``) makes the move work: natively with ``kvhost qemu-args``, or
+through ``kvhost-shim``.
+
+Theory of operation. The two kernels never run at the same time: QEMU migrates to a file
+(``exec:cat > FILE``) and loads it later (``-incoming defer`` + ``migrate-incoming
+"exec:cat FILE"``), through a state directory the host shares with both test VMs::
+
+    host: plan.json (kernels, pinned version and why) -> boot 6.12 -> boot 6.1 -> report.json
+    6.12 ("source" phase)                       6.1 ("destination" phase)
+      kvhost manifest -> source/manifest.json     kvhost manifest -> destination/manifest.json
+      per case, in a fresh network namespace:     kvhost compat (both manifests), before any load
+        backend + QEMU, driver to DRIVER_OK,      per case, in a fresh network namespace:
+        a frame each way, migrate to              backend + QEMU -incoming, load the stream,
+        <case>/stream, save driver state            RARP, attach the driver, rings resume,
+        -> <case>/source.json                       a frame each way -> <case>/destination.json
+
+The VM's version is recorded before it starts (as management would). The source boots before
+the destination kernel has written a manifest in this run, so the host predicts the
+destination's newest version from the registry's ``first_kernel`` annotations (data, see
+docs/versions.md); the destination phase then runs ``kvhost compat`` on both real manifests and
+the pinned cases fail unless it names exactly that version.
+
+Cases (:data:`CASES`): ``native-unpinned`` and ``shim-unpinned`` must fail to load with QEMU's
+"Features ... unsupported" naming only bits ``kvhost compat`` predicted missing;
+``native-pinned`` and ``shim-pinned`` must load, resume the rings at the saved indexes and move
+frames through 6.1's vhost-net; ``manifests``: different ``latest``, and 6.12 supports every
+version 6.1 does. :func:`evaluate` judges collected results; ``python -m kvhost.crosskernel``
+runs everything and prints a report (exit 0 only when every case holds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+from kvhost import features as fb
+from kvhost import netlink
+from kvhost import versions as ver
+from kvhost.errors import KvhostError, UsageError
+from kvhost.qemu.errors import QemuError, QemuExited
+from kvhost.qemu.machine import Machine, MachineConfig, TapBackend, VhostUserBackend, migrate
+from kvhost.qemu.virtio_pci import RX, TX, DriverState, VirtioNetDriver
+
+SOURCE_KERNEL = "6.12"
+DESTINATION_KERNEL = "6.1"
+TAP = "kvx0"
+ETH_P_ALL = 0x0003
+ETH_P_RARP = 0x8035
+TEST_ETHERTYPE = 0x88B5  # IEEE 802 local experimental: nothing else in the netns sends it
+PACKET_OUTGOING = 4
+GUEST_MAC = bytes.fromhex("525400c70001")
+PEER_MAC = bytes.fromhex("02000000c7ef")
+RING_RESET = fb.bit("RING_RESET")
+#: "Features 0x... unsupported. Allowed features: 0x..." (hw/virtio/virtio.c, virtio_load)
+FEATURES_ERROR = re.compile(
+    r"Features (0x[0-9a-fA-F]+) unsupported\.\s*Allowed features: (0x[0-9a-fA-F]+)"
+)
+#: how long one QEMU/shim may take to come up in a TCG guest on a loaded 2-core machine
+START_TIMEOUT = 90.0
+FRAME_TIMEOUT = 10.0
+SCRATCH = Path("/run/kvhost-crosskernel")
+
+
+@dataclass(frozen=True, slots=True)
+class Case:
+    """One migration: which backend, pinned or each host's latest, what must happen."""
+
+    name: str
+    backend: str  # "native" (QEMU's tap,vhost=on) or "shim" (kvhost-shim over vhost-user)
+    pinned: bool
+    expect_load: bool
+    issue_case: int
+
+
+CASES: tuple[Case, ...] = (
+    Case("native-unpinned", "native", False, False, 1),
+    Case("native-pinned", "native", True, True, 2),
+    Case("shim-unpinned", "shim", False, False, 3),
+    Case("shim-pinned", "shim", True, True, 4),
+)
+
+
+def case_by_name(name: str) -> Case:
+    for case in CASES:
+        if case.name == name:
+            return case
+    raise UsageError(f"unknown case {name!r}; cases are {', '.join(c.name for c in CASES)}")
+
+
+# --- pure helpers (host-tier tested) --------------------------------------------------------
+
+
+def release_tuple(release: str) -> tuple[int, ...]:
+    """``6.12.117+deb12-amd64`` -> (6, 12, 117); UsageError when it starts with no number."""
+    m = re.match(r"(\d+(?:\.\d+)*)", release)
+    if not m:
+        raise UsageError(f"kernel release {release!r} does not start with a version number")
+    parts = tuple(int(p) for p in m.group(1).split("."))
+    return parts + (0,) * (3 - len(parts))
+
+
+def predicted_latest(release: str) -> ver.InterfaceVersion:
+    """The newest registry version whose ``first_kernel`` is not after ``release``: what the
+    registry's own history says that kernel provides. UsageError if none."""
+    rel = release_tuple(release)
+    best = None
+    for v in ver.registry():
+        if v.first_kernel is not None and release_tuple(v.first_kernel) <= rel:
+            best = v
+    if best is None:
+        raise UsageError(f"the registry names no version that Linux {release} provides")
+    return best
+
+
+def parse_features_error(stderr: str) -> tuple[int, int] | None:
+    """(features the stream carries, features the destination allows) from QEMU's stderr."""
+    m = FEATURES_ERROR.search(stderr)
+    if m is None:
+        return None
+    return int(m.group(1), 16), int(m.group(2), 16)
+
+
+def _frame(src: bytes, dst: bytes, tag: str) -> bytes:
+    payload = f"kvhost crosskernel {tag} {os.urandom(4).hex()}".encode().ljust(46, b".")
+    return dst + src + TEST_ETHERTYPE.to_bytes(2, "big") + payload
+
+
+# --- in-VM plumbing -------------------------------------------------------------------------
+
+
+def _run(argv: Sequence[str], what: str) -> subprocess.CompletedProcess[str]:
+    done = subprocess.run(list(argv), capture_output=True, text=True, check=False)
+    if done.returncode:
+        raise KvhostError(
+            f"{what} failed (exit {done.returncode}): {shlex.join(argv)}\n"
+            f"{(done.stderr or done.stdout).strip()}"
+        )
+    return done
+
+
+def _kvhost(*args: str) -> subprocess.CompletedProcess[str]:
+    """Run the ``kvhost`` CLI as a user would (same interpreter, so the VM needs no PATH)."""
+    return _run([sys.executable, "-m", "kvhost.cli", *args], f"kvhost {args[0]}")
+
+
+@contextlib.contextmanager
+def fresh_netns(tag: str) -> Iterator[str]:
+    """Create network namespace ``kvx-TAG``, run the body inside it with IPv6 off (no
+    neighbour discovery chatter in the rings), remove it afterwards. Children started in
+    the body (QEMU, the shim) inherit it."""
+    name = f"kvx-{tag}-{os.getpid()}"
+    _run(["ip", "netns", "add", name], "creating a network namespace")
+    try:
+        with netlink.in_netns(name):
+            netlink.set_up("lo")
+            for knob in ("all", "default"):
+                Path(f"/proc/sys/net/ipv6/conf/{knob}/disable_ipv6").write_text("1")
+            yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], capture_output=True, check=False)
+
+
+class TapPort:
+    """The host side of a tap: an AF_PACKET socket bound to it."""
+
+    def __init__(self, ifname: str) -> None:
+        self.ifname = ifname
+        self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
+        self.sock.bind((ifname, 0))
+
+    def send(self, frame: bytes) -> None:
+        """Out of the tap interface, i.e. into the guest's RX queue."""
+        self.sock.send(frame)
+
+    def expect(self, wanted: bytes | int, timeout: float = FRAME_TIMEOUT) -> bytes:
+        """The first frame the tap received from the guest side that equals ``wanted``
+        (bytes) or has ethertype ``wanted`` (int); KvhostError naming the tap on timeout."""
+        deadline = time.monotonic() + timeout
+        seen = 0
+        while (remaining := deadline - time.monotonic()) > 0:
+            self.sock.settimeout(remaining)
+            try:
+                data, addr = self.sock.recvfrom(65536)
+            except TimeoutError:
+                break
+            if addr[2] == PACKET_OUTGOING:
+                continue
+            seen += 1
+            if isinstance(wanted, bytes):
+                if data == wanted:
+                    return data
+            elif int.from_bytes(data[12:14], "big") == wanted:
+                return data
+        what = f"ethertype {wanted:#06x}" if isinstance(wanted, int) else "the test frame"
+        raise KvhostError(f"{self.ifname}: {what} not seen in {timeout} s ({seen} others)")
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _receive(drv: VirtioNetDriver, frame: bytes, timeout: float = FRAME_TIMEOUT) -> None:
+    """Wait until ``frame`` lands in the RX ring (other frames are skipped)."""
+    deadline = time.monotonic() + timeout
+    got: list[bytes] = []
+    while time.monotonic() < deadline:
+        try:
+            got += drv.receive(timeout=max(0.1, deadline - time.monotonic()))
+        except QemuError:
+            break
+        if frame in got:
+            return
+    raise KvhostError(f"frame written into {TAP} never reached the RX ring ({len(got)} others)")
+
+
+def vhost_evidence(pid: int) -> dict[str, Any]:
+    """Proof that process ``pid`` drives kernel vhost-net: its open /dev/vhost-net fds and
+    the kernel's ``vhost-PID`` worker (a kernel thread before 6.4, a thread of ``pid`` since)."""
+    fds = 0
+    with contextlib.suppress(OSError):
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):
+                if os.readlink(f"/proc/{pid}/fd/{fd}") == "/dev/vhost-net":
+                    fds += 1
+    worker = None
+    wanted = f"vhost-{pid}"
+    for comm in Path("/proc").glob("[0-9]*/task/[0-9]*/comm"):
+        with contextlib.suppress(OSError):
+            if comm.read_text().strip() == wanted:
+                worker = int(comm.parent.name)
+                break
+    return {"pid": pid, "vhost_net_fds": fds, "worker_tid": worker}
+
+
+class ShimProcess:
+    """``kvhost-shim`` as a child process on an existing tap (``python -m shim.cli``)."""
+
+    def __init__(self, socket_path: Path, tap: str, version: str | None, log: Path) -> None:
+        self.socket_path = socket_path
+        self.argv = [sys.executable, "-m", "shim.cli", "--socket-path", str(socket_path),
+                     "--tap", tap, "--verbose"]
+        if version is not None:
+            self.argv += ["--interface-version", version]
+        self.log = log
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = START_TIMEOUT) -> ShimProcess:
+        with self.log.open("wb") as err:
+            self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=err,
+                                         stderr=err, close_fds=True)
+        deadline = time.monotonic() + timeout
+        while not self.socket_path.exists():
+            if self.proc.poll() is not None:
+                raise KvhostError(f"kvhost-shim exited {self.proc.returncode} before listening: "
+                                  f"{self.stderr().strip()}")
+            if time.monotonic() > deadline:
+                raise KvhostError(f"kvhost-shim did not listen on {self.socket_path} in "
+                                  f"{timeout} s: {self.stderr().strip()}")
+            time.sleep(0.05)
+        return self
+
+    @property
+    def pid(self) -> int:
+        if self.proc is None:
+            raise UsageError("shim not started")
+        return self.proc.pid
+
+    def stderr(self) -> str:
+        try:
+            return self.log.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def served_version(self) -> str | None:
+        """The version the shim announced it serves (its start-up log line)."""
+        m = re.search(r"interface version (\S+)", self.stderr())
+        return m.group(1) if m else None
+
+    def stop(self, timeout: float = 15.0) -> int | None:
+        """SIGTERM (the program convention), SIGKILL after ``timeout``; exit status."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+def _tap_up_persistent(name: str) -> None:
+    # The shim takes an existing tap (--tap), as an operator's setup would give it one.
+    _run(["ip", "tuntap", "add", "dev", name, "mode", "tap", "vnet_hdr"], "creating the tap")
+    netlink.set_up(name)
+
+
+def _device_properties(case: Case, pin: str | None) -> dict[str, str]:
+    props = {"mac": GUEST_MAC.hex(":")}
+    if case.backend == "native" and case.pinned:
+        if pin is None:
+            raise UsageError("a pinned native case needs the pinned version")
+        done = _kvhost("qemu-args", pin, "--json")
+        for item in json.loads(done.stdout):
+            key, _, value = str(item).partition("=")
+            props[key] = value
+    return props
+
+
+@contextlib.contextmanager
+def _backend(case: Case, pin: str | None, work: Path, log_dir: Path,
+             side: str) -> Iterator[tuple[MachineConfig, ShimProcess | None]]:
+    """The QEMU configuration for ``case`` and, for shim cases, the running shim."""
+    props = _device_properties(case, pin)
+    if case.backend == "native":
+        yield MachineConfig(backend=TapBackend(TAP, vhost=True), device_properties=props), None
+        return
+    _tap_up_persistent(TAP)
+    shim = ShimProcess(work / "shim.sock", TAP, pin if case.pinned else None,
+                       log_dir / f"{side}-shim.log")
+    try:
+        shim.start()
+        yield MachineConfig(backend=VhostUserBackend(str(shim.socket_path)),
+                            device_properties=props), shim
+    finally:
+        shim.stop()
+        subprocess.run(["ip", "link", "del", TAP], capture_output=True, check=False)
+
+
+# --- phases (run inside the test VMs) -------------------------------------------------------
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, json.JSONDecodeError) as err:
+        raise UsageError(f"cannot read {path}: {err}") from err
+
+
+def _hex(value: int) -> str:
+    return f"{value:#x}"
+
+
+def _phase_case(case: Case, body: Callable[[dict[str, Any]], None],
+                out: TextIO) -> dict[str, Any]:
+    """Run ``body(result)``; any exception is recorded in the result, never raised."""
+    result: dict[str, Any] = {"case": case.name, "kernel": os.uname().release, "error": None}
+    start = time.monotonic()
+    print(f"--- {case.name} ...", file=out, flush=True)
+    try:
+        body(result)
+    except Exception as err:  # recorded for the host's verdict; the next case still runs
+        result["error"] = f"{type(err).__name__}: {err}"
+        result["traceback"] = traceback.format_exc()
+    result["wall_s"] = round(time.monotonic() - start, 2)
+    status = "ok" if result["error"] is None else f"ERROR {result['error']}"
+    print(f"--- {case.name}: {status} ({result['wall_s']} s)", file=out, flush=True)
+    return result
+
+
+def run_source(state: Path, cases: Sequence[Case], out: TextIO = sys.stdout) -> int:
+    """The 6.12 side: manifest, then per case backend + QEMU, traffic, migrate to a file."""
+    plan = _plan(state)
+    pin = str(plan["pin"])
+    t0 = time.monotonic()
+    _kvhost("manifest", "--output", str(state / "source" / "manifest.json"))
+    check = subprocess.run([sys.executable, "-m", "kvhost.cli", "check", pin, "--manifest",
+                            str(state / "source" / "manifest.json")],
+                           capture_output=True, text=True, check=False)
+    _write_json(state / "source" / "phase.json", {
+        "kernel": os.uname().release, "pin_check_exit": check.returncode,
+        "pin_check": (check.stdout + check.stderr).strip(),
+        "manifest_s": round(time.monotonic() - t0, 2)})
+    for case in cases:
+        case_dir = state / case.name
+        case_dir.mkdir(parents=True, exist_ok=True)
+        for stale in ("stream", "driver.json", "source.json", "destination.json"):
+            with contextlib.suppress(FileNotFoundError):
+                (case_dir / stale).unlink()
+
+        def body(r: dict[str, Any], c: Case = case, d: Path = case_dir) -> None:
+            _source_case(c, pin, d, r)
+
+        result = _phase_case(case, body, out)
+        _write_json(case_dir / "source.json", result)
+    _write_json(state / "source" / "done.json", {"wall_s": round(time.monotonic() - t0, 2)})
+    return 0
+
+
+def _source_case(case: Case, pin: str, case_dir: Path, r: dict[str, Any]) -> None:
+    work = SCRATCH / f"src-{case.name}"
+    work.mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(fresh_netns("src"))
+        config, shim = stack.enter_context(_backend(case, pin, work, case_dir, "source"))
+        r["device_properties"] = dict(config.device_properties)
+        machine = Machine(config, name=f"source-{case.name}")
+        stack.callback(machine.kill)
+        try:
+            machine.start(timeout=START_TIMEOUT)
+        finally:
+            r["qemu_stderr"] = machine.stderr_text()
+        if case.backend == "native":
+            netlink.set_up(TAP)
+        port = TapPort(TAP)
+        stack.callback(port.close)
+
+        drv = VirtioNetDriver.probe(machine.qtest)
+        r["driver_ok_ms"] = round(drv.start() * 1e3, 2)
+        r["device_features"] = _hex(drv.state.device_features)
+        r["driver_features"] = _hex(drv.state.driver_features)
+        r["vhost"] = vhost_evidence(shim.pid if shim else machine.pid)
+        if shim is not None:
+            r["shim_version"] = shim.served_version()
+
+        before = _frame(GUEST_MAC, PEER_MAC, "before")
+        drv.send(before)
+        port.expect(before)
+        drv.wait_used(TX, 1)
+        drv.pop_used(TX)
+        into = _frame(PEER_MAC, GUEST_MAC, "before-rx")
+        port.send(into)
+        _receive(drv, into)
+        r["frames_before"] = {"tx": True, "rx": True}
+
+        stream = case_dir / "stream"
+        result = migrate(machine, f"exec:cat > {shlex.quote(str(stream))}",
+                         return_path=False, timeout=300)
+        r["migration"] = {"status": result.status, "total_ms": result.total_ms,
+                          "downtime_ms": result.downtime_ms, "setup_ms": result.setup_ms,
+                          "wall_ms": round(result.wall_ms, 1), "error": result.error}
+        r["run_state_after"] = machine.qmp.query_status()
+        r["stream_bytes"] = stream.stat().st_size if stream.exists() else None
+        (case_dir / "driver.json").write_text(drv.save_state())
+        r["saved_used"] = {"rx": drv.state.queues[RX].last_used,
+                           "tx": drv.state.queues[TX].last_used}
+        r["qemu_exit"] = machine.stop()
+        r["qemu_stderr"] = machine.stderr_text()
+        if shim is not None:
+            r["shim_exit"] = shim.stop()
+            r["shim_stderr"] = shim.stderr()
+
+
+def run_destination(state: Path, cases: Sequence[Case], out: TextIO = sys.stdout) -> int:
+    """The 6.1 side: manifest, compat over both, then per case load the stream and go on."""
+    plan = _plan(state)
+    t0 = time.monotonic()
+    src_manifest = state / "source" / "manifest.json"
+    dst_manifest = state / "destination" / "manifest.json"
+    _kvhost("manifest", "--output", str(dst_manifest))
+    compat = subprocess.run([sys.executable, "-m", "kvhost.cli", "compat", "--json",
+                             str(src_manifest), str(dst_manifest)],
+                            capture_output=True, text=True, check=False)
+    try:
+        compat_json = json.loads(compat.stdout)
+    except json.JSONDecodeError:
+        compat_json = None
+    _write_json(state / "destination" / "compat.json", {
+        "exit": compat.returncode, "result": compat_json, "stderr": compat.stderr.strip()})
+    version = compat_json.get("version") if isinstance(compat_json, dict) else None
+    pin = str(plan["pin"])
+    for case in cases:
+        case_dir = state / case.name
+        with contextlib.suppress(FileNotFoundError):
+            (case_dir / "destination.json").unlink()
+
+        def body(r: dict[str, Any], c: Case = case, d: Path = case_dir) -> None:
+            r["compat_version"] = version
+            _destination_case(c, pin, d, r)
+
+        result = _phase_case(case, body, out)
+        _write_json(case_dir / "destination.json", result)
+    _write_json(state / "destination" / "done.json", {"wall_s": round(time.monotonic() - t0, 2)})
+    return 0
+
+
+def _destination_case(case: Case, pin: str, case_dir: Path, r: dict[str, Any]) -> None:
+    stream = case_dir / "stream"
+    saved_text = (case_dir / "driver.json").read_text() if (case_dir / "driver.json").exists() \
+        else None
+    if not stream.exists() or saved_text is None:
+        raise UsageError(f"{case_dir}: no migration stream or driver state from the source "
+                         "phase; run the source phase first")
+    work = SCRATCH / f"dst-{case.name}"
+    work.mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(fresh_netns("dst"))
+        config, shim = stack.enter_context(_backend(case, pin, work, case_dir, "destination"))
+        config = MachineConfig(backend=config.backend,
+                               device_properties=config.device_properties, incoming="defer")
+        r["device_properties"] = dict(config.device_properties)
+        machine = Machine(config, name=f"destination-{case.name}")
+        stack.callback(machine.kill)
+        try:
+            machine.start(timeout=START_TIMEOUT)
+        finally:
+            r["qemu_stderr"] = machine.stderr_text()
+        if case.backend == "native":
+            netlink.set_up(TAP)
+        port = TapPort(TAP)  # bound before the load, so the self-announce is seen
+        stack.callback(port.close)
+        if shim is not None:
+            r["shim_version"] = shim.served_version()
+
+        t0 = time.monotonic()
+        machine.qmp.execute("migrate-incoming", {"uri": f"exec:cat {shlex.quote(str(stream))}"})
+        try:
+            r["run_state"] = machine.wait_incoming(timeout=300)
+            r["loaded"] = True
+        except QemuExited:
+            r["loaded"] = False
+            with contextlib.suppress(QemuError):
+                machine.wait(timeout=10)
+            r["qemu_exit"] = machine.exit_status
+            r["qemu_stderr"] = machine.stderr_text()
+            if shim is not None:
+                r["shim_exit"] = shim.stop()
+                r["shim_stderr"] = shim.stderr()
+            return
+        r["load_ms"] = round((time.monotonic() - t0) * 1e3, 1)
+
+        rarp = port.expect(ETH_P_RARP)
+        r["rarp_mac"] = rarp[6:12].hex(":")
+        saved = DriverState.from_json(saved_text)
+        drv = VirtioNetDriver.attach(machine.qtest, saved)
+        r["resumed_used"] = {"rx": drv.used_idx(RX), "tx": drv.used_idx(TX)}
+        r["device_features"] = _hex(drv.read_device_features())
+        r["driver_features"] = _hex(saved.driver_features)
+
+        after = _frame(GUEST_MAC, PEER_MAC, "after")
+        drv.send(after)
+        port.expect(after)
+        r["used_after_tx"] = drv.wait_used(TX, 1)
+        drv.pop_used(TX)
+        into = _frame(PEER_MAC, GUEST_MAC, "after-rx")
+        port.send(into)
+        _receive(drv, into)
+        r["frames_after"] = {"tx": True, "rx": True}
+        r["vhost"] = vhost_evidence(shim.pid if shim else machine.pid)
+
+        r["qemu_exit"] = machine.stop()
+        r["qemu_stderr"] = machine.stderr_text()
+        if shim is not None:
+            r["shim_exit"] = shim.stop()
+            r["shim_stderr"] = shim.stderr()
+
+
+def _plan(state: Path) -> dict[str, Any]:
+    plan = read_json(state / "plan.json")
+    if not isinstance(plan, dict) or "pin" not in plan:
+        raise UsageError(f"{state}/plan.json is missing: the host writes it before booting "
+                         "(python -m kvhost.crosskernel run)")
+    return plan
+
+
+# --- host side: boots, collection, verdicts, report -----------------------------------------
+
+
+def make_plan(source_kernel: str, destination_kernel: str, pin: str | None) -> dict[str, Any]:
+    """The plan the host writes before the first boot (kernels resolved to images)."""
+    from kvhost.testvm import find_kernel, kernel_release
+
+    src = kernel_release(find_kernel(source_kernel))
+    dst = kernel_release(find_kernel(destination_kernel))
+    if pin is None:
+        chosen = predicted_latest(dst)
+        why = (f"the newest registry version whose first kernel is not after {dst} "
+               f"(first_kernel {chosen.first_kernel}); checked against kvhost compat on the "
+               "real manifests in the destination phase")
+    else:
+        chosen = ver.parse(pin)
+        why = "given with --pin"
+    return {"source_kernel": src, "destination_kernel": dst, "pin": chosen.label,
+            "pin_spec": chosen.spec(), "pin_reason": why,
+            "cases": [c.name for c in CASES]}
+
+
+def run_scenario(state: Path, *, source_kernel: str = SOURCE_KERNEL,
+                 destination_kernel: str = DESTINATION_KERNEL, pin: str | None = None,
+                 out: TextIO = sys.stdout) -> dict[str, Any]:
+    """Boot ``source_kernel`` then ``destination_kernel`` and return :func:`collect`'s
+    result (with boot exit statuses and times). UsageError for a missing kernel/tool."""
+    from kvhost import testvm
+
+    state.mkdir(parents=True, exist_ok=True)
+    plan = make_plan(source_kernel, destination_kernel, pin)
+    _write_json(state / "plan.json", plan)
+    boots: dict[str, Any] = {}
+    for phase, kernel in (("source", source_kernel), ("destination", destination_kernel)):
+        print(f"[crosskernel] {phase} phase on Linux {plan[phase + '_kernel']} "
+              f"(pinned cases use {plan['pin']})", file=out, flush=True)
+        t0 = time.monotonic()
+        rc = testvm.run([sys.executable, "-m", "kvhost.crosskernel", phase,
+                         "--state", str(state)], kernel=kernel, rwdirs=(str(state),), out=out)
+        boots[phase] = {"exit": rc, "vm_s": round(time.monotonic() - t0, 1)}
+        if rc != 0:
+            print(f"[crosskernel] {phase} phase exited {rc}", file=out, flush=True)
+    _write_json(state / "boots.json", boots)
+    report = collect(state)
+    _write_json(state / "report.json", report)
+    return report
+
+
+def collect(state: Path) -> dict[str, Any]:
+    """Everything both phases wrote, plus the verdicts (:func:`evaluate`)."""
+    report: dict[str, Any] = {
+        "state": str(state),
+        "plan": read_json(state / "plan.json"),
+        "boots": read_json(state / "boots.json"),
+        "source": {"manifest": read_json(state / "source" / "manifest.json"),
+                   "phase": read_json(state / "source" / "phase.json"),
+                   "done": read_json(state / "source" / "done.json")},
+        "destination": {"manifest": read_json(state / "destination" / "manifest.json"),
+                        "compat": read_json(state / "destination" / "compat.json"),
+                        "done": read_json(state / "destination" / "done.json")},
+        "cases": {c.name: {"source": read_json(state / c.name / "source.json"),
+                           "destination": read_json(state / c.name / "destination.json")}
+                  for c in CASES},
+    }
+    report["verdicts"] = {name: problems for name, problems in evaluate(report).items()}
+    return report
+
+
+def _features(value: Any) -> int | None:
+    return int(value, 16) if isinstance(value, str) else None
+
+
+def _missing_bits_named(compat: Mapping[str, Any] | None) -> set[str]:
+    """Bit names the compat reasons say a VM at one host's latest lacks elsewhere."""
+    names: set[str] = set()
+    result = (compat or {}).get("result") or {}
+    for reason in result.get("reasons", []):
+        for word in re.findall(r"[A-Z][A-Z0-9_]+", str(reason)):
+            with contextlib.suppress(KeyError):
+                fb.bit(word)
+                names.add(word)
+    return names
+
+
+def evaluate(report: Mapping[str, Any]) -> dict[str, list[str]]:
+    """Per case (and ``manifests``), the list of problems; empty means the case holds."""
+    verdicts: dict[str, list[str]] = {}
+    plan = report.get("plan") or {}
+    pin = plan.get("pin")
+    compat = report["destination"].get("compat")
+    compat_version = ((compat or {}).get("result") or {}).get("version")
+    predicted = _missing_bits_named(compat)
+    for case in CASES:
+        p: list[str] = []
+        src = report["cases"][case.name]["source"]
+        dst = report["cases"][case.name]["destination"]
+        if src is None:
+            verdicts[case.name] = ["the source phase wrote no result"]
+            continue
+        if src.get("error"):
+            p.append(f"source failed: {src['error']}")
+        elif src.get("migration", {}).get("status") != "completed":
+            p.append(f"source migration did not complete: {src.get('migration')}")
+        if dst is None:
+            verdicts[case.name] = [*p, "the destination phase wrote no result"]
+            continue
+        stderr = dst.get("qemu_stderr") or ""
+        if dst.get("error"):
+            p.append(f"destination failed: {dst['error']}\nQEMU stderr:\n{stderr}")
+            verdicts[case.name] = p
+            continue
+        dev = _features(src.get("device_features")) or 0
+        drv_src = _features(src.get("driver_features")) or 0
+        if case.pinned:
+            if compat_version != pin:
+                p.append(f"kvhost compat on the two manifests says {compat_version}, but the "
+                         f"VM was pinned to {pin} before it started")
+            if drv_src & RING_RESET:
+                p.append("pinned source guest negotiated RING_RESET")
+            if case.backend == "shim":
+                for side, r in (("source", src), ("destination", dst)):
+                    if r.get("shim_version") != pin:
+                        p.append(f"{side} shim served {r.get('shim_version')}, not {pin}")
+            if not dst.get("loaded"):
+                p.append(f"destination did not load (exit {dst.get('qemu_exit')}):\n{stderr}")
+            else:
+                p += _loaded_problems(src, dst)
+        else:
+            if not drv_src & RING_RESET:
+                p.append(f"unpinned source guest did not negotiate RING_RESET "
+                         f"(device {dev:#x}, driver {drv_src:#x})")
+            if dst.get("loaded"):
+                p.append("the unpinned stream loaded on the destination; expected QEMU's "
+                         "'Features ... unsupported'")
+            else:
+                exit_status = dst.get("qemu_exit")
+                if not exit_status:
+                    p.append(f"destination QEMU exit status {exit_status!r}, expected non-zero")
+                parsed = parse_features_error(stderr)
+                if parsed is None:
+                    p.append(f"no 'Features 0x... unsupported' in QEMU's stderr:\n{stderr}")
+                else:
+                    carried, allowed = parsed
+                    lacking = set(fb.names(carried & ~allowed))
+                    if "RING_RESET" not in lacking:
+                        p.append(f"QEMU refused {sorted(lacking)}, not RING_RESET")
+                    if not lacking <= predicted:
+                        p.append(f"QEMU refused {sorted(lacking - predicted)} which kvhost "
+                                 f"compat did not predict ({sorted(predicted)})")
+            if "RING_RESET" not in predicted:
+                p.append(f"kvhost compat did not name RING_RESET: {compat}")
+        verdicts[case.name] = p
+    verdicts["manifests"] = _manifest_problems(report)
+    return verdicts
+
+
+def _loaded_problems(src: Mapping[str, Any], dst: Mapping[str, Any]) -> list[str]:
+    p: list[str] = []
+    saved = src.get("saved_used") or {}
+    resumed = dst.get("resumed_used") or {}
+    if resumed != saved or not saved.get("tx"):
+        p.append(f"rings resumed at used indexes {resumed}, saved {saved}")
+    if dst.get("used_after_tx") != (saved.get("tx", 0) + 1) & 0xFFFF:
+        p.append(f"TX used.idx after the migrated frame is {dst.get('used_after_tx')}, "
+                 f"expected {saved.get('tx', 0) + 1}")
+    if dst.get("frames_after") != {"tx": True, "rx": True}:
+        p.append(f"frames after migration: {dst.get('frames_after')}")
+    if dst.get("rarp_mac") != GUEST_MAC.hex(":"):
+        p.append(f"self-announce RARP carried {dst.get('rarp_mac')}, not the guest MAC")
+    if dst.get("device_features") != src.get("device_features"):
+        p.append(f"device features changed: {src.get('device_features')} -> "
+                 f"{dst.get('device_features')}")
+    vhost = dst.get("vhost") or {}
+    if not vhost.get("vhost_net_fds") or vhost.get("worker_tid") is None:
+        p.append(f"destination traffic did not go through kernel vhost-net: {vhost}")
+    if not str(dst.get("kernel", "")).startswith("6.1."):
+        p.append(f"destination ran on {dst.get('kernel')}, not Linux 6.1")
+    if dst.get("qemu_exit") != 0:
+        p.append(f"destination QEMU exit {dst.get('qemu_exit')}: {dst.get('qemu_stderr')}")
+    return p
+
+
+def _manifest_problems(report: Mapping[str, Any]) -> list[str]:
+    src = report["source"].get("manifest")
+    dst = report["destination"].get("manifest")
+    if not src or not dst:
+        return ["a manifest is missing"]
+    p: list[str] = []
+    if src["latest"] == dst["latest"]:
+        p.append(f"both kernels name latest {src['latest']}")
+    lacking = [v for v in dst["supported"] if v not in src["supported"]]
+    if lacking:
+        p.append(f"{src['kernel_release']} lacks {lacking}, which {dst['kernel_release']} has")
+    for name in dst["supported"]:
+        if name in src["supported"] and src["versions"][name] != dst["versions"][name]:
+            p.append(f"{name} is spelled differently: {src['versions'][name]} vs "
+                     f"{dst['versions'][name]}")
+    return p
+
+
+def format_report(report: Mapping[str, Any]) -> str:
+    """A short human report: kernels, versions, features per case, outcome, numbers."""
+    lines: list[str] = []
+    plan = report.get("plan") or {}
+    src_m = report["source"].get("manifest") or {}
+    dst_m = report["destination"].get("manifest") or {}
+    compat = ((report["destination"].get("compat") or {}).get("result") or {})
+    lines.append("kvhost cross-kernel migration (Linux "
+                 f"{plan.get('source_kernel')} -> {plan.get('destination_kernel')})")
+    for side, m in (("source", src_m), ("destination", dst_m)):
+        offer = m.get("offer", {})
+        lines.append(f"  {side:<11} {m.get('kernel_release')}: latest {m.get('latest')}, "
+                     f"{len(m.get('supported', []))} versions, vhost-net+tap offer "
+                     f"{offer.get('features')}")
+    lines.append(f"  kvhost compat: {compat.get('version')} "
+                 f"(VM pinned to {plan.get('pin')} before it started)")
+    for reason in compat.get("reasons", []):
+        lines.append(f"    {reason}")
+    verdicts = report.get("verdicts") or {}
+    for case in CASES:
+        src = report["cases"][case.name]["source"] or {}
+        dst = report["cases"][case.name]["destination"] or {}
+        ok = not verdicts.get(case.name)
+        mig = src.get("migration") or {}
+        drv = _features(src.get("driver_features"))
+        head = f"  [{'PASS' if ok else 'FAIL'}] {case.issue_case}. {case.name}"
+        if drv is not None:
+            head += f": guest negotiated {drv:#x} ({', '.join(fb.names(drv))})"
+        lines.append(head)
+        lines.append(f"      source: migration {mig.get('status')}, total {mig.get('total_ms')} "
+                     f"ms, downtime {mig.get('downtime_ms')} ms, stream "
+                     f"{src.get('stream_bytes')} bytes")
+        if dst.get("loaded"):
+            lines.append(f"      destination: loaded in {dst.get('load_ms')} ms, rings resumed "
+                         f"at {dst.get('resumed_used')}, frames after migration "
+                         f"{dst.get('frames_after')}, vhost worker {dst.get('vhost')}")
+        elif dst:
+            err = parse_features_error(dst.get("qemu_stderr") or "")
+            refused = fb.names(err[0] & ~err[1]) if err else None
+            first = (dst.get("qemu_stderr") or dst.get("error") or "").strip().splitlines()
+            lines.append(f"      destination: refused (QEMU exit {dst.get('qemu_exit')}): "
+                         f"{first[0] if first else '?'}; refused bits {refused}")
+        for problem in verdicts.get(case.name, []):
+            lines.append(f"      PROBLEM: {problem}")
+    ok = not verdicts.get("manifests")
+    lines.append(f"  [{'PASS' if ok else 'FAIL'}] 5. manifests: latest {src_m.get('latest')} "
+                 f"vs {dst_m.get('latest')}; 6.12 supports all of 6.1's versions")
+    for problem in verdicts.get("manifests", []):
+        lines.append(f"      PROBLEM: {problem}")
+    boots = report.get("boots") or {}
+    if boots:
+        lines.append("  VM time: " + ", ".join(
+            f"{k} {v.get('vm_s')} s (exit {v.get('exit')})" for k, v in boots.items()))
+    return "\n".join(lines)
+
+
+def passed(report: Mapping[str, Any]) -> bool:
+    return not any(report.get("verdicts", {}).values())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m kvhost.crosskernel",
+                                     description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command")
+    run = sub.add_parser("run", help="boot 6.12 then 6.1, run every case, print the report "
+                         "(the default)")
+    run.add_argument("--state", help="state directory shared with the VMs "
+                     "(default: a new /var/tmp/kvhost-crosskernel-*)")
+    run.add_argument("--pin", help="the version pinned cases use (default: predicted for the "
+                     "destination kernel from the registry)")
+    run.add_argument("--source-kernel", default=SOURCE_KERNEL)
+    run.add_argument("--destination-kernel", default=DESTINATION_KERNEL)
+    run.add_argument("--json", action="store_true", help="print the report as JSON")
+    for name, text in (("source", "inside the VM booted on the source kernel"),
+                       ("destination", "inside the VM booted on the destination kernel"),
+                       ("report", "print the report of an earlier run")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--state", required=True)
+        p.add_argument("--case", action="append", help="only this case (repeatable)")
+        if name == "report":
+            p.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    command = args.command or "run"
+    try:
+        if command in ("source", "destination"):
+            cases = [case_by_name(n) for n in args.case] if args.case else list(CASES)
+            state = Path(args.state)
+            phase = run_source if command == "source" else run_destination
+            return phase(state, cases)
+        if command == "report":
+            report = collect(Path(args.state))
+        else:
+            import tempfile
+
+            state = Path(getattr(args, "state", None) or tempfile.mkdtemp(
+                prefix="kvhost-crosskernel-", dir="/var/tmp"))
+            report = run_scenario(
+                state, source_kernel=getattr(args, "source_kernel", SOURCE_KERNEL),
+                destination_kernel=getattr(args, "destination_kernel", DESTINATION_KERNEL),
+                pin=getattr(args, "pin", None))
+        if getattr(args, "json", False):
+            print(json.dumps(report, indent=1))
+        else:
+            print(format_report(report))
+            print(f"  results: {report['state']}")
+        return 0 if passed(report) else 1
+    except UsageError as err:
+        print(f"kvhost.crosskernel: {err}", file=sys.stderr)
+        return 2
+    except KvhostError as err:
+        print(f"kvhost.crosskernel: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
