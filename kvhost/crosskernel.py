@@ -53,7 +53,8 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from kvhost import features as fb
-from kvhost import netlink
+from kvhost import manifest as mf
+from kvhost import netlink, qemu_args
 from kvhost import versions as ver
 from kvhost.errors import KvhostError, UsageError
 from kvhost.qemu.errors import QemuError, QemuExited
@@ -157,9 +158,14 @@ def _run(argv: Sequence[str], what: str) -> subprocess.CompletedProcess[str]:
     return done
 
 
-def _kvhost(*args: str) -> subprocess.CompletedProcess[str]:
-    """Run the ``kvhost`` CLI as a user would (same interpreter, so the VM needs no PATH)."""
-    return _run([sys.executable, "-m", "kvhost.cli", *args], f"kvhost {args[0]}")
+@contextlib.contextmanager
+def _timed(r: dict[str, Any], step: str) -> Iterator[None]:
+    """Record the body's wall time in ``r["timings_s"][step]`` (also when it raises)."""
+    t0 = time.monotonic()
+    try:
+        yield
+    finally:
+        r.setdefault("timings_s", {})[step] = round(time.monotonic() - t0, 2)
 
 
 @contextlib.contextmanager
@@ -256,7 +262,7 @@ class ShimProcess:
     def __init__(self, socket_path: Path, tap: str, version: str | None, log: Path) -> None:
         self.socket_path = socket_path
         self.argv = [sys.executable, "-m", "shim.cli", "--socket-path", str(socket_path),
-                     "--tap", tap, "--verbose"]
+                     "--tap", tap]
         if version is not None:
             self.argv += ["--interface-version", version]
         self.log = log
@@ -319,8 +325,10 @@ def _device_properties(case: Case, pin: str | None) -> dict[str, str]:
     if case.backend == "native" and case.pinned:
         if pin is None:
             raise UsageError("a pinned native case needs the pinned version")
-        done = _kvhost("qemu-args", pin, "--json")
-        for item in json.loads(done.stdout):
+        # What ``kvhost qemu-args PIN`` prints, from the same library call (a Python start
+        # costs tens of seconds in a TCG guest on a loaded machine).
+        for item in qemu_args.device_properties(ver.parse(pin),
+                                                qemu_args.available_properties()):
             key, _, value = str(item).partition("=")
             props[key] = value
     return props
@@ -391,13 +399,11 @@ def run_source(state: Path, cases: Sequence[Case], out: TextIO = sys.stdout) -> 
     plan = _plan(state)
     pin = str(plan["pin"])
     t0 = time.monotonic()
-    _kvhost("manifest", "--output", str(state / "source" / "manifest.json"))
-    check = subprocess.run([sys.executable, "-m", "kvhost.cli", "check", pin, "--manifest",
-                            str(state / "source" / "manifest.json")],
-                           capture_output=True, text=True, check=False)
+    manifest = state / "source" / "manifest.json"
+    mf.generate(manifest)  # = kvhost manifest --output MANIFEST
+    lacking = ver.missing(ver.parse(pin), mf.read(manifest).offer)  # = kvhost check
     _write_json(state / "source" / "phase.json", {
-        "kernel": os.uname().release, "pin_check_exit": check.returncode,
-        "pin_check": (check.stdout + check.stderr).strip(),
+        "kernel": os.uname().release, "pin_missing": lacking,
         "manifest_s": round(time.monotonic() - t0, 2)})
     for case in cases:
         case_dir = state / case.name
@@ -419,13 +425,16 @@ def _source_case(case: Case, pin: str, case_dir: Path, r: dict[str, Any]) -> Non
     work = SCRATCH / f"src-{case.name}"
     work.mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as stack:
-        stack.enter_context(fresh_netns("src"))
-        config, shim = stack.enter_context(_backend(case, pin, work, case_dir, "source"))
+        with _timed(r, "netns"):
+            stack.enter_context(fresh_netns("src"))
+        with _timed(r, "backend"):
+            config, shim = stack.enter_context(_backend(case, pin, work, case_dir, "source"))
         r["device_properties"] = dict(config.device_properties)
         machine = Machine(config, name=f"source-{case.name}")
         stack.callback(machine.kill)
         try:
-            machine.start(timeout=START_TIMEOUT)
+            with _timed(r, "qemu_start"):
+                machine.start(timeout=START_TIMEOUT)
         finally:
             r["qemu_stderr"] = machine.stderr_text()
         if case.backend == "native":
@@ -452,8 +461,9 @@ def _source_case(case: Case, pin: str, case_dir: Path, r: dict[str, Any]) -> Non
         r["frames_before"] = {"tx": True, "rx": True}
 
         stream = case_dir / "stream"
-        result = migrate(machine, f"exec:cat > {shlex.quote(str(stream))}",
-                         return_path=False, timeout=300)
+        with _timed(r, "migrate"):
+                result = migrate(machine, f"exec:cat > {shlex.quote(str(stream))}",
+                             return_path=False, timeout=300)
         r["migration"] = {"status": result.status, "total_ms": result.total_ms,
                           "downtime_ms": result.downtime_ms, "setup_ms": result.setup_ms,
                           "wall_ms": round(result.wall_ms, 1), "error": result.error}
@@ -475,17 +485,13 @@ def run_destination(state: Path, cases: Sequence[Case], out: TextIO = sys.stdout
     t0 = time.monotonic()
     src_manifest = state / "source" / "manifest.json"
     dst_manifest = state / "destination" / "manifest.json"
-    _kvhost("manifest", "--output", str(dst_manifest))
-    compat = subprocess.run([sys.executable, "-m", "kvhost.cli", "compat", "--json",
-                             str(src_manifest), str(dst_manifest)],
-                            capture_output=True, text=True, check=False)
-    try:
-        compat_json = json.loads(compat.stdout)
-    except json.JSONDecodeError:
-        compat_json = None
+    mf.generate(dst_manifest)
+    # = kvhost compat --json SRC DST, before any stream is loaded: the prediction
+    compat = mf.compat([mf.read(src_manifest), mf.read(dst_manifest)])
     _write_json(state / "destination" / "compat.json", {
-        "exit": compat.returncode, "result": compat_json, "stderr": compat.stderr.strip()})
-    version = compat_json.get("version") if isinstance(compat_json, dict) else None
+        "exit": 0 if compat.version else 1, "result": compat.to_json(),
+        "manifest_and_compat_s": round(time.monotonic() - t0, 2)})
+    version = compat.version.label if compat.version else None
     pin = str(plan["pin"])
     for case in cases:
         case_dir = state / case.name
@@ -512,15 +518,19 @@ def _destination_case(case: Case, pin: str, case_dir: Path, r: dict[str, Any]) -
     work = SCRATCH / f"dst-{case.name}"
     work.mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as stack:
-        stack.enter_context(fresh_netns("dst"))
-        config, shim = stack.enter_context(_backend(case, pin, work, case_dir, "destination"))
+        with _timed(r, "netns"):
+            stack.enter_context(fresh_netns("dst"))
+        with _timed(r, "backend"):
+            config, shim = stack.enter_context(
+                _backend(case, pin, work, case_dir, "destination"))
         config = MachineConfig(backend=config.backend,
                                device_properties=config.device_properties, incoming="defer")
         r["device_properties"] = dict(config.device_properties)
         machine = Machine(config, name=f"destination-{case.name}")
         stack.callback(machine.kill)
         try:
-            machine.start(timeout=START_TIMEOUT)
+            with _timed(r, "qemu_start"):
+                machine.start(timeout=START_TIMEOUT)
         finally:
             r["qemu_stderr"] = machine.stderr_text()
         if case.backend == "native":

@@ -28,6 +28,7 @@ import selectors
 import socket
 import stat
 import struct
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -88,6 +89,9 @@ class ShimServer:
         self._listener = listener
         self._sel = selectors.DefaultSelector()
         self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        # a signal handler runs in the loop's thread between bytecodes, never inside a
+        # held lock's critical section of that same thread: an RLock keeps that case safe
+        self._wake_lock = threading.RLock()
         self._sel.register(self._wake, selectors.EVENT_READ, "wake")
         self._stopping = False
         self._serial = 0
@@ -162,8 +166,9 @@ class ShimServer:
     def stop(self) -> None:
         """Ask :meth:`serve` to return; safe from signal handlers and other threads."""
         self._stopping = True
-        with contextlib.suppress(OSError):
-            os.eventfd_write(self._wake, 1)
+        with self._wake_lock, contextlib.suppress(OSError):
+            if self._wake >= 0:
+                os.eventfd_write(self._wake, 1)
 
     def close(self) -> None:
         """Close every connection (stopping its rings), the listener and the wake fd."""
@@ -176,11 +181,12 @@ class ShimServer:
             if self.path is not None:
                 with contextlib.suppress(OSError):
                     os.unlink(self.path)
-        if self._wake >= 0:
-            self._sel.unregister(self._wake)
-            os.close(self._wake)
-            self._wake = -1
-            self._sel.close()
+        with self._wake_lock:
+            if self._wake >= 0:
+                self._sel.unregister(self._wake)
+                os.close(self._wake)
+                self._wake = -1
+                self._sel.close()
 
     # -- connections ---------------------------------------------------------------------
 
@@ -254,7 +260,6 @@ class ShimServer:
             self._drop(conn, f"failed: {conn.session.error}")
 
     def _drop(self, conn: Connection, result: str) -> None:
-        self.connections.pop(conn.sock.fileno(), None)
         with contextlib.suppress(KeyError, ValueError):
             self._sel.unregister(conn.sock)
         try:
@@ -262,7 +267,10 @@ class ShimServer:
         except Exception:
             log.exception("%s: closing its devices failed", conn.name)
         conn.session.codec.close()
+        fd = conn.sock.fileno()
         conn.sock.close()
+        # forgotten last, so "no connections" means every fd of every connection is closed
+        self.connections.pop(fd, None)
         log.info("%s closed: %s", conn.name, result)
 
 

@@ -166,7 +166,7 @@ def assert_alive(fe: VhostUserFrontend, shim: Shim) -> None:
 
 @pytest.mark.parametrize("queue_pairs", [1, 4])
 def test_frames_pass_both_ways_byte_for_byte(
-    make_shim: type[Shim], fd_leak_check: None, queue_pairs: int
+    fd_leak_check: None, make_shim: type[Shim], queue_pairs: int
 ) -> None:
     shim = make_shim(V5, queue_pairs)
     with GuestMemory.create(MEMORY) as mem, shim.frontend() as fe:
@@ -201,7 +201,7 @@ def test_frames_pass_both_ways_byte_for_byte(
     shim.wait_idle()
 
 
-def test_rarp_reaches_the_host_side_of_the_tap(make_shim: type[Shim], fd_leak_check: None) -> None:
+def test_rarp_reaches_the_host_side_of_the_tap(fd_leak_check: None, make_shim: type[Shim]) -> None:
     shim = make_shim()
     with GuestMemory.create(MEMORY) as mem, shim.frontend() as fe:
         start(fe, mem)
@@ -223,7 +223,7 @@ def test_rarp_reaches_the_host_side_of_the_tap(make_shim: type[Shim], fd_leak_ch
     shim.wait_idle()
 
 
-def test_net_set_mtu_sets_the_tap_mtu(make_shim: type[Shim], fd_leak_check: None) -> None:
+def test_net_set_mtu_sets_the_tap_mtu(fd_leak_check: None, make_shim: type[Shim]) -> None:
     shim = make_shim()
     with GuestMemory.create(MEMORY) as mem, shim.frontend() as fe:
         fe.handshake()
@@ -233,7 +233,7 @@ def test_net_set_mtu_sets_the_tap_mtu(make_shim: type[Shim], fd_leak_check: None
 
 
 def test_dirty_log_marks_pages_the_kernel_writes(
-    make_shim: type[Shim], fd_leak_check: None
+    fd_leak_check: None, make_shim: type[Shim]
 ) -> None:
     """LOG_SHMFD end to end: log fd mapped by the shim and given to the kernel, LOG_ALL via
     SET_FEATURES, vring log addresses: an RX frame dirties its buffer's and the used
@@ -276,7 +276,7 @@ def test_dirty_log_marks_pages_the_kernel_writes(
 
 
 def test_pinned_low_version_refuses_a_newer_bit(
-    make_shim: type[Shim], fd_leak_check: None, caplog: pytest.LogCaptureFixture
+    fd_leak_check: None, make_shim: type[Shim], caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, "kvhost.shim")
     shim = make_shim(V1, pinned=True)
@@ -294,7 +294,7 @@ def test_pinned_low_version_refuses_a_newer_bit(
 
 
 def test_frontend_selects_a_version_and_a_pin_refuses_others(
-    make_shim: type[Shim], fd_leak_check: None
+    fd_leak_check: None, make_shim: type[Shim]
 ) -> None:
     shim = make_shim(V5, supported=[V1, V5])
     with shim.frontend() as fe:
@@ -535,7 +535,7 @@ def test_frontend_disconnect_mid_setup(
 
 
 def test_sigterm_like_stop_detaches_rings_and_closes_everything(
-    make_shim: type[Shim], fd_leak_check: None
+    fd_leak_check: None, make_shim: type[Shim]
 ) -> None:
     shim = make_shim()
     with GuestMemory.create(MEMORY) as mem, shim.frontend() as fe:

@@ -2,9 +2,10 @@
 
 The flow: install the rule (``kvhost install-udev``) into /run/udev/rules.d; an add event for
 vhost-net writes the manifest before ``udevadm settle`` returns; then the probe breaks for
-real -- vhost_net is unloaded, so /dev/vhost-net is gone -- and an add event for tun runs
-the rule again: the previous manifest must stay byte-for-byte and the kernel log must say
-why; finally ``modprobe vhost_net`` (a genuine add event) writes a fresh manifest.
+real -- vhost_net is unloaded, so /dev/vhost-net is gone -- and loading tun again (plus an
+explicit add trigger on it) runs the rule again: the previous manifest must stay
+byte-for-byte and the kernel log must say why; finally ``modprobe vhost_net`` (a genuine
+add event) writes a fresh manifest.
 """
 
 from __future__ import annotations
@@ -130,7 +131,11 @@ def test_udev_writes_the_manifest_and_keeps_it_when_the_probe_breaks(
         sh("modprobe", "-r", "vhost_net")
         settle()
         assert not Path("/dev/vhost-net").exists()
+        # unloading vhost_net also unloads tun (its dependency); loading tun back is a
+        # real add event for the tun misc device, and the explicit trigger makes sure
+        sh("modprobe", "tun")
         trigger("tun")
+        assert Path("/dev/net/tun").exists()
         assert manifest_path.read_bytes() == before
         assert os.listdir(manifest_path.parent) == [manifest_path.name]
         why = [

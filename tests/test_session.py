@@ -785,3 +785,63 @@ def test_server_stop_closes_live_connections(tmp_path: object, fd_leak_check: No
     assert harness.backends[0].closed == 1
     assert sock.recv(16) == b""  # type: ignore[attr-defined]
     sock.close()  # type: ignore[attr-defined]
+
+
+# --- the program: version choice, descriptor, capabilities ---------------------------------
+
+
+def _offer(names: list[str], pairs: int = 8) -> versions.Offer:
+    return versions.Offer(features.mask(names), 32768, pairs, True)
+
+
+V5_HOST = [*features.names(V5.features)]
+
+
+def test_default_version_is_the_newest_servable_and_selectable() -> None:
+    from shim.cli import choose_version
+
+    version, supported, pinned = choose_version(None, _offer(V5_HOST))
+    assert version == V5 and not pinned
+    assert supported == [v for v in versions.registry() if v.features & ~V5.features == 0]
+
+
+def test_pinned_version_must_be_servable_here() -> None:
+    from shim.cli import choose_version
+
+    version, _, pinned = choose_version(V1.label, _offer(V5_HOST))
+    assert version == V1 and pinned
+    with pytest.raises(VersionError, match=r"org.kernel.vhost-net.v7 cannot be served.*RING_RESET"):
+        choose_version("org.kernel.vhost-net.v7", _offer(V5_HOST))
+    with pytest.raises(VersionError, match="this host serves no interface version"):
+        choose_version(None, versions.Offer(0, 0, 0, False, 0, ("no /dev/vhost-net",)))
+
+
+def test_queues_beyond_the_version_are_a_usage_error() -> None:
+    from kvhost.errors import UsageError
+    from shim.cli import _check_queues
+
+    _check_queues(1, V1)
+    with pytest.raises(UsageError, match="exceeds the 1 queue pair"):
+        _check_queues(2, V1)
+
+
+def test_print_capabilities_and_missing_socket(capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from shim.cli import main
+
+    assert main(["--print-capabilities"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"type": "net"}
+    assert main([]) == 2
+    assert "give --socket-path PATH or --fd N" in capsys.readouterr().err
+
+
+def test_qemu_descriptor_ships_in_the_package() -> None:
+    import json
+    from importlib import resources
+
+    text = resources.files("kvhost").joinpath("data/50-kvhost-net.json").read_text()
+    desc = json.loads(text)
+    assert desc["type"] == "net"
+    assert desc["binary"].endswith("/kvhost-shim")
+    assert desc["description"]
