@@ -820,9 +820,9 @@ def format_report(report: Mapping[str, Any]) -> str:
         if drv is not None:
             head += f": guest negotiated {drv:#x} ({', '.join(fb.names(drv))})"
         lines.append(head)
-        lines.append(f"      source: migration {mig.get('status')}, total {mig.get('total_ms')} "
-                     f"ms, downtime {mig.get('downtime_ms')} ms, stream "
-                     f"{src.get('stream_bytes')} bytes")
+        lines.append(f"      source: migration {mig.get('status')} (QEMU: total "
+                     f"{mig.get('total_ms')} ms, downtime {mig.get('downtime_ms')} ms; wall "
+                     f"{mig.get('wall_ms')} ms), stream {src.get('stream_bytes')} bytes")
         if dst.get("loaded"):
             lines.append(f"      destination: loaded in {dst.get('load_ms')} ms, rings resumed "
                          f"at {dst.get('resumed_used')}, frames after migration "
@@ -865,6 +865,12 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--source-kernel", default=SOURCE_KERNEL)
     run.add_argument("--destination-kernel", default=DESTINATION_KERNEL)
     run.add_argument("--json", action="store_true", help="print the report as JSON")
+    plan = sub.add_parser("plan", help="only write STATE/plan.json (for running the phases "
+                          "by hand with kvhost.testvm)")
+    plan.add_argument("--state", required=True)
+    plan.add_argument("--pin")
+    plan.add_argument("--source-kernel", default=SOURCE_KERNEL)
+    plan.add_argument("--destination-kernel", default=DESTINATION_KERNEL)
     for name, text in (("source", "inside the VM booted on the source kernel"),
                        ("destination", "inside the VM booted on the destination kernel"),
                        ("report", "print the report of an earlier run")):
@@ -881,6 +887,12 @@ def main(argv: list[str] | None = None) -> int:
             state = Path(args.state)
             phase = run_source if command == "source" else run_destination
             return phase(state, cases)
+        if command == "plan":
+            plan_path = Path(args.state) / "plan.json"
+            _write_json(plan_path, make_plan(args.source_kernel, args.destination_kernel,
+                                             args.pin))
+            print(f"wrote {plan_path}")
+            return 0
         if command == "report":
             report = collect(Path(args.state))
         else:

@@ -72,7 +72,7 @@ class Shim:
         self.thread.start()
 
     def frontend(self) -> VhostUserFrontend:
-        fe = VhostUserFrontend(self.path, timeout=10)
+        fe = VhostUserFrontend(self.path, timeout=60)
         fe.connect()
         return fe
 

@@ -845,3 +845,44 @@ def test_qemu_descriptor_ships_in_the_package() -> None:
     assert desc["type"] == "net"
     assert desc["binary"].endswith("/kvhost-shim")
     assert desc["description"]
+
+
+def test_server_on_an_inherited_connected_socket_ends_with_it(fd_leak_check: None) -> None:
+    """--fd with a connected socket (a socketpair end, as libvirt passes): one connection,
+    and the server returns when it closes."""
+    import socket
+    import threading
+
+    from shim.server import ShimConfig, ShimServer
+
+    backends: list[RecordingBackend] = []
+
+    def make_backend(name: str) -> RecordingBackend:
+        backends.append(RecordingBackend())
+        return backends[-1]
+
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    server = ShimServer.adopt(theirs.detach(), ShimConfig(V5, make_backend, [V5]))
+    thread = threading.Thread(target=server.serve, daemon=True)
+    thread.start()
+    ours.settimeout(5)
+    (reply,) = _call(ours, p.FrontendCodec(), R.GET_FEATURES)
+    assert reply.payload == p.U64(offered(V5))
+    ours.close()
+    thread.join(5)
+    assert not thread.is_alive()
+    assert backends[0].closed == 1
+
+
+def test_server_refuses_an_fd_that_is_not_a_unix_stream_socket() -> None:
+    from kvhost.errors import UsageError
+    from shim.server import ShimConfig, ShimServer
+
+    config = ShimConfig(V5, lambda name: RecordingBackend(), [V5])
+    r, w = os.pipe()
+    try:
+        with pytest.raises(UsageError, match=f"--fd {r} is not"):
+            ShimServer.adopt(r, config)
+    finally:
+        os.close(r)
+        os.close(w)
