@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import struct
 import subprocess
 import sys
 import time
@@ -52,6 +53,8 @@ RING = 256
 FRAME = b"\x02\x00\x00\x00\x00\x01\x02\x00\x00\x00\x00\x02\x88\xb5" + bytes(50)
 BUF = 2048
 BATCH = 64
+_DESC = struct.Struct("<QIHH")
+_U16 = struct.Struct("<H")
 #: the driver's wanted features: what QEMU 7.2 would take of v5
 WANT = features.mask(["VERSION_1", "MRG_RXBUF", "EVENT_IDX", "CSUM", "GUEST_CSUM"])
 
@@ -74,29 +77,34 @@ def fresh_netns() -> Iterator[None]:
 
 
 def blast(mem: GuestMemory, ring: SplitRing, kick_fd: int, buf_gpa: int, total: int) -> float:
-    """Push ``total`` frames through ``ring`` in batches of BATCH per kick; frames/s."""
+    """Push ``total`` frames through ``ring``, BATCH per kick; returns frames/s.
+
+    The descriptor table and the avail ring are written once (slot i -> descriptor i ->
+    buffer i); after that the driver only advances avail.idx and reads used.idx, so the
+    kernel, not this Python loop, is what gets measured.
+    """
     hdr = 12
-    for i in range(RING):
-        mem.write(buf_gpa + i * BUF, bytes(hdr) + FRAME)
     length = hdr + len(FRAME)
+    for i in range(ring.size):
+        mem.write(buf_gpa + i * BUF, bytes(hdr) + FRAME)
+        mem.write(ring.desc_gpa + 16 * i, _DESC.pack(buf_gpa + i * BUF, length, 0, 0))
+        mem.write(ring.avail_gpa + 4 + 2 * i, _U16.pack(i))
+    avail_idx_gpa, used_idx_gpa = ring.avail_gpa + 2, ring.used_gpa + 2
+    avail = _U16.unpack(mem.read(avail_idx_gpa, 2))[0]
     sent = 0
-    slot = 0
     t0 = time.perf_counter()
-    while sent < total:
-        n = min(BATCH, ring.num_free, total - sent)
-        for _ in range(n):
-            ring.add_buffer(buf_gpa + slot * BUF, length, False)
-            slot = (slot + 1) % RING
-        if n:
-            ring.publish()
+    while True:
+        used = _U16.unpack(mem.read(used_idx_gpa, 2))[0]
+        if sent >= total and used == avail:
+            break
+        n = min(BATCH, ring.size - ((avail - used) & 0xFFFF), total - sent)
+        if n > 0:
+            avail = (avail + n) & 0xFFFF
+            mem.write(avail_idx_gpa, _U16.pack(avail))
             os.eventfd_write(kick_fd, 1)
             sent += n
-        if ring.num_free < BATCH:
-            ring.pop_used()
-            if ring.num_free < BATCH:
-                time.sleep(0)
-    while ring.last_used != ring.avail_idx:
-        ring.pop_used()
+        else:
+            os.sched_yield()
     return total / (time.perf_counter() - t0)
 
 
@@ -267,8 +275,9 @@ class Feeder:
 
 
 def control_path(trials: int) -> tuple[float, float, float, float]:
-    """Medians (shim start s, bare start s, shim stop s, bare stop s); a first round warms
-    up caches (cffi type parsing, imports) and is not counted."""
+    """Minimums (shim start s, bare start s, shim stop s, bare stop s) over ``trials``
+    interleaved rounds; a first round warms up caches (cffi type parsing, imports) and is
+    not counted."""
     v5 = versions.by_name("org.kernel.vhost-net.v5")
     assert v5 is not None
     shim_t, bare_t, stop_t, bare_stop_t = [], [], [], []
@@ -344,17 +353,24 @@ def control_path(trials: int) -> tuple[float, float, float, float]:
                 bare_stop_t.append(time.perf_counter() - t0)
             finally:
                 bare.close()
-    slow = sorted(((statistics.median(v), k) for k, v in per_request.items()), reverse=True)
+    slow = sorted(((min(v), k) for k, v in per_request.items()), reverse=True)
     print(
-        "control: shim per request (median ms): "
+        "control: shim per request (min ms): "
         + ", ".join(f"{k} {t * 1e3:.2f}" for t, k in slow[:6])
     )
-    return (
-        statistics.median(shim_t[1:]),
-        statistics.median(bare_t[1:]),
-        statistics.median(stop_t[1:]),
-        statistics.median(bare_stop_t[1:]),
-    )
+    for what, values in (
+        ("shim start", shim_t),
+        ("bare start", bare_t),
+        ("shim stop", stop_t),
+        ("bare stop", bare_stop_t),
+    ):
+        print(
+            f"control: {what} ms min {min(values[1:]) * 1e3:.2f} median "
+            f"{statistics.median(values[1:]) * 1e3:.2f}"
+        )
+    # A TCG vCPU on a shared host is descheduled for milliseconds at random: the minimum
+    # over many rounds is the cost of the work itself.
+    return min(shim_t[1:]), min(bare_t[1:]), min(stop_t[1:]), min(bare_stop_t[1:])
 
 
 def rss_per_vm(shim: ShimProcess, vms: int) -> float:
@@ -384,10 +400,11 @@ def main() -> int:
     ap.add_argument("--frames", type=int, default=100_000)
     ap.add_argument("--trials", type=int, default=3)
     ap.add_argument("--vms", type=int, default=4)
+    ap.add_argument("--control-trials", type=int, default=15)
     args = ap.parse_args()
     ok = True
     with fresh_netns():
-        shim_s, bare_s, stop_s, bare_stop_s = control_path(args.trials)
+        shim_s, bare_s, stop_s, bare_stop_s = control_path(args.control_trials)
         start_ratio = shim_s / bare_s
         print(
             f"control: shim start {shim_s * 1e3:.2f} ms, bare ioctls {bare_s * 1e3:.2f} ms, "

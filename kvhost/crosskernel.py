@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import json
 import os
 import re
@@ -54,7 +55,7 @@ from typing import Any, TextIO
 
 from kvhost import features as fb
 from kvhost import manifest as mf
-from kvhost import netlink, qemu_args
+from kvhost import qemu_args
 from kvhost import versions as ver
 from kvhost.errors import KvhostError, UsageError
 from kvhost.qemu.errors import QemuError, QemuExited
@@ -168,6 +169,43 @@ def _timed(r: dict[str, Any], step: str) -> Iterator[None]:
         r.setdefault("timings_s", {})[step] = round(time.monotonic() - t0, 2)
 
 
+_CLONE_NEWNET = 0x40000000
+
+
+@contextlib.contextmanager
+def _inside_netns(name: str) -> Iterator[None]:
+    """setns(2) this thread into ``/run/netns/NAME`` and back. kvhost.netlink.in_netns does the
+    same through pyroute2, whose import alone takes a minute or more in a TCG guest on a
+    loaded machine; the scenario's link steps go through ``ip`` for the same reason."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    own = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        target = os.open(f"/run/netns/{name}", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        os.close(own)
+        raise
+    try:
+        if libc.setns(target, _CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            raise KvhostError(f"setns into network namespace {name} failed: "
+                              f"{os.strerror(err)} (needs CAP_SYS_ADMIN)")
+        try:
+            yield
+        finally:
+            if libc.setns(own, _CLONE_NEWNET) != 0:
+                # Staying in a namespace that is about to vanish would poison every later
+                # case: stop the phase instead.
+                raise KvhostError("cannot return to the original network namespace: "
+                                  f"{os.strerror(ctypes.get_errno())}")
+    finally:
+        os.close(target)
+        os.close(own)
+
+
+def _link_up(name: str) -> None:
+    _run(["ip", "link", "set", "dev", name, "up"], f"bringing {name} up")
+
+
 @contextlib.contextmanager
 def fresh_netns(tag: str) -> Iterator[str]:
     """Create network namespace ``kvx-TAG``, run the body inside it with IPv6 off (no
@@ -176,8 +214,8 @@ def fresh_netns(tag: str) -> Iterator[str]:
     name = f"kvx-{tag}-{os.getpid()}"
     _run(["ip", "netns", "add", name], "creating a network namespace")
     try:
-        with netlink.in_netns(name):
-            netlink.set_up("lo")
+        with _inside_netns(name):
+            _link_up("lo")
             for knob in ("all", "default"):
                 Path(f"/proc/sys/net/ipv6/conf/{knob}/disable_ipv6").write_text("1")
             yield name
@@ -317,28 +355,40 @@ class ShimProcess:
 def _tap_up_persistent(name: str) -> None:
     # The shim takes an existing tap (--tap), as an operator's setup would give it one.
     _run(["ip", "tuntap", "add", "dev", name, "mode", "tap", "vnet_hdr"], "creating the tap")
-    netlink.set_up(name)
+    _link_up(name)
 
 
-def _device_properties(case: Case, pin: str | None) -> dict[str, str]:
+#: Properties kvhost.qemu.machine sets itself: its device is modern-only, which is what
+#: ``kvhost qemu-args`` asks for (``disable-modern=off``) for every version with VERSION_1.
+MACHINE_FIXED = {"disable-modern": "off", "disable-legacy": "on"}
+
+
+def _device_properties(case: Case, pin: str | None) -> tuple[dict[str, str], list[str]]:
+    """(properties for the test machine, what ``kvhost qemu-args PIN`` printed)."""
     props = {"mac": GUEST_MAC.hex(":")}
+    printed: list[str] = []
     if case.backend == "native" and case.pinned:
         if pin is None:
             raise UsageError("a pinned native case needs the pinned version")
-        # What ``kvhost qemu-args PIN`` prints, from the same library call (a Python start
-        # costs tens of seconds in a TCG guest on a loaded machine).
-        for item in qemu_args.device_properties(ver.parse(pin),
-                                                qemu_args.available_properties()):
-            key, _, value = str(item).partition("=")
+        # The same library call as ``kvhost qemu-args PIN`` (a Python start costs tens of
+        # seconds in a TCG guest on a loaded machine).
+        printed = qemu_args.device_properties(ver.parse(pin), qemu_args.available_properties())
+        for item in printed:
+            key, _, value = item.partition("=")
+            if key in MACHINE_FIXED:
+                if value != MACHINE_FIXED[key]:
+                    raise UsageError(f"{pin} needs {key}={value} (a legacy device); the qtest "
+                                     "driver is modern-only, pin a version with VERSION_1")
+                continue
             props[key] = value
-    return props
+    return props, printed
 
 
 @contextlib.contextmanager
 def _backend(case: Case, pin: str | None, work: Path, log_dir: Path,
-             side: str) -> Iterator[tuple[MachineConfig, ShimProcess | None]]:
+             side: str, r: dict[str, Any]) -> Iterator[tuple[MachineConfig, ShimProcess | None]]:
     """The QEMU configuration for ``case`` and, for shim cases, the running shim."""
-    props = _device_properties(case, pin)
+    props, r["qemu_args"] = _device_properties(case, pin)
     if case.backend == "native":
         yield MachineConfig(backend=TapBackend(TAP, vhost=True), device_properties=props), None
         return
@@ -428,7 +478,7 @@ def _source_case(case: Case, pin: str, case_dir: Path, r: dict[str, Any]) -> Non
         with _timed(r, "netns"):
             stack.enter_context(fresh_netns("src"))
         with _timed(r, "backend"):
-            config, shim = stack.enter_context(_backend(case, pin, work, case_dir, "source"))
+            config, shim = stack.enter_context(_backend(case, pin, work, case_dir, "source", r))
         r["device_properties"] = dict(config.device_properties)
         machine = Machine(config, name=f"source-{case.name}")
         stack.callback(machine.kill)
@@ -438,7 +488,7 @@ def _source_case(case: Case, pin: str, case_dir: Path, r: dict[str, Any]) -> Non
         finally:
             r["qemu_stderr"] = machine.stderr_text()
         if case.backend == "native":
-            netlink.set_up(TAP)
+            _link_up(TAP)
         port = TapPort(TAP)
         stack.callback(port.close)
 
@@ -522,7 +572,7 @@ def _destination_case(case: Case, pin: str, case_dir: Path, r: dict[str, Any]) -
             stack.enter_context(fresh_netns("dst"))
         with _timed(r, "backend"):
             config, shim = stack.enter_context(
-                _backend(case, pin, work, case_dir, "destination"))
+                _backend(case, pin, work, case_dir, "destination", r))
         config = MachineConfig(backend=config.backend,
                                device_properties=config.device_properties, incoming="defer")
         r["device_properties"] = dict(config.device_properties)
@@ -534,7 +584,7 @@ def _destination_case(case: Case, pin: str, case_dir: Path, r: dict[str, Any]) -
         finally:
             r["qemu_stderr"] = machine.stderr_text()
         if case.backend == "native":
-            netlink.set_up(TAP)
+            _link_up(TAP)
         port = TapPort(TAP)  # bound before the load, so the self-announce is seen
         stack.callback(port.close)
         if shim is not None:
@@ -842,8 +892,9 @@ def format_report(report: Mapping[str, Any]) -> str:
         lines.append(f"      PROBLEM: {problem}")
     boots = report.get("boots") or {}
     if boots:
-        lines.append("  VM time: " + ", ".join(
-            f"{k} {v.get('vm_s')} s (exit {v.get('exit')})" for k, v in boots.items()))
+        lines.append("  VM time (boot + cases + shutdown): " + ", ".join(
+            f"{k} {boots[k].get('vm_s')} s (exit {boots[k].get('exit')})"
+            for k in ("source", "destination") if k in boots))
     return "\n".join(lines)
 
 

@@ -109,19 +109,23 @@ class MachineConfig:
     machine: str = "pc"
     binary: str = QEMU_BINARY
     extra_args: tuple[str, ...] = ()
+    #: a legacy-only (virtio 0.9.5) device instead of a modern one: needed for backends
+    #: without VERSION_1, which QEMU refuses to put behind a modern-only device
+    legacy: bool = False
 
 
-def device_arg(properties: Mapping[str, str]) -> str:
-    """The ``-device`` value: fixed base plus ``properties`` in the given order."""
+def device_arg(properties: Mapping[str, str], *, legacy: bool = False) -> str:
+    """The ``-device`` value: fixed base plus ``properties`` in the given order; ``legacy``
+    makes it a legacy-only device (``disable-legacy=off,disable-modern=on``)."""
     parts = [
         "virtio-net-pci",
         f"id={DEVICE_ID}",
         f"netdev={NETDEV_ID}",
-        "disable-legacy=on",
+        *(["disable-legacy=off", "disable-modern=on"] if legacy else ["disable-legacy=on"]),
         f"addr={DEVICE_SLOT:#x}",
         "romfile=",
     ]
-    fixed = {"id", "netdev", "disable-legacy", "addr", "romfile"}
+    fixed = {"id", "netdev", "disable-legacy", "disable-modern", "addr", "romfile"}
     for key, value in properties.items():
         _check_option("device property name", key)
         if key in fixed:
@@ -150,7 +154,7 @@ def build_command(config: MachineConfig, *, bios: str, qtest: str, qmp: str) -> 
         "-object", f"memory-backend-memfd,id=mem,size={size},share=on",
         "-numa", "node,memdev=mem",
         *config.backend.args(),
-        "-device", device_arg(config.device_properties),
+        "-device", device_arg(config.device_properties, legacy=config.legacy),
         "-qtest", f"unix:{qtest}",
         "-qtest-log", "/dev/null",  # QEMU logs every qtest line to stderr otherwise
         "-qmp", f"unix:{qmp}",

@@ -1,0 +1,142 @@
+"""Host tier: the pure parts of the end-to-end scenario (kvhost.scenario), the legacy driver's
+layout, the demo report, and the shim log lines the scenario reads."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+from test_versions import V, probe_61
+
+from kvhost import features, manifest, versions
+from kvhost.demo import render
+from kvhost.qemu.legacy_pci import PAGE, legacy_ring_layout
+from kvhost.qemu.machine import MachineConfig, VhostUserBackend, build_command
+from kvhost.scenario import (
+    LEGACY_ONLY,
+    ProcUsage,
+    ShimProcess,
+    capped_manifest,
+    expected_device_bits,
+    frame,
+    is_legacy,
+    kvhost_compat,
+)
+
+EVENT_IDX = features.mask(["EVENT_IDX"])
+
+
+def _v(n: int) -> versions.InterfaceVersion:
+    return versions.parse(V[n])
+
+
+def test_versions_without_version_1_need_a_legacy_device() -> None:
+    assert [is_legacy(_v(n)) for n in range(1, 6)] == [True, True, True, True, False]
+
+
+def test_modern_devices_hide_legacy_only_bits() -> None:
+    v5 = _v(5)
+    assert expected_device_bits(v5) == versions.serve_features(v5) & ~LEGACY_ONLY
+    # a legacy device shows them, and MTU (served because the version has mtu=on)
+    v2 = _v(2)
+    assert expected_device_bits(v2) == versions.serve_features(v2)
+    assert expected_device_bits(v2) & features.mask(["MTU", "NOTIFY_ON_EMPTY"])
+
+
+def test_legacy_ring_layout_is_page_aligned() -> None:
+    desc, avail, used = legacy_ring_layout(1, 256)
+    assert desc % PAGE == 0 and avail == desc + 16 * 256
+    assert used % PAGE == 0 and used >= avail + 6 + 2 * 256 and used - avail < PAGE + 6 + 512
+
+
+def test_legacy_device_command_line() -> None:
+    config = MachineConfig(backend=VhostUserBackend("/w/s.sock"), legacy=True)
+    argv = build_command(config, bios="/w/b", qtest="/w/q", qmp="/w/m")
+    device = argv[argv.index("-device") + 1]
+    assert "disable-legacy=off,disable-modern=on" in device
+    assert "disable-legacy=on" not in device
+
+
+def test_capped_manifest_lowers_latest_and_compat_predicts(tmp_path: Path) -> None:
+    host = manifest.build(probe_61())
+    v5 = _v(5)
+    cap = versions.InterfaceVersion(None, v5.features & ~EVENT_IDX, v5.max_queue_size,
+                                    v5.max_queue_pairs, v5.mtu)
+    capped = capped_manifest(host, cap)
+    assert capped["cap"] == cap.spec()
+    assert capped["latest"] == V[2]  # v3 introduced EVENT_IDX
+    assert capped["supported"] == [V[1], V[2]]
+    src, dst = tmp_path / "src.json", tmp_path / "dst.json"
+    manifest.write_atomic(src, manifest.encode(host))
+    manifest.write_atomic(dst, manifest.encode(capped))
+    status, result = kvhost_compat(src, dst)
+    assert status == 0 and result["version"] == V[2]
+    assert any("EVENT_IDX" in r for r in result["reasons"]), result
+
+
+def test_a_cap_leaving_nothing_is_an_error() -> None:
+    host = manifest.build(probe_61())
+    cap = versions.InterfaceVersion(None, features.mask(["VERSION_1"]), 256, 1, False)
+    with pytest.raises(manifest.ManifestError, match="serves no registry version"):
+        capped_manifest(host, cap)
+
+
+def test_frames_are_unique_and_minimum_size() -> None:
+    a, b = frame(b"\x02" * 6, b"\x04" * 6, "x"), frame(b"\x02" * 6, b"\x04" * 6, "x")
+    assert len(a) == 60 and a != b and a[12:14] == b"\x88\xb5"
+
+
+def test_proc_usage_of_this_process() -> None:
+    import os
+
+    u = ProcUsage.of(os.getpid())
+    assert u.cpu_seconds > 0 and u.voluntary >= 0
+    assert (u - u).switches == 0
+
+
+def test_shim_log_lines_the_scenario_reads(tmp_path: Path, caplog: pytest.LogCaptureFixture
+                                          ) -> None:
+    """Drive the real Session (recording backend) through a migration-like sequence, write
+    its log in the shim's format, and parse it the way the scenario does."""
+    from test_session import RecordingBackend
+
+    from kvhost.vhost_user import protocol as p
+    from shim.session import Session
+
+    v5 = _v(5)
+    backend = RecordingBackend()
+    backend.bases = {0: 7, 1: 9}
+    session = Session(backend, v5, pinned=True, name="connection 1")
+    fe = p.FrontendCodec()
+    acked = versions.serve_features(v5) & ~LEGACY_ONLY | features.PROTOCOL_FEATURES
+    with caplog.at_level(logging.DEBUG, logger="kvhost.shim"):
+        for request, payload in (
+            (p.Request.SET_OWNER, p.Empty()),
+            (p.Request.SET_FEATURES, p.U64(acked)),
+            (p.Request.SET_VRING_BASE, p.VringState(1, 5)),
+            (p.Request.GET_VRING_BASE, p.VringState(1, 0)),
+        ):
+            data, fds = fe.request(request, payload)
+            session.receive(data, fds)
+    log = tmp_path / "shim.log"
+    log.write_text("".join(f"kvhost-shim: {r.getMessage()}\n" for r in caplog.records))
+    shim = ShimProcess("/nonexistent", log)
+    assert shim.acked_features() == [acked]
+    assert shim.ring_bases("SET_VRING_BASE") == [(1, 5)]
+    assert shim.ring_bases("GET_VRING_BASE") == [(1, 9)]
+
+
+def test_demo_report_names_everything() -> None:
+    text = render({
+        "kernel": "6.1.0-56-amd64", "supported": [V[n] for n in range(1, 6)],
+        "served": V[5], "destination_served": V[5], "negotiated": "0x1",
+        "negotiated_names": ["CSUM", "VERSION_1"], "driver_ok_ms": 4.2, "frames_sent": 8,
+        "frames_received": 8, "frames_after_migration": 2, "shim_cpu_ms_during_traffic": 0.0,
+        "shim_wakeups_during_traffic": 0, "migration": "completed", "migration_total_ms": 900,
+        "migration_downtime_ms": 30, "rings_resumed": True, "ring_bases": {"0": 8, "1": 8},
+        "dirty_logging": True, "rarp_on_destination": True,
+    })
+    for needle in ("6.1.0-56-amd64", "v1, v2, v3, v4, v5", "CSUM, VERSION_1", "completed",
+                   "downtime 30 ms", "8 out + 8 in", "RARP on destination tap seen"):
+        assert needle in text, needle
