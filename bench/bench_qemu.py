@@ -29,7 +29,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from kvhost import scenario  # noqa: E402
+from kvhost import netlink, scenario  # noqa: E402
 from kvhost.qemu.machine import Machine, MachineConfig, TapBackend, migrate  # noqa: E402
 from kvhost.qemu.virtio_pci import RX, TX, VirtioNetDriver  # noqa: E402
 from kvhost.scenario import GUEST_MAC, PEER_MAC, Rig, TapPort, frame  # noqa: E402
@@ -114,8 +114,6 @@ def main() -> int:
         native = rig.machine(
             "qemu-n", MachineConfig(backend=TapBackend("kvq0", vhost=True), device_properties=PROPS)
         )
-        from kvhost import netlink
-
         netlink.set_up("kvq0")
         port_n = TapPort("kvq0")
         n_rt, n_tx = restart_loop(native, port_n, args.reps)

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import json
 import os
 import re
 import signal
@@ -475,8 +476,6 @@ def capped_manifest(host: dict[str, Any], cap: versions.InterfaceVersion) -> dic
 
 def kvhost_compat(*paths: Path) -> tuple[int, dict[str, Any]]:
     """Run the real ``kvhost compat --json`` on manifest files: (exit status, its JSON)."""
-    import json
-
     run = subprocess.run([sys.executable, "-m", "kvhost.cli", "compat", "--json",
                           *map(str, paths)], capture_output=True, text=True, check=False)
     try:

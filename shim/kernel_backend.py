@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import logging
 import mmap
 import os
@@ -185,6 +186,8 @@ class KernelBackend:
         self._acked = 0
         self._nums: dict[int, int] = {}
         self._addrs: dict[int, RingAddr] = {}
+        #: ring -> the size its addresses were checked against
+        self._checked: dict[int, int] = {}
         self._attached: set[int] = set()
 
     # -- the Backend protocol ---------------------------------------------------------
@@ -246,6 +249,7 @@ class KernelBackend:
         self._drop_memory()
         self._nums.clear()
         self._addrs.clear()
+        self._checked.clear()
         self._acked = 0
 
     def set_features(self, virtio_features: int) -> None:
@@ -257,9 +261,10 @@ class KernelBackend:
         kernel = virtio_features & self.kernel_features & ~VHOST_NET_F_VIRTIO_NET_HDR
         for dev in self._devs():
             dev.set_features(kernel)
+        offload, hdr_len = _tap_settings(virtio_features)
         tap = self._tap()
-        tap.set_offload(features.tun_flags_for(virtio_features))
-        tap.set_vnet_hdr_size(vnet_hdr_len(virtio_features))
+        tap.set_offload(offload)
+        tap.set_vnet_hdr_size(hdr_len)
         self._acked = virtio_features
 
     def set_mem_table(self, regions: Sequence[FrontendRegion]) -> None:
@@ -368,8 +373,9 @@ class KernelBackend:
 
     def start_vring(self, ring: int) -> None:
         dev, i = self._ring(ring)
-        # the size may have changed since the addresses were checked
-        self._translate(ring, self._addrs[ring])
+        if self._checked.get(ring) != self._nums.get(ring, 1):
+            # the size changed after the addresses were checked
+            self._translate(ring, self._addrs[ring])
         dev.net_set_backend(i, self._tap().fds[ring // 2])
         self._attached.add(ring)
 
@@ -462,6 +468,7 @@ class KernelBackend:
         desc, used, avail = self._translate(ring, a)
         dev, i = self._ring(ring)
         dev.set_vring_addr(i, desc, used, avail, a.log_guest_addr, a.log)
+        self._checked[ring] = self._nums.get(ring, 1)
 
     def _check_log_covers(self, table: MappedTable, log_size: int) -> None:
         top = max((r.guest_phys_addr + r.memory_size for r in table.vhost_regions()), default=0)
@@ -484,6 +491,13 @@ class KernelBackend:
         if self._log is not None:
             self._log.close()
             self._log = None
+
+
+@functools.lru_cache(maxsize=64)
+def _tap_settings(virtio_features: int) -> tuple[int, int]:
+    """(TUNSETOFFLOAD flags, vnet header length) for negotiated features; cached because
+    QEMU repeats SET_FEATURES per queue pair and these derive bits from names."""
+    return features.tun_flags_for(virtio_features), vnet_hdr_len(virtio_features)
 
 
 def _address_of(mm: mmap.mmap) -> int:

@@ -97,7 +97,7 @@ def _wait_acked(shim: ShimProcess, timeout: float = 10.0) -> list[int]:
     raise AssertionError(f"the shim logged no SET_FEATURES:\n{shim.log_text()}")
 
 
-def _shim_device_features(version: versions.InterfaceVersion, workdir: Path) -> tuple[int, int]:
+def _shim_device_features(version: versions.InterfaceVersion) -> tuple[int, int]:
     """(device features the driver reads, SET_FEATURES the shim got) with ``version``."""
     legacy = is_legacy(version)
     with Rig() as rig:
@@ -127,7 +127,7 @@ def test_this_kernel_serves_versions() -> None:
 def test_negotiation_exposes_exactly_the_version(
     version: versions.InterfaceVersion, quiet: str, tmp_path: Path
 ) -> None:
-    offered, acked = _shim_device_features(version, tmp_path)
+    offered, acked = _shim_device_features(version)
     want = expected_device_bits(version)
     shown = offered & VHOST_USER_MASKED
     assert shown == want, (
@@ -315,7 +315,7 @@ def test_native_pinned_device_equals_shim_device(
     version: versions.InterfaceVersion, quiet: str, tmp_path: Path
 ) -> None:
     if version.label not in SHIM_DEVICE:
-        _shim_device_features(version, tmp_path)
+        _shim_device_features(version)
     shim_offered = SHIM_DEVICE[version.label]
     props = _qemu_args(version)
     legacy = props.pop("disable-modern", "off") == "on"
