@@ -259,8 +259,8 @@ _LISTENING = re.compile(r"listening on \S+, interface version (\S+)")
 class ShimProcess:
     """``kvhost-shim`` as a child process, logging (``-v``) to ``log_path``.
 
-    :meth:`start` returns once the socket listens; ShimStartError (exit status and log) if
-    the shim exits first. :meth:`stop` sends SIGTERM and returns the exit status.
+    :meth:`start` returns once the socket listens and the shim logged so; ShimStartError
+    (exit status and log) if the shim exits first. :meth:`stop` sends SIGTERM and returns the exit status.
     """
 
     def __init__(self, socket_path: str, log_path: Path, *, version: str | None = None,
@@ -298,8 +298,9 @@ class ShimProcess:
                 raise ShimStartError(f"{self.name}: kvhost-shim exited with status {status} "
                                      f"before listening ({' '.join(self.argv[1:])})",
                                      exit_status=status, log=self.log_text())
+            # ready = the socket exists and the shim said so (its log line follows the bind)
             with contextlib.suppress(FileNotFoundError):
-                if stat.S_ISSOCK(os.stat(self.socket_path).st_mode):
+                if stat.S_ISSOCK(os.stat(self.socket_path).st_mode) and self.served_version():
                     return self
             if time.monotonic() > deadline:
                 self.kill()

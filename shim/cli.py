@@ -127,11 +127,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_capabilities:
         print(json.dumps({"type": "net"}))
         return 0
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="kvhost-shim: %(message)s",
-        stream=sys.stderr,
-    )
+    logging.basicConfig(level=logging.INFO, format="kvhost-shim: %(message)s", stream=sys.stderr)
+    # -v is about the shim's own decisions, not the libraries' internals (pyroute2's
+    # netlink traces would bury them)
+    logging.getLogger("kvhost").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     try:
         server = build_server(args)
     except UsageError as err:

@@ -46,6 +46,11 @@ import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+# Imported now, at program start, rather than by kvhost.netlink on the first SET_OWNER (tap
+# creation): under TCG the first import of pyroute2 takes tens of seconds, which would stall
+# that SET_OWNER and with it every connection of the single-threaded server.
+import pyroute2  # noqa: F401
+
 from kvhost import abi, features
 from kvhost.errors import KernelError, KvhostError, RemoteProtocolError, UsageError
 from kvhost.ioctl import read_max_mem_regions

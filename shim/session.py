@@ -454,6 +454,8 @@ class Session:
                 self.version.label,
                 acked,
             )
+        else:
+            log.debug("%s: SET_FEATURES 0x%x", self.name, acked)
         return None
 
     def _get_protocol_features(self, msg: p.Message, pending: _Pending) -> p.Payload | None:
@@ -544,6 +546,7 @@ class Session:
                 f"SET_VRING_BASE {base} for vring {index}: split ring indices are 16-bit"
             )
         self.backend.set_vring_base(index, base)
+        log.debug("%s: SET_VRING_BASE vring %d base %d", self.name, index, base)
         return None
 
     def _set_vring_addr(self, msg: p.Message, pending: _Pending) -> p.Payload | None:
@@ -607,6 +610,7 @@ class Session:
             self.backend.stop_vring(index)
         ring.state = VringState.STOPPED
         base = self.backend.get_vring_base(index)
+        log.debug("%s: GET_VRING_BASE vring %d base %d", self.name, index, base)
         return p.VringState(index, base)
 
     def _set_vring_enable(self, msg: p.Message, pending: _Pending) -> p.Payload | None:
