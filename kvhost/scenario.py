@@ -260,7 +260,8 @@ class ShimProcess:
     """``kvhost-shim`` as a child process, logging (``-v``) to ``log_path``.
 
     :meth:`start` returns once the socket listens and the shim logged so; ShimStartError
-    (exit status and log) if the shim exits first. :meth:`stop` sends SIGTERM and returns the exit status.
+    (exit status and log) if the shim exits first. :meth:`stop` sends SIGTERM and returns
+    the exit status.
     """
 
     def __init__(self, socket_path: str, log_path: Path, *, version: str | None = None,
