@@ -120,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--version", dest="iface", metavar="V",
                         help="interface version to serve (default: this kernel's latest)")
     parser.add_argument("--kernel", default="6.1", help="test VM kernel (6.1 or 6.12)")
+    parser.add_argument("--skip-cross-kernel", action="store_true",
+                        help="skip the second part: a VM moved from Linux 6.12 to Linux 6.1")
     parser.add_argument("--inside", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--report-dir", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -147,7 +149,21 @@ def main(argv: list[str] | None = None) -> int:
         report = Path(shared) / REPORT_NAME
         if status == 0 and report.exists():
             print("[demo] the report above came from inside the VM; the kernel is the VM's")
+    if status != 0 or args.skip_cross_kernel:
         return status
+    return _cross_kernel()
+
+
+def _cross_kernel() -> int:
+    """Part two: the migration real fleets fail, 6.12 -> 6.1, unpinned and pinned."""
+    from kvhost import crosskernel
+
+    print("\n[demo] part two: a VM started on Linux 6.12 migrates to Linux 6.1 "
+          "(boots 6.12, then 6.1; several minutes under TCG)", flush=True)
+    with tempfile.TemporaryDirectory(prefix="kvhost-demo-xk-", dir="/var/tmp") as state:
+        report = crosskernel.run_scenario(Path(state))
+        print(crosskernel.format_report(report))
+        return 0 if crosskernel.passed(report) else 1
 
 
 if __name__ == "__main__":
