@@ -37,13 +37,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import json
 import os
 import re
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -55,7 +53,7 @@ from typing import Any, TextIO
 
 from kvhost import features as fb
 from kvhost import manifest as mf
-from kvhost import qemu_args
+from kvhost import netns, qemu_args
 from kvhost import versions as ver
 from kvhost.errors import KvhostError, UsageError
 from kvhost.qemu.errors import QemuError, QemuExited
@@ -65,10 +63,8 @@ from kvhost.qemu.virtio_pci import RX, TX, DriverState, VirtioNetDriver
 SOURCE_KERNEL = "6.12"
 DESTINATION_KERNEL = "6.1"
 TAP = "kvx0"
-ETH_P_ALL = 0x0003
 ETH_P_RARP = 0x8035
 TEST_ETHERTYPE = 0x88B5  # IEEE 802 local experimental: nothing else in the netns sends it
-PACKET_OUTGOING = 4
 GUEST_MAC = bytes.fromhex("525400c70001")
 PEER_MAC = bytes.fromhex("02000000c7ef")
 RING_RESET = fb.bit("RING_RESET")
@@ -149,16 +145,6 @@ def _frame(src: bytes, dst: bytes, tag: str) -> bytes:
 # --- in-VM plumbing -------------------------------------------------------------------------
 
 
-def _run(argv: Sequence[str], what: str) -> subprocess.CompletedProcess[str]:
-    done = subprocess.run(list(argv), capture_output=True, text=True, check=False)
-    if done.returncode:
-        raise KvhostError(
-            f"{what} failed (exit {done.returncode}): {shlex.join(argv)}\n"
-            f"{(done.stderr or done.stdout).strip()}"
-        )
-    return done
-
-
 @contextlib.contextmanager
 def _timed(r: dict[str, Any], step: str) -> Iterator[None]:
     """Record the body's wall time in ``r["timings_s"][step]`` (also when it raises)."""
@@ -169,96 +155,10 @@ def _timed(r: dict[str, Any], step: str) -> Iterator[None]:
         r.setdefault("timings_s", {})[step] = round(time.monotonic() - t0, 2)
 
 
-_CLONE_NEWNET = 0x40000000
-
-
-@contextlib.contextmanager
-def _inside_netns(name: str) -> Iterator[None]:
-    """setns(2) this thread into ``/run/netns/NAME`` and back. kvhost.netlink.in_netns does the
-    same through pyroute2, whose import alone takes a minute or more in a TCG guest on a
-    loaded machine; the scenario's link steps go through ``ip`` for the same reason."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    own = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        target = os.open(f"/run/netns/{name}", os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        os.close(own)
-        raise
-    try:
-        if libc.setns(target, _CLONE_NEWNET) != 0:
-            err = ctypes.get_errno()
-            raise KvhostError(f"setns into network namespace {name} failed: "
-                              f"{os.strerror(err)} (needs CAP_SYS_ADMIN)")
-        try:
-            yield
-        finally:
-            if libc.setns(own, _CLONE_NEWNET) != 0:
-                # Staying in a namespace that is about to vanish would poison every later
-                # case: stop the phase instead.
-                raise KvhostError("cannot return to the original network namespace: "
-                                  f"{os.strerror(ctypes.get_errno())}")
-    finally:
-        os.close(target)
-        os.close(own)
-
-
-def _link_up(name: str) -> None:
-    _run(["ip", "link", "set", "dev", name, "up"], f"bringing {name} up")
-
-
-@contextlib.contextmanager
-def fresh_netns(tag: str) -> Iterator[str]:
-    """Create network namespace ``kvx-TAG``, run the body inside it with IPv6 off (no
-    neighbour discovery chatter in the rings), remove it afterwards. Children started in
-    the body (QEMU, the shim) inherit it."""
-    name = f"kvx-{tag}-{os.getpid()}"
-    _run(["ip", "netns", "add", name], "creating a network namespace")
-    try:
-        with _inside_netns(name):
-            _link_up("lo")
-            for knob in ("all", "default"):
-                Path(f"/proc/sys/net/ipv6/conf/{knob}/disable_ipv6").write_text("1")
-            yield name
-    finally:
-        subprocess.run(["ip", "netns", "del", name], capture_output=True, check=False)
-
-
-class TapPort:
-    """The host side of a tap: an AF_PACKET socket bound to it."""
-
-    def __init__(self, ifname: str) -> None:
-        self.ifname = ifname
-        self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
-        self.sock.bind((ifname, 0))
-
-    def send(self, frame: bytes) -> None:
-        """Out of the tap interface, i.e. into the guest's RX queue."""
-        self.sock.send(frame)
-
-    def expect(self, wanted: bytes | int, timeout: float = FRAME_TIMEOUT) -> bytes:
-        """The first frame the tap received from the guest side that equals ``wanted``
-        (bytes) or has ethertype ``wanted`` (int); KvhostError naming the tap on timeout."""
-        deadline = time.monotonic() + timeout
-        seen = 0
-        while (remaining := deadline - time.monotonic()) > 0:
-            self.sock.settimeout(remaining)
-            try:
-                data, addr = self.sock.recvfrom(65536)
-            except TimeoutError:
-                break
-            if addr[2] == PACKET_OUTGOING:
-                continue
-            seen += 1
-            if isinstance(wanted, bytes):
-                if data == wanted:
-                    return data
-            elif int.from_bytes(data[12:14], "big") == wanted:
-                return data
-        what = f"ethertype {wanted:#06x}" if isinstance(wanted, int) else "the test frame"
-        raise KvhostError(f"{self.ifname}: {what} not seen in {timeout} s ({seen} others)")
-
-    def close(self) -> None:
-        self.sock.close()
+def fresh_netns(tag: str) -> contextlib.AbstractContextManager[str]:
+    """Network namespace ``kvx-TAG-…`` with IPv6 off (no neighbour discovery chatter in the
+    rings), removed afterwards; see :func:`kvhost.netns.fresh`."""
+    return netns.fresh(f"kvx-{tag}")
 
 
 def _receive(drv: VirtioNetDriver, frame: bytes, timeout: float = FRAME_TIMEOUT) -> None:
@@ -354,8 +254,7 @@ class ShimProcess:
 
 def _tap_up_persistent(name: str) -> None:
     # The shim takes an existing tap (--tap), as an operator's setup would give it one.
-    _run(["ip", "tuntap", "add", "dev", name, "mode", "tap", "vnet_hdr"], "creating the tap")
-    _link_up(name)
+    netns.create_tap(name)
 
 
 #: Properties kvhost.qemu.machine sets itself: its device is modern-only, which is what
@@ -488,8 +387,8 @@ def _source_case(case: Case, pin: str, case_dir: Path, r: dict[str, Any]) -> Non
         finally:
             r["qemu_stderr"] = machine.stderr_text()
         if case.backend == "native":
-            _link_up(TAP)
-        port = TapPort(TAP)
+            netns.link_up(TAP)
+        port = netns.TapPort(TAP)
         stack.callback(port.close)
 
         drv = VirtioNetDriver.probe(machine.qtest)
@@ -502,7 +401,7 @@ def _source_case(case: Case, pin: str, case_dir: Path, r: dict[str, Any]) -> Non
 
         before = _frame(GUEST_MAC, PEER_MAC, "before")
         drv.send(before)
-        port.expect(before)
+        port.expect(before, FRAME_TIMEOUT)
         drv.wait_used(TX, 1)
         drv.pop_used(TX)
         into = _frame(PEER_MAC, GUEST_MAC, "before-rx")
@@ -584,8 +483,8 @@ def _destination_case(case: Case, pin: str, case_dir: Path, r: dict[str, Any]) -
         finally:
             r["qemu_stderr"] = machine.stderr_text()
         if case.backend == "native":
-            _link_up(TAP)
-        port = TapPort(TAP)  # bound before the load, so the self-announce is seen
+            netns.link_up(TAP)
+        port = netns.TapPort(TAP)  # bound before the load, so the self-announce is seen
         stack.callback(port.close)
         if shim is not None:
             r["shim_version"] = shim.served_version()
@@ -607,7 +506,7 @@ def _destination_case(case: Case, pin: str, case_dir: Path, r: dict[str, Any]) -
             return
         r["load_ms"] = round((time.monotonic() - t0) * 1e3, 1)
 
-        rarp = port.expect(ETH_P_RARP)
+        rarp, _ = port.expect(ETH_P_RARP, FRAME_TIMEOUT)
         r["rarp_mac"] = rarp[6:12].hex(":")
         saved = DriverState.from_json(saved_text)
         drv = VirtioNetDriver.attach(machine.qtest, saved)
@@ -617,7 +516,7 @@ def _destination_case(case: Case, pin: str, case_dir: Path, r: dict[str, Any]) -
 
         after = _frame(GUEST_MAC, PEER_MAC, "after")
         drv.send(after)
-        port.expect(after)
+        port.expect(after, FRAME_TIMEOUT)
         r["used_after_tx"] = drv.wait_used(TX, 1)
         drv.pop_used(TX)
         into = _frame(PEER_MAC, GUEST_MAC, "after-rx")

@@ -32,36 +32,32 @@ other host.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import os
 import re
 import signal
-import socket
 import stat
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from kvhost import features, manifest, netlink, versions
+from kvhost import features, manifest, netns, versions
 from kvhost.errors import KvhostError, UsageError
 from kvhost.probe import probe
 from kvhost.qemu.legacy_pci import LegacyVirtioNet
 from kvhost.qemu.machine import Machine, MachineConfig, MigrationResult, VhostUserBackend, migrate
 from kvhost.qemu.virtio_pci import RX, TX, DriverState, VirtioNetDriver
 
-ETH_P_ALL = 0x0003
 ETH_P_RARP = 0x8035
 #: IEEE 802 local experimental ethertype: nothing else in the namespace sends it
 TEST_ETHERTYPE = 0x88B5
-PACKET_OUTGOING = 4
 GUEST_MAC = bytes.fromhex("525400aa0001")
 PEER_MAC = bytes.fromhex("02000000beef")
 
@@ -109,99 +105,14 @@ def frame(src: bytes, dst: bytes, tag: str) -> bytes:
     return dst + src + TEST_ETHERTYPE.to_bytes(2, "big") + payload
 
 
-class TapPort:
-    """The host side of a tap: an AF_PACKET socket bound to it.
-
-    What the guest transmits through vhost-net is *received* by the tap interface, so it
-    shows up here; what is sent here leaves through the tap into the guest's RX ring.
-    """
-
-    def __init__(self, ifname: str) -> None:
-        self.ifname = ifname
-        self.sock = socket.socket(
-            socket.AF_PACKET, socket.SOCK_RAW | socket.SOCK_CLOEXEC, socket.htons(ETH_P_ALL)
-        )
-        self.sock.bind((ifname, 0))
-
-    def send(self, data: bytes) -> None:
-        self.sock.send(data)
-
-    def expect(self, wanted: bytes | int, timeout: float = 10.0) -> tuple[bytes, float]:
-        """The first incoming frame equal to ``wanted`` (bytes) or with ethertype ``wanted``
-        (int), and its arrival time (perf_counter). ScenarioError on timeout."""
-        deadline = time.monotonic() + timeout
-        seen = 0
-        while (remaining := deadline - time.monotonic()) > 0:
-            self.sock.settimeout(remaining)
-            try:
-                data, addr = self.sock.recvfrom(65536)
-            except TimeoutError:
-                break
-            arrived = time.perf_counter()
-            if addr[2] == PACKET_OUTGOING:
-                continue
-            seen += 1
-            if isinstance(wanted, bytes):
-                if data == wanted:
-                    return data, arrived
-            elif int.from_bytes(data[12:14], "big") == wanted:
-                return data, arrived
-        what = wanted[12:14].hex() + " frame" if isinstance(wanted, bytes) else f"{wanted:#x}"
-        raise ScenarioError(f"{self.ifname}: expected {what} not seen in {timeout} s "
-                            f"({seen} other frames arrived)")
-
-    def close(self) -> None:
-        self.sock.close()
+TapPort = netns.TapPort
+create_tap = netns.create_tap
 
 
-def create_tap(name: str) -> None:
-    """A persistent tap ``name`` in the current namespace, up (the shim opens it)."""
-    run = subprocess.run(["ip", "tuntap", "add", "dev", name, "mode", "tap", "vnet_hdr"],
-                         capture_output=True, text=True, check=False)
-    if run.returncode != 0:
-        raise ScenarioError(f"ip tuntap add {name} failed: {run.stderr.strip()}")
-    netlink.set_up(name)
-
-
-_CLONE_NEWNET = 0x40000000
-
-
-def _setns(fd: int) -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.setns(fd, _CLONE_NEWNET) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"setns: {os.strerror(err)}")
-
-
-def quiet_ipv6() -> None:
-    """No IPv6 in the current namespace: its neighbour discovery would put frames in RX
-    rings between the scenario's own."""
-    for knob in ("all", "default"):
-        Path(f"/proc/sys/net/ipv6/conf/{knob}/disable_ipv6").write_text("1")
-
-
-@contextlib.contextmanager
-def fresh_netns() -> Iterator[str]:
-    """This process (and its children) in a new network namespace, removed afterwards.
-
-    The process must be single-threaded while inside (setns moves only the caller's thread).
-    """
-    name = f"kvscen-{os.getpid()}-{os.urandom(3).hex()}"
-    subprocess.run(["ip", "netns", "add", name], check=True, capture_output=True, text=True)
-    home = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        target = os.open(f"/run/netns/{name}", os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            _setns(target)
-        finally:
-            os.close(target)
-        subprocess.run(["ip", "link", "set", "lo", "up"], check=True, capture_output=True)
-        quiet_ipv6()
-        yield name
-    finally:
-        _setns(home)
-        os.close(home)
-        subprocess.run(["ip", "netns", "del", name], check=False, capture_output=True)
+def fresh_netns() -> contextlib.AbstractContextManager[str]:
+    """This process (and its children) in a new network namespace with IPv6 off, removed
+    afterwards; see :func:`kvhost.netns.fresh`."""
+    return netns.fresh("kvscen")
 
 
 # --- the shim as a process ------------------------------------------------------------------

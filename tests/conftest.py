@@ -9,13 +9,13 @@
 
 from __future__ import annotations
 
-import ctypes
 import os
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from kvhost import netns as kvnetns
 
 
 def _open_fds() -> set[str]:
@@ -52,16 +52,6 @@ def _readlink(fd: str) -> str | None:
         return None  # closed in the meantime: the fd listing's own handle
 
 
-_CLONE_NEWNET = 0x40000000
-
-
-def _setns(fd: int) -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.setns(fd, _CLONE_NEWNET) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"setns: {os.strerror(err)}")
-
-
 @pytest.fixture
 def netns() -> Iterator[str]:
     """A fresh network namespace the test runs in, removed afterwards.
@@ -71,18 +61,5 @@ def netns() -> Iterator[str]:
     traffic can reach any other namespace. ``ip netns add`` creates it: pyroute2's own
     creation forks a helper process, which under TCG took up to 40 s and sometimes timed out.
     """
-    name = f"kvtest-{os.getpid()}-{os.urandom(3).hex()}"
-    subprocess.run(["ip", "netns", "add", name], check=True, capture_output=True, text=True)
-    home = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        target = os.open(f"/run/netns/{name}", os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            _setns(target)
-        finally:
-            os.close(target)
-        subprocess.run(["ip", "link", "set", "lo", "up"], check=True, capture_output=True)
+    with kvnetns.fresh("kvtest", ipv6=True) as name:
         yield name
-    finally:
-        _setns(home)
-        os.close(home)
-        subprocess.run(["ip", "netns", "del", name], check=False, capture_output=True)

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from kvhost import features, netlink
+from kvhost import features
+from kvhost.netns import TapPort, link_up
 from kvhost.qemu.errors import QemuExited
 from kvhost.qemu.machine import (
     Machine,
@@ -35,10 +36,8 @@ from kvhost.vhost import VhostNet
 
 pytestmark = [pytest.mark.kernel, pytest.mark.qemu]
 
-ETH_P_ALL = 0x0003
 ETH_P_RARP = 0x8035
 TEST_ETHERTYPE = 0x88B5  # IEEE 802 local experimental: nothing else in the netns sends it
-PACKET_OUTGOING = 4
 GUEST_MAC = bytes.fromhex("525400aa0001")
 PEER_MAC = bytes.fromhex("02000000beef")
 
@@ -68,47 +67,6 @@ def _frame(src: bytes, dst: bytes, tag: str) -> bytes:
     return dst + src + TEST_ETHERTYPE.to_bytes(2, "big") + payload
 
 
-class TapPort:
-    """The host side of a tap: an AF_PACKET socket bound to it."""
-
-    def __init__(self, ifname: str) -> None:
-        self.ifname = ifname
-        self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
-        self.sock.bind((ifname, 0))
-
-    def send(self, frame: bytes) -> None:
-        """Out of the tap interface, i.e. into the guest's RX queue."""
-        self.sock.send(frame)
-
-    def expect(self, wanted: bytes | int, timeout: float = 5.0) -> tuple[bytes, float]:
-        """The first frame the tap received (from the guest) that equals ``wanted`` (bytes)
-        or has ethertype ``wanted`` (int), and when it arrived (perf_counter)."""
-        deadline = time.monotonic() + timeout
-        seen = 0
-        while (remaining := deadline - time.monotonic()) > 0:
-            self.sock.settimeout(remaining)
-            try:
-                data, addr = self.sock.recvfrom(65536)
-            except TimeoutError:
-                break
-            arrived = time.perf_counter()
-            if addr[2] == PACKET_OUTGOING:
-                continue
-            seen += 1
-            if (
-                data == wanted
-                if isinstance(wanted, bytes)
-                else int.from_bytes(data[12:14], "big") == wanted
-            ):
-                return data, arrived
-        raise AssertionError(
-            f"{self.ifname}: expected frame not seen in {timeout} s ({seen} other frames)"
-        )
-
-    def close(self) -> None:
-        self.sock.close()
-
-
 def _native(tap: str, incoming: str | None = None) -> MachineConfig:
     return MachineConfig(
         backend=TapBackend(tap, vhost=True),
@@ -121,7 +79,7 @@ def _native(tap: str, incoming: str | None = None) -> MachineConfig:
 def started(netns: str) -> Iterator[tuple[Machine, TapPort]]:
     with ExitStack() as stack:
         machine = stack.enter_context(Machine(_native("kvq0"), name="native"))
-        netlink.set_up("kvq0")
+        link_up("kvq0")
         port = TapPort("kvq0")
         stack.callback(port.close)
         yield machine, port
@@ -202,7 +160,7 @@ def test_native_live_migration_continues_on_destination(fd_leak_check: None, net
         src = stack.enter_context(Machine(_native("kvq0"), name="source"))
         dst = stack.enter_context(Machine(_native("kvq1", uri), name="destination"))
         for tap in ("kvq0", "kvq1"):
-            netlink.set_up(tap)
+            link_up(tap)
         src_port, dst_port = TapPort("kvq0"), TapPort("kvq1")
         stack.callback(src_port.close)
         stack.callback(dst_port.close)

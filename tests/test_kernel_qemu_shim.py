@@ -28,6 +28,7 @@ from pathlib import Path
 import pytest
 
 from kvhost import features, manifest, versions
+from kvhost.netns import quiet_ipv6
 from kvhost.probe import probe
 from kvhost.qemu.legacy_pci import LegacyVirtioNet
 from kvhost.qemu.machine import QEMU_BINARY, MachineConfig, TapBackend, migrate
@@ -53,7 +54,6 @@ from kvhost.scenario import (
     is_legacy,
     kvhost_compat,
     last_per_ring,
-    quiet_ipv6,
     start_shim_expecting_failure,
 )
 from kvhost.scenario import run as run_scenario
