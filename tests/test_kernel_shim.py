@@ -329,104 +329,97 @@ def witness(make_shim: type[Shim]) -> Iterator[tuple[Shim, VhostUserFrontend, Ne
         assert_alive(fe, shim)
 
 
-def _dropped(shim: Shim, fe: VhostUserFrontend, caplog: pytest.LogCaptureFixture, why: str) -> None:
-    if fe.state.value not in ("failed", "closed"):  # else the frontend saw the refusal
-        assert fe.wait_closed(5), "the shim kept the bad connection open"
-    fe.close()
-    deadline = time.monotonic() + 5
-    while len(shim.server.connections) > 1 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert len(shim.server.connections) == 1
-    assert why in caplog.text, caplog.text
+class BadPeer:
+    """A second connection to the witness's shim, for one piece of bad input.
+
+    Depending on it brings the witness (which must keep passing traffic), the fd-leak check
+    and INFO logging of the shim.
+    """
+
+    def __init__(self, shim: Shim, caplog: pytest.LogCaptureFixture) -> None:
+        self.shim = shim
+        self.caplog = caplog
+        self.fe = shim.frontend()
+
+    def wait_connections(self, n: int) -> None:
+        deadline = time.monotonic() + 5
+        while len(self.shim.server.connections) > n and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(self.shim.server.connections) == n
+
+    def wait_log(self, why: str) -> None:
+        deadline = time.monotonic() + 5
+        while why not in self.caplog.text and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert why in self.caplog.text, self.caplog.text
+
+    def dropped(self, why: str) -> None:
+        """The shim closed this connection, logged ``why``, and only the witness is left."""
+        if self.fe.state.value not in ("failed", "closed"):  # else the frontend saw the refusal
+            assert self.fe.wait_closed(5), "the shim kept the bad connection open"
+        self.fe.close()
+        self.wait_connections(1)
+        self.wait_log(why)
 
 
 @pytest.fixture
-def log_info(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
+def bad(
+    witness: tuple[Shim, VhostUserFrontend, NetDevice],
+    fd_leak_check: None,
+    caplog: pytest.LogCaptureFixture,
+) -> Iterator[BadPeer]:
     caplog.set_level(logging.INFO, "kvhost.shim")
-    return caplog
+    peer = BadPeer(witness[0], caplog)
+    try:
+        yield peer
+    finally:
+        peer.fe.close()
 
 
-def test_truncated_header(
-    witness: tuple[Shim, VhostUserFrontend, NetDevice],
-    fd_leak_check: None,
-    log_info: pytest.LogCaptureFixture,
-) -> None:
-    shim = witness[0]
-    fe = shim.frontend()
-    fe.send_raw(p.raw_message(R.GET_FEATURES, 1, b"")[:7])
-    fe.close()
-    deadline = time.monotonic() + 5
-    while "hung up in the middle of a message" not in log_info.text and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert "hung up in the middle of a message" in log_info.text
+def _table(mem: GuestMemory) -> p.MemTable:
+    regions = mem.regions
+    return p.MemTable(
+        tuple(p.MemRegion(r.guest_phys_addr, r.memory_size, r.userspace_addr, 0) for r in regions)
+    )
 
 
-def test_size_larger_than_payload(
-    witness: tuple[Shim, VhostUserFrontend, NetDevice],
-    fd_leak_check: None,
-    log_info: pytest.LogCaptureFixture,
-) -> None:
-    shim = witness[0]
-    fe = shim.frontend()
-    fe.send_raw(p.raw_message(R.SET_FEATURES, 1, bytes(8), size=4096))
-    _dropped(shim, fe, log_info, "SET_FEATURES announces a 4096-byte payload")
+def test_truncated_header(bad: BadPeer) -> None:
+    bad.fe.send_raw(p.raw_message(R.GET_FEATURES, 1, b"")[:7])
+    bad.fe.close()
+    bad.wait_log("hung up in the middle of a message")
 
 
-def test_unknown_request(
-    witness: tuple[Shim, VhostUserFrontend, NetDevice],
-    fd_leak_check: None,
-    log_info: pytest.LogCaptureFixture,
-) -> None:
-    shim = witness[0]
-    fe = shim.frontend()
-    fe.handshake()
-    fe.send_raw(p.raw_message(0x99, p.HeaderFlag.VERSION | p.HeaderFlag.NEED_REPLY, b""))
-    _dropped(shim, fe, log_info, "unknown request 153 (0x99) is not supported")
+def test_size_larger_than_payload(bad: BadPeer) -> None:
+    bad.fe.send_raw(p.raw_message(R.SET_FEATURES, 1, bytes(8), size=4096))
+    bad.dropped("SET_FEATURES announces a 4096-byte payload")
 
 
-def test_wrong_fd_count(
-    witness: tuple[Shim, VhostUserFrontend, NetDevice],
-    fd_leak_check: None,
-    log_info: pytest.LogCaptureFixture,
-) -> None:
-    shim = witness[0]
-    fe = shim.frontend()
-    fe.handshake()
+def test_unknown_request(bad: BadPeer) -> None:
+    bad.fe.handshake()
+    bad.fe.send_raw(p.raw_message(0x99, p.HeaderFlag.VERSION | p.HeaderFlag.NEED_REPLY, b""))
+    bad.dropped("unknown request 153 (0x99) is not supported")
+
+
+def test_wrong_fd_count(bad: BadPeer) -> None:
+    bad.fe.handshake()
     a, b = os.eventfd(0, os.EFD_CLOEXEC), os.eventfd(0, os.EFD_CLOEXEC)
     try:
-        fe.send_raw(p.raw_message(R.SET_VRING_CALL, 1, p.VringFile(0).pack()), [a, b])
+        bad.fe.send_raw(p.raw_message(R.SET_VRING_CALL, 1, p.VringFile(0).pack()), [a, b])
     finally:
         os.close(a)
         os.close(b)
-    _dropped(shim, fe, log_info, "SET_VRING_CALL came with 2 fds; it needs 1")
+    bad.dropped("SET_VRING_CALL came with 2 fds; it needs 1")
 
 
-def test_mem_table_with_fewer_fds_than_regions(
-    witness: tuple[Shim, VhostUserFrontend, NetDevice],
-    fd_leak_check: None,
-    log_info: pytest.LogCaptureFixture,
-) -> None:
-    shim = witness[0]
-    fe = shim.frontend()
-    fe.handshake()
+def test_mem_table_with_fewer_fds_than_regions(bad: BadPeer) -> None:
+    bad.fe.handshake()
     with GuestMemory.create(MEMORY) as mem:
-        table = p.MemTable(
-            tuple(
-                p.MemRegion(r.guest_phys_addr, r.memory_size, r.userspace_addr, 0)
-                for r in mem.regions
-            )
-        )
-        fe.send_raw(p.raw_message(R.SET_MEM_TABLE, 1, table.pack()), mem.fds[:1])
-    _dropped(shim, fe, log_info, "SET_MEM_TABLE came with 1 fds; it needs 2")
+        bad.fe.send_raw(p.raw_message(R.SET_MEM_TABLE, 1, _table(mem).pack()), mem.fds[:1])
+    bad.dropped("SET_MEM_TABLE came with 1 fds; it needs 2")
 
 
-def test_ring_address_outside_memory(
-    witness: tuple[Shim, VhostUserFrontend, NetDevice],
-    fd_leak_check: None,
-    log_info: pytest.LogCaptureFixture,
-) -> None:
-    shim = witness[0]
-    fe = shim.frontend()
+def test_ring_address_outside_memory(bad: BadPeer) -> None:
+    fe = bad.fe
     fe.handshake()
     with GuestMemory.create(MEMORY) as mem:
         fe.set_features(fe.features & ~features.LOG_ALL)
@@ -440,98 +433,53 @@ def test_ring_address_outside_memory(
                 p.VringAddr(0, 0, outside, mem.hva(BASE_GPA), mem.hva(BASE_GPA + 0x1000), 0),
             )
         )
-        _dropped(shim, fe, log_info, "is outside every memory region")
+        bad.dropped("is outside every memory region")
 
 
-def test_overlapping_regions(
-    witness: tuple[Shim, VhostUserFrontend, NetDevice],
-    fd_leak_check: None,
-    log_info: pytest.LogCaptureFixture,
-) -> None:
-    shim = witness[0]
-    fe = shim.frontend()
-    fe.handshake()
+def test_overlapping_regions(bad: BadPeer) -> None:
+    bad.fe.handshake()
     with GuestMemory.create([(0, 1 << 20), (1 << 20, 1 << 20)]) as mem:
         a, b = mem.regions
         overlapping = [a, MemoryRegion(0x80000, b.memory_size, b.userspace_addr, b.fd)]
         with contextlib.suppress(RemoteProtocolError):
-            fe.set_mem_table(overlapping)
-        _dropped(shim, fe, log_info, "overlap")
+            bad.fe.set_mem_table(overlapping)
+        bad.dropped("overlap")
 
 
-def test_too_many_regions_for_the_protocol(
-    witness: tuple[Shim, VhostUserFrontend, NetDevice],
-    fd_leak_check: None,
-    log_info: pytest.LogCaptureFixture,
-) -> None:
-    shim = witness[0]
-    fe = shim.frontend()
-    fe.handshake()
+def test_too_many_regions_for_the_protocol(bad: BadPeer) -> None:
+    bad.fe.handshake()
     regions = [(i << 20, 1 << 16) for i in range(9)]
     with GuestMemory.create(regions) as mem:
         head = struct.pack("=II", 9, 0)
-        body = b"".join(
-            p.MemRegion(r.guest_phys_addr, r.memory_size, r.userspace_addr, 0).pack()
-            for r in mem.regions
-        )
-        fe.send_raw(p.raw_message(R.SET_MEM_TABLE, 1, head + body), mem.fds[:8])
-    _dropped(shim, fe, log_info, "memory table announces 9 regions")
+        body = _table(mem).pack()[8:]  # the regions as packed, under a header claiming 9
+        bad.fe.send_raw(p.raw_message(R.SET_MEM_TABLE, 1, head + body), mem.fds[:8])
+    bad.dropped("memory table announces 9 regions")
 
 
-def test_message_in_the_wrong_state(
-    witness: tuple[Shim, VhostUserFrontend, NetDevice],
-    fd_leak_check: None,
-    log_info: pytest.LogCaptureFixture,
-) -> None:
-    shim = witness[0]
-    fe = shim.frontend()
-    fe.get_features()
+def test_message_in_the_wrong_state(bad: BadPeer) -> None:
+    bad.fe.get_features()
     with GuestMemory.create(MEMORY) as mem:
-        data, fds = fe.codec.request(
-            R.SET_MEM_TABLE,
-            p.MemTable(
-                tuple(
-                    p.MemRegion(r.guest_phys_addr, r.memory_size, r.userspace_addr, 0)
-                    for r in mem.regions
-                )
-            ),
-            mem.fds,
-        )
-        fe.send_raw(data, fds)
-    _dropped(shim, fe, log_info, "SET_MEM_TABLE is not allowed before SET_OWNER")
+        bad.fe.send_raw(*bad.fe.codec.request(R.SET_MEM_TABLE, _table(mem), mem.fds))
+    bad.dropped("SET_MEM_TABLE is not allowed before SET_OWNER")
 
 
-def test_resizing_a_running_ring(
-    witness: tuple[Shim, VhostUserFrontend, NetDevice],
-    fd_leak_check: None,
-    log_info: pytest.LogCaptureFixture,
-) -> None:
-    shim = witness[0]
-    fe = shim.frontend()
+def test_resizing_a_running_ring(bad: BadPeer) -> None:
     with GuestMemory.create(MEMORY) as mem:
-        start(fe, mem)
-        fe.send_raw(*fe.codec.request(R.SET_VRING_NUM, p.VringState(1, 128)))
-        _dropped(shim, fe, log_info, "stop it with GET_VRING_BASE first")
+        start(bad.fe, mem)
+        bad.fe.send_raw(*bad.fe.codec.request(R.SET_VRING_NUM, p.VringState(1, 128)))
+        bad.dropped("stop it with GET_VRING_BASE first")
 
 
-def test_frontend_disconnect_mid_setup(
-    witness: tuple[Shim, VhostUserFrontend, NetDevice],
-    fd_leak_check: None,
-    log_info: pytest.LogCaptureFixture,
-) -> None:
-    shim = witness[0]
-    fe = shim.frontend()
+def test_frontend_disconnect_mid_setup(bad: BadPeer) -> None:
+    fe = bad.fe
     fe.handshake()
     with GuestMemory.create(MEMORY) as mem:
         fe.set_features(fe.features & ~features.LOG_ALL)
         fe.set_mem_table(mem)
         fe.set_vring_num(0, 256)
         fe.close()
-    deadline = time.monotonic() + 5
-    while len(shim.server.connections) > 1 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert len(shim.server.connections) == 1
-    assert "closed: frontend hung up" in log_info.text
+    bad.wait_connections(1)
+    bad.wait_log("closed: frontend hung up")
 
 
 def test_sigterm_like_stop_detaches_rings_and_closes_everything(
