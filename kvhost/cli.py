@@ -16,7 +16,7 @@ from kvhost import __version__
 from kvhost.errors import KvhostError, UsageError, VersionError
 
 #: modules of kvhost.commands, in the order their subcommands appear in --help
-COMMAND_MODULES: tuple[str, ...] = ("probe", "versions")
+COMMAND_MODULES: tuple[str, ...] = ("probe", "versions", "host")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
         "interface versions, pin VMs to one.",
     )
     parser.add_argument("--version", action="version", version=f"kvhost {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    sub = parser.add_subparsers(dest="subcommand", metavar="COMMAND", required=True)
     for name in COMMAND_MODULES:
         importlib.import_module(f"kvhost.commands.{name}").register(sub)
     return parser
@@ -38,10 +38,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except (UsageError, VersionError) as err:
-        print(f"kvhost {args.command}: {err}", file=sys.stderr)
+        print(f"kvhost {args.subcommand}: {err}", file=sys.stderr)
         return 2
     except KvhostError as err:
-        print(f"kvhost {args.command}: {err}", file=sys.stderr)
+        print(f"kvhost {args.subcommand}: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

@@ -46,6 +46,11 @@ class ManifestError(KvhostError):
     """No manifest could be generated (the probe found nothing servable) or written."""
 
 
+class NoVersionServed(ManifestError):
+    """The probe found nothing servable: this host serves no interface version at all
+    (as opposed to a manifest that could not be written)."""
+
+
 class ProbeJSON(ver.ProbeLike, Protocol):
     @property
     def kernel_release(self) -> str: ...
@@ -60,14 +65,14 @@ def _now() -> str:
 def build(probe: ProbeJSON, *, generated_at: str | None = None) -> dict[str, Any]:
     """The manifest for ``probe``.
 
-    Raises ManifestError when the host serves no version (the sentence says why), so a
-    caller never replaces a good manifest with an empty one.
+    Raises NoVersionServed (a ManifestError) when the host serves no version (the sentence
+    says why), so a caller never replaces a good manifest with an empty one.
     """
     offer = ver.host_offer(probe)
     ok = ver.supported(offer)
     if not ok:
         oldest = ver.registry()[0]
-        raise ManifestError(
+        raise NoVersionServed(
             f"no manifest written: this host serves no interface version "
             f"({'; '.join(ver.missing(oldest, offer))})"
         )

@@ -16,6 +16,7 @@ import pytest
 
 from kvhost import features as fb
 from kvhost import manifest as mf
+from kvhost import nfd
 from kvhost import versions as ver
 from kvhost.cli import main
 from kvhost.probe import probe
@@ -81,6 +82,26 @@ def test_check_agrees_with_probe(scratch: Path, capsys: pytest.CaptureFixture[st
         assert live.split(" can", 1)[1] == from_file.split(" can", 1)[1]
         if expected:
             assert "missing feature bits" in live
+
+
+def test_nfd_labels_name_what_this_kernel_serves(
+    scratch: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    expected = _expected_latest(os.uname().release)
+    out, nfd_path = scratch / "vhost-net.json", scratch / "kvhost"
+    assert main(["manifest", "--output", str(out), "--nfd", str(nfd_path)]) == 0
+    assert capsys.readouterr().out.startswith(f"wrote {out} and {nfd_path}: kernel ")
+    labels = nfd.parse(nfd_path.read_text())
+    names = [v.name for v in ver.registry()]
+    assert labels == {
+        **{f"kvhost.io/{n}": "true" for n in names[: names.index(expected) + 1]},
+        "kvhost.io/vhost-net.latest": expected,
+    }
+    # one label per version the live probe supports, no more
+    offer = ver.host_offer(probe())
+    for v in ver.registry():
+        assert (f"kvhost.io/{v.name}" in labels) == (not ver.missing(v, offer)), v.name
+    assert labels == nfd.labels(json.loads(out.read_text()))
 
 
 def test_cli_entry_point_probes_for_real(scratch: Path) -> None:

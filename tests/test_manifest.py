@@ -139,6 +139,82 @@ def test_concurrent_writers_and_readers_never_see_a_partial_file(tmp_path: Path)
     assert os.listdir(tmp_path) == ["vhost-net.json"]
 
 
+def _check_doc(text: str, where: str) -> tuple[int, int]:
+    doc = json.loads(text)
+    m = mf.load(doc, where)
+    expected_pad = 0 if doc["writer"] < 0 else 1000 * (doc["writer"] % 7) + doc["round"]
+    if len(doc["pad"]) != expected_pad:
+        raise AssertionError(f"pad of writer {doc['writer']} round {doc['round']} is torn")
+    if m.latest.name not in (V[5], V[7]):
+        raise AssertionError(f"latest {m.latest.name}")
+    return int(doc["writer"]), int(doc["round"])
+
+
+def _race_writer(path: str, ident: int, rounds: int, start: Any) -> None:
+    start.wait(60)
+    _writer(path, ident, rounds)
+
+
+def _race_reader(path: str, start: Any, done: Any, results: Any) -> None:
+    reads, seen, error = 0, set(), None
+    # readers yield the CPU to writers (and nap between reads below): 100 readers spinning
+    # at full priority on 2 cores would starve the writers and stretch the test to minutes
+    os.nice(19)
+    start.wait(60)
+    try:
+        # one more read after the writers finished, so even a slow starter reads the end
+        while True:
+            last = done.is_set()
+            with open(path) as f:
+                seen.add(_check_doc(f.read(), path))
+            reads += 1
+            if last:
+                break
+            time.sleep(0.02)
+    except Exception as err:  # any failure is the finding
+        error = f"{type(err).__name__}: {err}"
+    results.put((reads, len(seen), error))
+
+
+def test_100_writer_and_100_reader_processes(tmp_path: Path) -> None:
+    """Issue 6: 100 concurrent writers and readers, every read parses, the end is complete.
+
+    Processes, not threads: 200 forked processes released by one barrier, so writes and
+    reads really overlap on both cores (a thread reader would mostly wait for the GIL).
+    """
+    path = tmp_path / "vhost-net.json"
+    mf.write_atomic(path, mf.encode(dict(mf.build(probe_61()), writer=-1, round=0, pad="")))
+    writers, readers, rounds = 100, 100, 3
+    ctx = multiprocessing.get_context("fork")
+    start, done, results = ctx.Barrier(writers + readers), ctx.Event(), ctx.Queue()
+    wprocs = [
+        ctx.Process(target=_race_writer, args=(str(path), w, rounds, start))
+        for w in range(writers)
+    ]
+    rprocs = [
+        ctx.Process(target=_race_reader, args=(str(path), start, done, results))
+        for _ in range(readers)
+    ]
+    for p in rprocs + wprocs:
+        p.start()
+    for p in wprocs:
+        p.join(60)
+    done.set()
+    outcome = [results.get(timeout=60) for _ in rprocs]
+    for p in rprocs:
+        p.join(60)
+    assert [p.exitcode for p in wprocs + rprocs] == [0] * (writers + readers)
+    errors = [e for _, _, e in outcome if e]
+    assert not errors, errors[:3]
+    assert min(r for r, _, _ in outcome) >= 1, outcome
+    # readers saw the file change under them: the race really happened
+    assert max(s for _, s, _ in outcome) > 1, outcome[:5]
+    final = mf.read(path)
+    assert final.raw["round"] == rounds - 1 and 0 <= final.raw["writer"] < writers
+    _check_doc(path.read_text(), str(path))
+    assert os.listdir(tmp_path) == ["vhost-net.json"]
+
+
 # --- reading errors -------------------------------------------------------------------------
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from kvhost import manifest as mf
-from kvhost import qemu_args
+from kvhost import nfd, qemu_args
 from kvhost import versions as ver
 from kvhost.errors import KvhostError, UsageError
 
@@ -43,6 +43,7 @@ def register(sub: Any) -> None:
         action="store_true",
         help="also log the outcome to the kernel log (/dev/kmsg), as the udev rule does",
     )
+    add_nfd_options(p)
     p.set_defaults(func=_manifest)
 
     p = sub.add_parser(
@@ -92,7 +93,24 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--reload", action="store_true", help="run 'udevadm control --reload' afterwards"
     )
+    add_nfd_options(p, for_rule=True)
     p.set_defaults(func=_install_udev)
+
+
+def add_nfd_options(p: argparse.ArgumentParser, *, for_rule: bool = False) -> None:
+    rule = "the rule also writes " if for_rule else "also write "
+    p.add_argument(
+        "--nfd",
+        metavar="PATH",
+        help=rule + "a node-feature-discovery feature file here (one label per supported "
+        f"version; usually {nfd.DEFAULT_PATH}); removed when the host serves no version",
+    )
+    p.add_argument(
+        "--nfd-prefix",
+        default=nfd.DEFAULT_PREFIX,
+        metavar="NS",
+        help=f"label namespace of the NFD labels (default {nfd.DEFAULT_PREFIX})",
+    )
 
 
 # --- helpers --------------------------------------------------------------------------------
@@ -123,8 +141,21 @@ def _print_json(obj: Any) -> None:
 
 def _manifest(args: argparse.Namespace) -> int:
     out = None if args.output == "-" else Path(args.output)
+    nfd_path = nfd.check_path(Path(args.nfd)) if args.nfd else None
+    prefix = nfd.check_prefix(args.nfd_prefix)
     try:
-        m = mf.generate(out)
+        try:
+            m = mf.generate(out)
+        except mf.NoVersionServed as err:
+            # A label is a promise to the scheduler; a manifest only informs local tools and
+            # keeps its last good content (a transient probe failure must not blank it).
+            if nfd_path is not None and nfd.withdraw(nfd_path):
+                raise mf.NoVersionServed(
+                    f"{err}; removed {nfd_path} so this node advertises no version"
+                ) from err
+            raise
+        if nfd_path is not None:
+            nfd.write(nfd_path, m, prefix)
     except KvhostError as err:
         if args.kmsg:
             _kmsg(4, f"manifest {args.output} not updated: {err}")
@@ -133,12 +164,15 @@ def _manifest(args: argparse.Namespace) -> int:
         f"kernel {m['kernel_release']}: latest {m['latest']}, "
         f"{len(m['supported'])} versions supported"
     )
+    wrote = f"{args.output}" + (f" and {nfd_path}" if nfd_path else "")
     if args.kmsg:
-        _kmsg(6, f"wrote {args.output}: {summary}")
+        _kmsg(6, f"wrote {wrote}: {summary}")
     if args.json or out is None:
         _print_json(m)
+        if nfd_path is not None:  # stdout carries only the JSON
+            print(f"wrote {nfd_path}: {summary}", file=sys.stderr)
     else:
-        print(f"wrote {out}: {summary}")
+        print(f"wrote {wrote}: {summary}")
     return 0
 
 
@@ -219,13 +253,24 @@ def _qemu_args(args: argparse.Namespace) -> int:
     return 0
 
 
-def render_rule(command: list[str] | tuple[str, ...], manifest: str) -> str:
-    """The udev rules file text running ``command manifest --output MANIFEST --kmsg``.
+def render_rule(
+    command: list[str] | tuple[str, ...],
+    manifest: str,
+    *,
+    nfd_path: str | None = None,
+    nfd_prefix: str = nfd.DEFAULT_PREFIX,
+) -> str:
+    """The udev rules file text running ``command manifest --output MANIFEST --kmsg``, plus
+    ``--nfd PATH`` (and ``--nfd-prefix NS`` when not the default) when ``nfd_path`` is given.
 
     Raises UsageError when a word would need quoting (udev's RUN splits on blanks) or the
     program is not an absolute path (udev runs RUN programs without a PATH search).
     """
     words = [*command, "manifest", "--output", manifest, "--kmsg"]
+    if nfd_path is not None:
+        words += ["--nfd", nfd_path]
+        if nfd_prefix != nfd.DEFAULT_PREFIX:
+            words += ["--nfd-prefix", nfd.check_prefix(nfd_prefix)]
     for w in words:
         if not w or any(c.isspace() or c in "'\"\\%$" for c in w):
             raise UsageError(
@@ -242,14 +287,36 @@ def render_rule(command: list[str] | tuple[str, ...], manifest: str) -> str:
     )
 
 
-def _install_udev(args: argparse.Namespace) -> int:
+def rule_for(args: argparse.Namespace) -> str:
+    """The udev rule text for ``install-udev`` / ``install-host`` arguments (``--command``,
+    ``--manifest``, ``--nfd``, ``--nfd-prefix``). Raises UsageError."""
     command = shlex.split(args.command) if args.command else [sys.executable, "-m", "kvhost.cli"]
-    text = render_rule(command, str(Path(args.manifest).absolute()))
-    target = Path(args.rules_dir) / RULES_NAME
+    nfd_path = str(nfd.check_path(Path(args.nfd)).absolute()) if args.nfd else None
+    return render_rule(
+        command,
+        str(Path(args.manifest).absolute()),
+        nfd_path=nfd_path,
+        nfd_prefix=args.nfd_prefix,
+    )
+
+
+def install_file(target: Path, data: bytes, mode: int = 0o644) -> None:
+    """Atomically install ``data`` at ``target``. Raises UsageError naming the file."""
     try:
-        mf.write_atomic(target, text.encode())
+        mf.write_atomic(target, data, mode=mode)
     except mf.ManifestError as err:
-        raise UsageError(f"cannot install {target}: {err.__cause__ or err}") from err
+        raise UsageError(f"cannot install {target}: {_why(err)}") from err
+
+
+def _why(err: Exception) -> str:
+    cause = err.__cause__
+    return cause.strerror if isinstance(cause, OSError) and cause.strerror else str(err)
+
+
+def _install_udev(args: argparse.Namespace) -> int:
+    text = rule_for(args)
+    target = Path(args.rules_dir) / RULES_NAME
+    install_file(target, text.encode())
     print(f"installed {target}")
     if args.reload:
         done = subprocess.run(

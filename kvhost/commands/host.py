@@ -1,0 +1,260 @@
+"""``kvhost install-host``: fit kvhost into a host's tooling with one command.
+
+Installs, under ``--root`` (default ``/``)::
+
+    etc/udev/rules.d/90-kvhost.rules               manifest (+ NFD file) on vhost-net/tun add
+    etc/systemd/system/kvhost-shim@.service        one kvhost-shim per VM socket
+    usr/share/qemu/vhost-user/50-kvhost-net.json   QEMU's backend descriptor (libvirt reads it)
+    etc/sysusers.d/kvhost.conf                     the user the shim drops to (--user kvhost)
+    etc/kvhost/shim/                               the per-VM EnvironmentFiles (VM.env)
+
+Program paths are rewritten to this installation: the rule runs this interpreter with
+``-m kvhost.cli`` (as ``install-udev``), the unit and the descriptor run the ``kvhost-shim``
+entry point next to this interpreter (``--shim`` overrides). Without ``--root`` and
+``--no-reload`` it then makes the running host pick the files up: ``udevadm control
+--reload`` when udevd runs, ``systemd-sysusers`` when present, ``systemctl daemon-reload``
+when systemd is the init system. Every file is replaced atomically; running it again is safe.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sysconfig
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from kvhost import manifest as mf
+from kvhost import nfd
+from kvhost.commands import versions as vcmd
+from kvhost.errors import KvhostError, UsageError
+
+UNIT_NAME = "kvhost-shim@.service"
+DESCRIPTOR_NAME = "50-kvhost-net.json"
+#: where ``pip install`` as root puts the shim; the unit and descriptor in the repository
+#: (systemd/, kvhost/data/) name it, ``install-host`` writes the real entry point instead
+SHIPPED_SHIM = "/usr/local/bin/kvhost-shim"
+SHIM_USER = "kvhost"
+#: what ProtectHome=yes makes inaccessible (systemd.exec(5))
+HOME_DIRS = ("/home", "/root", "/run/user")
+
+RULES_DIR = Path("etc/udev/rules.d")
+UNIT_DIR = Path("etc/systemd/system")
+DESCRIPTOR_DIR = Path("usr/share/qemu/vhost-user")
+SYSUSERS_FILE = Path("etc/sysusers.d/kvhost.conf")
+ENV_DIR = Path("etc/kvhost/shim")
+
+SYSUSERS = (
+    "# kvhost-shim@.service starts kvhost-shim as root for its set-up, then it runs as this\n"
+    "# user (--user); installed by 'kvhost install-host'.\n"
+    f'u {SHIM_USER} - "kvhost-shim vhost-user backend" / /usr/sbin/nologin\n'
+)
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser(
+        "install-host",
+        help="install the udev rule, the kvhost-shim@ systemd unit and QEMU's vhost-user "
+        "descriptor, then reload udev and systemd",
+        description=__doc__.split("\n\n", 1)[0] if __doc__ else None,
+    )
+    p.add_argument(
+        "--root",
+        metavar="DIR",
+        help="install under DIR instead of / (staging an image); nothing is reloaded",
+    )
+    p.add_argument(
+        "--no-reload", action="store_true", help="do not reload udev or systemd afterwards"
+    )
+    p.add_argument(
+        "--shim",
+        metavar="PATH",
+        help="kvhost-shim program for the unit and the descriptor "
+        "(default: the entry point next to this interpreter)",
+    )
+    p.add_argument("--manifest", default=str(mf.DEFAULT_PATH), help="manifest path the rule writes")
+    p.add_argument(
+        "--command",
+        help="kvhost command for the udev rule (default: this interpreter with -m kvhost.cli)",
+    )
+    vcmd.add_nfd_options(p, for_rule=True)
+    p.set_defaults(func=_install_host)
+
+
+# --- rendering (pure) -------------------------------------------------------------------------
+
+
+def _check_program(path: str, what: str) -> str:
+    # systemd expands '%' and '$' in ExecStart and splits on blanks; JSON does not care, but
+    # one path serves both
+    if not path.startswith("/"):
+        raise UsageError(f"{what} must be an absolute path, got {path!r}")
+    if any(c.isspace() or c in "'\"\\%$;" for c in path):
+        raise UsageError(f"{what} {path!r}: use a path without blanks, quotes, '%', '$' or ';'")
+    return path
+
+
+def shipped_unit() -> str:
+    """The unit as shipped in the package (ExecStart names :data:`SHIPPED_SHIM`)."""
+    return resources.files("kvhost").joinpath(f"data/{UNIT_NAME}").read_text()
+
+
+def shipped_descriptor() -> str:
+    return resources.files("kvhost").joinpath(f"data/{DESCRIPTOR_NAME}").read_text()
+
+
+def _interpreter(program: str) -> str | None:
+    # a pip entry point is a script whose '#!' line names the Python that runs it
+    try:
+        with open(program, "rb") as f:
+            first = f.readline(4096)
+    except OSError:
+        return None
+    if not first.startswith(b"#!"):
+        return None
+    words = first[2:].decode(errors="replace").split()
+    return words[0] if words else None
+
+
+def _under_home(path: str) -> bool:
+    real = os.path.realpath(path)
+    return any(real == h or real.startswith(h + "/") for h in HOME_DIRS)
+
+
+def render_unit(shim: str, interpreter: str | None = None) -> str:
+    """The ``kvhost-shim@.service`` text with ExecStart running ``shim``.
+
+    ProtectHome=yes hides /home, /root and /run/user from the service; when ``shim`` or the
+    Python it runs (``interpreter``, default: read from its '#!' line) lives there (a
+    virtualenv in a home directory), the unit gets ProtectHome=read-only instead, so it
+    can start at all. Raises UsageError for a path systemd cannot run.
+    """
+    text = shipped_unit()
+    old = f"ExecStart={SHIPPED_SHIM} "
+    if text.count(old) != 1 or text.count("\nProtectHome=yes\n") != 1:
+        raise KvhostError(f"packaged {UNIT_NAME} lacks 'ExecStart={SHIPPED_SHIM}' or ProtectHome")
+    text = text.replace(old, f"ExecStart={_check_program(shim, '--shim')} ")
+    python = interpreter if interpreter is not None else _interpreter(shim)
+    if any(_under_home(p) for p in (shim, python) if p):
+        text = text.replace(
+            "\nProtectHome=yes\n",
+            "\n# kvhost-shim (or its Python) is installed under a home directory on this host\n"
+            "ProtectHome=read-only\n",
+        )
+    return text
+
+
+def render_descriptor(shim: str) -> str:
+    """QEMU's vhost-user backend descriptor naming ``shim``. Raises UsageError."""
+    desc = json.loads(shipped_descriptor())
+    desc["binary"] = _check_program(shim, "--shim")
+    return json.dumps(desc, indent=4) + "\n"
+
+
+def default_shim() -> str:
+    """The ``kvhost-shim`` entry point of this interpreter's installation. Raises UsageError
+    when there is none (kvhost was not installed with pip into this interpreter)."""
+    path = Path(sysconfig.get_path("scripts")) / "kvhost-shim"
+    if not os.access(path, os.X_OK):
+        raise UsageError(
+            f"no kvhost-shim entry point at {path}: install kvhost into this interpreter "
+            "(pip install .) or name the program with --shim PATH"
+        )
+    return str(path)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What ``install-host`` writes: (path relative to the root, bytes, mode) each."""
+
+    files: tuple[tuple[Path, bytes, int], ...]
+    dirs: tuple[Path, ...]
+
+
+def plan(args: argparse.Namespace) -> Plan:
+    """Render everything first, so a bad argument leaves the host untouched. Raises
+    UsageError."""
+    shim = args.shim or default_shim()
+    return Plan(
+        files=(
+            (RULES_DIR / vcmd.RULES_NAME, vcmd.rule_for(args).encode(), 0o644),
+            (UNIT_DIR / UNIT_NAME, render_unit(shim).encode(), 0o644),
+            (DESCRIPTOR_DIR / DESCRIPTOR_NAME, render_descriptor(shim).encode(), 0o644),
+            (SYSUSERS_FILE, SYSUSERS.encode(), 0o644),
+        ),
+        dirs=(ENV_DIR,),
+    )
+
+
+# --- doing --------------------------------------------------------------------------------
+
+
+def _run(argv: list[str]) -> None:
+    done = subprocess.run(argv, check=False, capture_output=True, text=True, timeout=60)
+    if done.returncode:
+        raise KvhostError(
+            f"files installed, but '{' '.join(argv)}' failed (exit {done.returncode}): "
+            f"{done.stderr.strip() or done.stdout.strip()}"
+        )
+
+
+def reload_host() -> list[str]:
+    """Make the running host read the new files; returns one line per step (done/skipped).
+    Raises KvhostError when a reload command fails."""
+    notes = []
+    if shutil.which("udevadm") is None:
+        notes.append("udev: udevadm not found; the rule is read when udevd starts")
+    elif subprocess.run(
+        ["udevadm", "control", "--ping", "--timeout=2"], capture_output=True, check=False
+    ).returncode:
+        notes.append("udev: udevd is not running; the rule is read when it starts")
+    else:
+        _run(["udevadm", "control", "--reload"])
+        notes.append("udev: rules reloaded")
+    if shutil.which("systemd-sysusers") is None:
+        notes.append(f"sysusers: systemd-sysusers not found; create the user {SHIM_USER!r}")
+    else:
+        _run(["systemd-sysusers", f"/{SYSUSERS_FILE}"])
+        notes.append(f"sysusers: user {SHIM_USER!r} present")
+    if not Path("/run/systemd/system").is_dir():
+        notes.append("systemd: not the init system here; nothing to reload")
+    else:
+        _run(["systemctl", "daemon-reload"])
+        notes.append("systemd: daemon reloaded")
+    return notes
+
+
+def _install_host(args: argparse.Namespace) -> int:
+    if args.root is None and os.geteuid() != 0:
+        raise UsageError(
+            "install-host writes under /etc and /usr/share: run it as root, or stage the "
+            "files with --root DIR"
+        )
+    root = Path(args.root or "/")
+    todo = plan(args)
+    for d in todo.dirs:
+        try:
+            (root / d).mkdir(mode=0o755, parents=True, exist_ok=True)
+        except OSError as err:
+            raise UsageError(f"cannot create {root / d}: {err.strerror}") from err
+    for rel, data, mode in todo.files:
+        vcmd.install_file(root / rel, data, mode)
+        print(f"installed {root / rel}")
+    if args.root is not None or args.no_reload:
+        why = "--root given" if args.root is not None else "--no-reload"
+        print(f"not reloading udev or systemd ({why})")
+    else:
+        for note in reload_host():
+            print(note)
+    print(
+        f"next, per VM: write {root / ENV_DIR}/VM.env (KVHOST_INTERFACE_VERSION=..., "
+        "KVHOST_TAP=...), then 'systemctl enable --now kvhost-shim@VM'"
+    )
+    if args.nfd is None:
+        print(f"Kubernetes nodes: add --nfd {nfd.DEFAULT_PATH} for node-feature-discovery labels")
+    return 0

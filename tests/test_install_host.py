@@ -1,0 +1,281 @@
+"""``kvhost install-host`` and the systemd unit: what lands where, the rewritten program
+paths, ``systemd-analyze verify`` on the installed unit, the unit's sandbox, and errors.
+
+Everything installs into a temporary --root (nothing is reloaded then); the unit is checked
+by systemd's own verifier, which fails on a program it cannot execute.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+from kvhost import manifest as mf
+from kvhost.cli import main
+from kvhost.commands import host
+from kvhost.commands import versions as vcmd
+
+REPO = Path(__file__).resolve().parent.parent
+ENTRY_SHIM = str(Path(sysconfig.get_path("scripts")) / "kvhost-shim")
+UNIT = host.UNIT_DIR / host.UNIT_NAME
+
+
+def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    rc = main(argv)
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def unit_settings(text: str) -> list[tuple[str, str]]:
+    """(key, value) of every assignment, continuation lines joined, in order."""
+    out: list[tuple[str, str]] = []
+    joined = re.sub(r"\\\n\s*", " ", text)
+    for line in joined.splitlines():
+        if line and not line.startswith(("#", "[")) and "=" in line:
+            key, _, value = line.partition("=")
+            out.append((key.strip(), value.strip()))
+    return out
+
+
+def setting(text: str, key: str) -> list[str]:
+    return [v for k, v in unit_settings(text) if k == key]
+
+
+def verify(unit_dir: Path, instance: str = "vm1") -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["systemd-analyze", "verify", str(unit_dir / f"kvhost-shim@{instance}.service")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+@pytest.fixture
+def installed(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> tuple[Path, str]:
+    root = tmp_path / "root"
+    rc, out, err = run(["install-host", "--root", str(root)], capsys)
+    assert rc == 0, err
+    return root, out
+
+
+def test_shipped_files_agree_with_the_package() -> None:
+    # systemd/ is the unit as an operator browsing the repository sees it; the package copy
+    # is what install-host renders from
+    assert (REPO / "systemd" / host.UNIT_NAME).read_text() == host.shipped_unit()
+    assert json.loads(host.shipped_descriptor())["binary"] == host.SHIPPED_SHIM
+    assert setting(host.shipped_unit(), "ExecStart")[0].split()[0] == host.SHIPPED_SHIM
+
+
+def test_install_host_writes_every_file_with_this_installation_s_programs(
+    installed: tuple[Path, str],
+) -> None:
+    root, out = installed
+    expected = [
+        root / host.RULES_DIR / vcmd.RULES_NAME,
+        root / UNIT,
+        root / host.DESCRIPTOR_DIR / host.DESCRIPTOR_NAME,
+        root / host.SYSUSERS_FILE,
+    ]
+    assert out.splitlines()[:4] == [f"installed {p}" for p in expected]
+    assert "not reloading udev or systemd (--root given)" in out
+    assert (root / host.ENV_DIR).is_dir()
+    # the rule is install-udev's: this interpreter writes the manifest
+    rule = expected[0].read_text().splitlines()[-1]
+    words = shlex.split(rule.split('RUN+="')[1].rstrip('"'))
+    assert words == [sys.executable, "-m", "kvhost.cli", "manifest", "--output",
+                     str(mf.DEFAULT_PATH), "--kmsg"]  # fmt: skip
+    # unit and descriptor run the entry point next to this interpreter
+    unit = expected[1].read_text()
+    assert setting(unit, "ExecStart")[0].split()[0] == ENTRY_SHIM
+    assert json.loads(expected[2].read_text())["binary"] == ENTRY_SHIM
+    done = subprocess.run(
+        [ENTRY_SHIM, "--print-capabilities"], capture_output=True, text=True, env={}, cwd="/",
+        check=False, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0 and json.loads(done.stdout) == {"type": "net"}
+    assert expected[3].read_text().splitlines()[-1].startswith(f"u {host.SHIM_USER} - ")
+    for path in expected:
+        assert oct(path.stat().st_mode & 0o777) == "0o644", path
+    assert sorted(os.listdir(root / host.UNIT_DIR)) == [host.UNIT_NAME]  # no temp files
+
+
+def test_systemd_verifies_the_installed_unit(installed: tuple[Path, str]) -> None:
+    root, _ = installed
+    unit_dir = root / host.UNIT_DIR
+    done = verify(unit_dir)
+    assert done.returncode == 0, done.stderr
+    ours = [line for line in done.stderr.splitlines() if "kvhost-shim" in line]
+    assert ours == [], ours  # unknown keys and bad values are only warnings: none allowed
+    # the check bites: the same unit naming a program that is not there fails verification
+    bad = unit_dir / "kvhost-shim-bad@.service"
+    bad.write_text((unit_dir / host.UNIT_NAME).read_text().replace(ENTRY_SHIM, "/nonexistent/x"))
+    broken = subprocess.run(
+        ["systemd-analyze", "verify", str(unit_dir / "kvhost-shim-bad@vm1.service")],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert broken.returncode != 0 and "/nonexistent/x" in broken.stderr
+
+
+def test_unit_runs_one_shim_per_vm_with_its_recorded_version(installed: tuple[Path, str]) -> None:
+    root, _ = installed
+    unit = (root / UNIT).read_text()
+    assert setting(unit, "EnvironmentFile") == ["/etc/kvhost/shim/%i.env"]
+    argv = shlex.split(setting(unit, "ExecStart")[0])
+    assert argv[1:3] == ["--socket-path", "/run/kvhost/%i.sock"]
+    pairs = dict(zip(argv[1::2], argv[2::2], strict=False))
+    assert pairs["--interface-version"] == "${KVHOST_INTERFACE_VERSION}"
+    assert pairs["--tap"] == "${KVHOST_TAP}"
+    assert pairs["--user"] == "${KVHOST_USER}" and pairs["--group"] == "${KVHOST_GROUP}"
+    assert pairs["--socket-group"] == "${KVHOST_SOCKET_GROUP}"
+    assert pairs["--log-format"] == "${KVHOST_LOG_FORMAT}"
+    assert pairs["--allow-uid"] == "${KVHOST_ALLOW_UID}"
+    assert argv[-1] == "$KVHOST_SHIM_ARGS"  # unbraced: systemd splits it into words
+    assert setting(unit, "RuntimeDirectory") == ["kvhost"]
+    assert setting(unit, "RuntimeDirectoryPreserve") == ["yes"]
+    assert setting(unit, "Restart") == ["on-failure"]
+    assert setting(unit, "Type") == ["exec"]
+
+
+def test_the_missing_variable_check_in_the_unit_runs(installed: tuple[Path, str]) -> None:
+    """ExecStartPre's shell snippet, run the way systemd runs it ($$ -> $, %i -> name)."""
+    root, _ = installed
+    (pre,) = setting((root / UNIT).read_text(), "ExecStartPre")
+    argv = shlex.split(pre.replace("$$", "$").replace("%i", "vm1"))
+    assert argv[:2] == ["/bin/sh", "-c"]
+    full = {"KVHOST_INTERFACE_VERSION": "org.kernel.vhost-net.v5", "KVHOST_TAP": "vm1tap"}
+    ok = subprocess.run(argv, env=full, capture_output=True, text=True, check=False)
+    assert ok.returncode == 0 and ok.stderr == ""
+    for missing in full:
+        env = {k: v for k, v in full.items() if k != missing}
+        bad = subprocess.run(argv, env=env, capture_output=True, text=True, check=False)
+        assert bad.returncode == 2
+        assert "KVHOST_INTERFACE_VERSION and KVHOST_TAP in /etc/kvhost/shim/vm1.env" in bad.stderr
+
+
+def test_the_unit_s_sandbox(installed: tuple[Path, str]) -> None:
+    unit = (installed[0] / UNIT).read_text()
+    (caps,) = setting(unit, "CapabilityBoundingSet")
+    assert set(caps.split()) == {
+        "CAP_NET_ADMIN", "CAP_CHOWN", "CAP_SETUID", "CAP_SETGID", "CAP_SETPCAP",
+    }  # fmt: skip
+    assert setting(unit, "DevicePolicy") == ["closed"]
+    assert setting(unit, "DeviceAllow") == ["/dev/vhost-net rw", "/dev/net/tun rw"]
+    assert setting(unit, "RestrictAddressFamilies") == ["AF_UNIX AF_NETLINK"]
+    assert setting(unit, "NoNewPrivileges") == ["yes"]
+    assert setting(unit, "ProtectSystem") == ["strict"]
+    assert setting(unit, "PrivateTmp") == ["yes"]
+    assert setting(unit, "RestrictNamespaces") == ["yes"]
+    # nothing that would strip root of its capabilities before the set-up ran
+    assert not setting(unit, "SecureBits") and not setting(unit, "User")
+
+
+def test_protect_home_relaxes_only_for_a_shim_under_a_home_directory() -> None:
+    assert setting(host.render_unit("/usr/local/bin/kvhost-shim", "/usr/bin/python3"),
+                   "ProtectHome") == ["yes"]  # fmt: skip
+    for shim, python in (
+        ("/home/op/venv/bin/kvhost-shim", "/home/op/venv/bin/python"),
+        ("/usr/local/bin/kvhost-shim", "/root/.pyenv/versions/3.11.7/bin/python"),
+    ):
+        assert setting(host.render_unit(shim, python), "ProtectHome") == ["read-only"]
+
+
+def test_the_unit_s_options_are_the_shim_s(installed: tuple[Path, str]) -> None:
+    """Every option ExecStart passes exists in kvhost-shim's parser, with example values."""
+    from shim.cli import build_parser
+
+    unit = (installed[0] / UNIT).read_text()
+    env = dict(
+        KVHOST_INTERFACE_VERSION="org.kernel.vhost-net.v5",
+        KVHOST_TAP="vm1tap",
+        KVHOST_SHIM_ARGS="--bridge br0 --allow-gid 64055",
+    )
+    for line in setting(unit, "Environment"):
+        for word in shlex.split(line):
+            key, _, value = word.partition("=")
+            env.setdefault(key, value)
+    words = shlex.split(setting(unit, "ExecStart")[0].replace("%i", "vm1"))[1:]
+    argv: list[str] = []
+    for w in words:
+        if w.startswith("${"):
+            argv.append(env[w[2:-1]])
+        elif w.startswith("$"):
+            argv += env[w[1:]].split()
+        else:
+            argv.append(w)
+    args = build_parser().parse_args(argv)
+    assert args.socket_path == "/run/kvhost/vm1.sock"
+    assert args.interface_version == "org.kernel.vhost-net.v5" and args.tap == "vm1tap"
+
+
+# --- errors ---------------------------------------------------------------------------------
+
+
+def test_not_root_without_root_dir_is_refused(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    rc, out, err = run(["install-host"], capsys)
+    assert rc == 2 and out == ""
+    assert err.startswith("kvhost install-host: install-host writes under /etc and /usr/share")
+    assert "run it as root, or stage the files with --root DIR" in err
+
+
+def test_an_unwritable_target_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = tmp_path / "root"
+    (root / "etc" / "udev").mkdir(parents=True)
+    (root / "etc" / "udev" / "rules.d").write_text("not a directory")
+    rc, _, err = run(["install-host", "--root", str(root)], capsys)
+    assert rc == 2
+    assert err.startswith(f"kvhost install-host: cannot install {root}/etc/udev/rules.d/")
+    assert not (root / UNIT).exists()  # stopped at the first failure
+
+
+@pytest.mark.parametrize(
+    ("shim", "fragment"),
+    [
+        ("kvhost-shim", "--shim must be an absolute path"),
+        ("/opt/my shim", "use a path without blanks"),
+        ("/opt/100%/shim", "use a path without blanks"),
+    ],
+)
+def test_bad_shim_paths_are_refused_before_writing(
+    shim: str, fragment: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rc, _, err = run(["install-host", "--root", str(tmp_path / "r"), "--shim", shim], capsys)
+    assert rc == 2 and fragment in err
+    assert not (tmp_path / "r").exists()
+
+
+def test_install_host_with_nfd_and_no_reload(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = tmp_path / "root"
+    rc, out, _ = run(
+        ["install-host", "--root", str(root), "--no-reload", "--nfd", "/etc/nfd/kvhost"], capsys
+    )
+    assert rc == 0 and "Kubernetes nodes" not in out
+    rule = (root / host.RULES_DIR / vcmd.RULES_NAME).read_text()
+    assert rule.rstrip().endswith('--kmsg --nfd /etc/nfd/kvhost"')
+    # idempotent: a second run replaces the files with the same bytes
+    before = {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
+    assert run(["install-host", "--root", str(root), "--nfd", "/etc/nfd/kvhost"], capsys)[0] == 0
+    assert {p: p.read_bytes() for p in root.rglob("*") if p.is_file()} == before
+
+
+def test_systemd_sysusers_accepts_the_user_entry(installed: tuple[Path, str]) -> None:
+    root, _ = installed
+    done = subprocess.run(
+        ["systemd-sysusers", f"--root={root}", "--dry-run", str(root / host.SYSUSERS_FILE)],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert f"Creating user '{host.SHIM_USER}'" in done.stdout + done.stderr
