@@ -189,6 +189,13 @@ class Tap:
         """TUNSETGROUP: let group ``gid`` attach to this (persistent) tap."""
         self._ioctl(abi.TUNSETGROUP, gid)
 
+    def set_persist(self, on: bool) -> None:
+        """TUNSETPERSIST: keep the tap when its last fd closes (``on``), or let it go then.
+
+        No capability is checked: being attached (root, or the tap's owner) is enough.
+        """
+        self._ioctl(abi.TUNSETPERSIST, int(on))
+
     # -- link settings via netlink -------------------------------------------------------
     @property
     def index(self) -> int:

@@ -5,6 +5,13 @@ Follows QEMU's vhost-user backend program conventions (``docs/interop/vhost-user
 no daemonizing, exit on SIGTERM, and a non-zero exit with one sentence when the requested
 interface version cannot be served here. Exit status: 0 after a clean stop, 1 when the
 version cannot be served or the kernel refuses, 2 for usage errors.
+
+Start-up order, so that everything privileged happens first and nothing is served before
+the shim runs as ``--user``: resolve names and check option combinations -> probe the host
+and choose the version -> check that the user can open the device nodes -> tap set-up (a
+persistent tap given to the user, :meth:`TapSpec.prepare`) -> socket (mode, owner, group)
+-> enter ``--netns`` -> drop privileges and verify -> open ``/dev/vhost-net`` once as the
+user -> serve. At a clean exit the tap the shim created is deleted again.
 """
 
 from __future__ import annotations
@@ -12,13 +19,19 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
+from dataclasses import dataclass
 from types import FrameType
 
 from kvhost import probe, versions
 from kvhost.errors import KvhostError, UsageError, VersionError
-from shim.kernel_backend import KernelBackend, TapSpec
+from kvhost.tap import TUN_PATH
+from shim import eventlog, privileges
+from shim.eventlog import event
+from shim.kernel_backend import KernelBackend, PreparedTap, TapSpec
+from shim.privileges import VHOST_NET_PATH, AllowList, Identity
 from shim.server import ShimConfig, ShimServer
 from shim.session import Backend, unservable_reason
 
@@ -55,6 +68,46 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--netns", metavar="NS", help="network namespace of the tap")
     parser.add_argument("--queues", type=int, default=1, metavar="N", help="queue pairs")
     parser.add_argument("--mtu", type=int, metavar="N", help="MTU to set on the tap")
+    access = parser.add_argument_group("least privilege and access")
+    access.add_argument(
+        "--user",
+        metavar="USER",
+        help="after set-up (tap, socket) run as this user (name or uid) with no capabilities; "
+        "the shim must start as root",
+    )
+    access.add_argument(
+        "--group",
+        metavar="GROUP",
+        help="with --user: run as this group (name or gid), also the only supplementary "
+        "group; default: the user's primary group and no supplementary groups",
+    )
+    access.add_argument(
+        "--socket-group",
+        metavar="GROUP",
+        help="socket file mode 0660 with this group (default: mode 0600, owned by --user or "
+        "the shim's user)",
+    )
+    access.add_argument(
+        "--allow-uid",
+        action="append",
+        default=[],
+        metavar="UID",
+        help="serve only peers (SO_PEERCRED) with this uid (name or number; repeatable), "
+        "or with a gid given by --allow-gid; default: every peer that can open the socket",
+    )
+    access.add_argument(
+        "--allow-gid",
+        action="append",
+        default=[],
+        metavar="GID",
+        help="serve peers whose primary or supplementary group is this (repeatable)",
+    )
+    parser.add_argument(
+        "--log-format",
+        choices=eventlog.LOG_FORMATS,
+        default="text",
+        help="text (default) or json: one JSON object per line",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return parser
 
@@ -97,13 +150,53 @@ def _check_queues(queues: int, version: versions.InterfaceVersion) -> None:
         )
 
 
-def build_server(args: argparse.Namespace) -> ShimServer:
-    """Probe the host, choose the version and open the socket (the CLI minus signals)."""
+def check_combinations(args: argparse.Namespace) -> None:
+    """UsageError for options that cannot go together (before anything is resolved)."""
     if args.socket_path is None and args.fd is None:
         raise UsageError("give --socket-path PATH or --fd N")
+    if args.group is not None and args.user is None:
+        raise UsageError("--group applies to the user the shim drops to: give --user too")
+    if args.socket_group is not None and args.fd is not None:
+        raise UsageError(
+            "--socket-group sets the mode of the socket file the shim creates; with --fd "
+            "whoever created the socket sets its mode"
+        )
+    if args.user is not None and os.geteuid() != 0:
+        raise UsageError(
+            f"--user needs the shim to start as root (it runs as uid {os.geteuid()}): it "
+            "creates the tap and the socket first, then drops to the user"
+        )
+
+
+@dataclass
+class Program:
+    """A set-up shim: the server, and under ``--user`` the identity and the prepared tap."""
+
+    server: ShimServer
+    who: Identity | None = None
+    tap: PreparedTap | None = None
+
+
+def build_server(args: argparse.Namespace) -> Program:
+    """Everything before the privilege drop: resolve, probe, choose the version, set up
+    the tap, create the socket. Raises UsageError / VersionError / KvhostError."""
+    check_combinations(args)
+    who = privileges.identity(args.user, args.group) if args.user is not None else None
+    socket_gid = (
+        privileges.resolve_group(args.socket_group, "--socket-group")
+        if args.socket_group is not None
+        else None
+    )
+    allow = AllowList(
+        privileges.resolve_ids(args.allow_uid, "--allow-uid"),
+        privileges.resolve_ids(args.allow_gid, "--allow-gid"),
+    )
     offer = versions.host_offer(probe.probe())
     version, supported, pinned = choose_version(args.interface_version, offer)
     _check_queues(args.queues, version)
+    if who is not None:
+        privileges.check_device_access(who, VHOST_NET_PATH)
+        privileges.check_device_access(who, TUN_PATH)
     spec = TapSpec(
         queues=args.queues,
         name=args.tap,
@@ -112,14 +205,79 @@ def build_server(args: argparse.Namespace) -> ShimServer:
         netns=args.netns,
         mtu=args.mtu,
     )
+    prepared = None
+    if who is not None:
+        prepared = spec.prepare(who.uid, who.gid)
+        event(
+            "tap",
+            f"tap {prepared.name} {'created' if prepared.created else 'opened'}: persistent, "
+            f"owner uid {who.uid}, group gid {who.gid}"
+            + (f", in network namespace {args.netns}" if args.netns else ""),
+            tap=prepared.name,
+        )
+    open_tap = prepared.open if prepared is not None else spec.open
 
     def make_backend(name: str) -> Backend:
-        return KernelBackend(spec.open, args.queues, name=name)
+        return KernelBackend(open_tap, args.queues, name=name)
 
-    config = ShimConfig(version, make_backend, supported, pinned)
-    if args.socket_path is not None:
-        return ShimServer.listen(args.socket_path, config)
-    return ShimServer.adopt(args.fd, config)
+    config = ShimConfig(version, make_backend, supported, pinned, allow)
+    try:
+        if args.socket_path is not None:
+            server = ShimServer.listen(
+                args.socket_path,
+                config,
+                mode=0o600 if socket_gid is None else 0o660,
+                owner=None if who is None else who.uid,
+                group=socket_gid if socket_gid is not None else (None if who is None else who.gid),
+            )
+        else:
+            server = ShimServer.adopt(args.fd, config)
+    except BaseException:
+        if prepared is not None:
+            prepared.remove()
+        raise
+    return Program(server, who, prepared)
+
+
+def drop_privileges(program: Program, netns: str | None) -> None:
+    """Under ``--user``: enter ``netns`` for good, drop, verify, and open the device nodes
+    once as the user. Raises UsageError / KernelError."""
+    who = program.who
+    if who is None:
+        return
+    if netns is not None:
+        privileges.enter_netns(netns)
+    dropped = privileges.drop(who)
+    privileges.probe_device(who, VHOST_NET_PATH)
+    privileges.probe_device(who, TUN_PATH)
+    groups = ",".join(str(g) for g in who.groups) or "none"
+    event(
+        "privileges",
+        f"running as {who} (supplementary groups: {groups}); no capabilities left "
+        f"(CapEff = CapPrm = CapAmb = 0, bounding set "
+        f"{'empty' if dropped.bounding_cleared else 'kept: no CAP_SETPCAP'}), no new "
+        "privileges",
+        uid=who.uid,
+        gid=who.gid,
+        result="dropped",
+    )
+
+
+def _error(err: KvhostError) -> int:
+    event("error", str(err), level=logging.ERROR, result="failed")
+    return 2 if isinstance(err, UsageError) else 1
+
+
+def _remove_tap(program: Program) -> None:
+    tap = program.tap
+    if tap is None or not tap.created:
+        return
+    try:
+        tap.remove()
+    except KvhostError as err:
+        event("error", f"tap {tap.name} could not be removed: {err}", level=logging.ERROR)
+        return
+    event("tap", f"tap {tap.name} removed", tap=tap.name, result="removed")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -127,26 +285,40 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_capabilities:
         print(json.dumps({"type": "net"}))
         return 0
-    logging.basicConfig(level=logging.INFO, format="kvhost-shim: %(message)s", stream=sys.stderr)
-    # -v is about the shim's own decisions, not the libraries' internals (pyroute2's
-    # netlink traces would bury them)
-    logging.getLogger("kvhost").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    handler = eventlog.configure(args.log_format, verbose=args.verbose)
+    if args.socket_path is not None:
+        eventlog.formatter_of(handler).socket = args.socket_path
     try:
-        server = build_server(args)
-    except UsageError as err:
-        print(f"kvhost-shim: {err}", file=sys.stderr)
-        return 2
-    except (VersionError, KvhostError) as err:
-        print(f"kvhost-shim: {err}", file=sys.stderr)
-        return 1
+        return _run(args)
+    finally:
+        eventlog.unconfigure(handler)
+
+
+def _run(args: argparse.Namespace) -> int:
+    try:
+        program = build_server(args)
+    except KvhostError as err:
+        return _error(err)
+    try:
+        drop_privileges(program, args.netns)
+    except KvhostError as err:
+        program.server.close()
+        _remove_tap(program)
+        return _error(err)
+    server = program.server
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
-        log.info("%s received, stopping", signal.Signals(signum).name)
+        name = signal.Signals(signum).name
+        event("stopping", f"{name} received, stopping", result=name)
         server.stop()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    server.serve()
+    try:
+        server.serve()
+    finally:
+        _remove_tap(program)
+    event("stopped", "stopped", result="clean")
     return 0
 
 

@@ -1,0 +1,122 @@
+"""The shim's log: connection events as structured records, one formatter for every line.
+
+Events (:func:`event`) are ordinary ``logging`` records on the ``kvhost.shim`` logger that
+carry their fields in ``record.kvhost_event``; every other kvhost record (the session's own
+lines, errors) goes through the same :class:`EventFormatter`, so the stream is uniform:
+
+* ``text``: ``kvhost-shim: <message>``, one line per record. An event's message already
+  names its socket, peer, version and result, so the text form loses nothing.
+* ``json``: one JSON object per line, always with the keys of :data:`KEYS` (``null`` when a
+  key does not apply) plus any extra field the event carries (``tap``, ``uid``...). A record
+  that is not an event has ``event`` = ``"log"``; a ``connection N:`` prefix of its message
+  fills ``connection``.
+
+Event names: ``listening``, ``accepted``, ``refused``, ``version``, ``closed``,
+``stopping``, ``tap``, ``privileges``, ``error``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import re
+import sys
+from typing import Any, Literal, TextIO
+
+log = logging.getLogger("kvhost.shim")
+
+#: keys every JSON line has, in this order
+KEYS = (
+    "time",
+    "level",
+    "event",
+    "socket",
+    "connection",
+    "peer_pid",
+    "peer_uid",
+    "peer_gid",
+    "version",
+    "result",
+    "message",
+)
+LOG_FORMATS = ("text", "json")
+LogFormat = Literal["text", "json"]
+_CONNECTION_PREFIX = re.compile(r"^(connection \d+): ")
+
+
+def event(kind: str, message: str, *, level: int = logging.INFO, **fields: Any) -> None:
+    """Log event ``kind`` with human ``message`` and structured ``fields`` (JSON keys)."""
+    if log.isEnabledFor(level):
+        log.log(level, "%s", message, extra={"kvhost_event": {"event": kind, **fields}})
+
+
+class EventFormatter(logging.Formatter):
+    """Renders records as ``text`` or ``json`` (see the module docstring).
+
+    ``socket`` is the shim's socket: the default ``socket`` of every JSON line (one shim
+    serves one socket), settable once the socket is known.
+    """
+
+    def __init__(self, style: LogFormat = "text", socket: str | None = None) -> None:
+        if style not in LOG_FORMATS:
+            raise ValueError(f"log format {style!r} is not one of {', '.join(LOG_FORMATS)}")
+        super().__init__()
+        self.style = style
+        self.socket = socket
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage()
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        if record.exc_text:
+            message = f"{message}\n{record.exc_text}"
+        if self.style == "text":
+            return f"kvhost-shim: {message}"
+        out: dict[str, Any] = dict.fromkeys(KEYS)
+        out["socket"] = self.socket
+        fields = getattr(record, "kvhost_event", None)
+        if isinstance(fields, dict):
+            out.update(fields)
+        else:
+            out["event"] = "log"
+            m = _CONNECTION_PREFIX.match(message)
+            if m:
+                out["connection"] = m.group(1)
+        out["time"] = (
+            datetime.datetime.fromtimestamp(record.created, datetime.UTC)
+            .isoformat(timespec="milliseconds")
+            .replace("+00:00", "Z")
+        )
+        out["level"] = record.levelname.lower()
+        out["message"] = message
+        return json.dumps(out, default=str)
+
+
+def configure(style: LogFormat, *, verbose: bool, stream: TextIO | None = None) -> logging.Handler:
+    """Send the log to ``stream`` (stderr) through one :class:`EventFormatter`; returns the
+    handler (installed on the root logger, so libraries' warnings come out in the same
+    format; remove it with :func:`unconfigure`).
+
+    ``verbose`` turns on the shim's debug lines, not the libraries' (pyroute2's netlink
+    traces would bury them).
+    """
+    handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
+    handler.setFormatter(EventFormatter(style))
+    logging.getLogger().addHandler(handler)
+    logging.getLogger("kvhost").setLevel(logging.DEBUG if verbose else logging.INFO)
+    return handler
+
+
+def unconfigure(handler: logging.Handler) -> None:
+    """Undo :func:`configure` (the program is done; tests call main() repeatedly)."""
+    logging.getLogger().removeHandler(handler)
+    handler.close()
+
+
+def formatter_of(handler: logging.Handler) -> EventFormatter:
+    """The :class:`EventFormatter` :func:`configure` installed on ``handler``."""
+    formatter = handler.formatter
+    if not isinstance(formatter, EventFormatter):
+        raise TypeError("the handler was not made by eventlog.configure")
+    return formatter
