@@ -30,8 +30,18 @@ log would let the kernel set bits in whatever the shim has mapped next to it). B
 
 Ownership: every fd passed to a method is this object's from the call on (closed once the
 kernel holds its own reference, and on every error path). :meth:`KernelBackend.close`
-detaches the rings, closes the vhost-net devices, then unmaps guest memory and the log (in
-that order: the kernel may touch the memory until its device is gone) and closes the tap.
+detaches the rings at once, then hands the tap, the vhost-net devices, guest memory and the
+log to the process's :data:`shim.closer.CLOSER`, which owns them from then on and closes
+them on its own thread in that order (memory last: the kernel may touch it until its device
+is gone) -- closing a vhost-net fd takes 30-40 ms under TCG, too long to stall the event
+loop that serves every other connection.
+
+Redundant kernel calls are skipped, because QEMU repeats its whole start sequence at every
+DRIVER_OK on the same connection: a SET_FEATURES with the features already applied, a
+SET_MEM_TABLE describing the same regions of the same files (compared by device and inode),
+a SET_VRING_NUM with the current size and a SET_VRING_ADDR translating to the addresses the
+kernel already has issue no ioctl (the checks still run). The kernel keeps all of these
+across a ring stop, so what it ends up with is exactly what a replay would have set.
 """
 
 from __future__ import annotations
@@ -51,13 +61,14 @@ from dataclasses import dataclass
 # that SET_OWNER and with it every connection of the single-threaded server.
 import pyroute2  # noqa: F401
 
-from kvhost import abi, features
+from kvhost import abi, features, netlink
 from kvhost.errors import KernelError, KvhostError, RemoteProtocolError, UsageError
 from kvhost.ioctl import read_max_mem_regions
 from kvhost.memory import FrontendRegion, MappedTable
 from kvhost.tap import Tap, vnet_hdr_len
 from kvhost.vhost import VhostNet
 from kvhost.vhost_user.protocol import MEMORY_BASELINE_NREGIONS
+from shim.closer import CLOSER, Closer
 
 log = logging.getLogger("kvhost.shim")
 
@@ -119,6 +130,10 @@ class TapSpec:
 
     ``mtu`` and ``bridge`` are applied to either; a created tap is also brought up (an
     existing tap's link state is the operator's).
+
+    Two ways to use it: :meth:`open` per connection (the shim keeps its privileges, each
+    connection gets a tap of its own), or :meth:`prepare` once at start-up for a shim that
+    then drops them (``--user``): see :class:`PreparedTap`.
     """
 
     queues: int = 1
@@ -130,23 +145,66 @@ class TapSpec:
 
     def open(self) -> Tap:
         """Open or create the tap. Raises KernelError / UsageError saying what failed."""
-        if self.create:
-            tap = Tap.create(self.name, queues=self.queues, netns=self.netns)
-        else:
-            if self.name is None:
-                raise UsageError("an existing tap needs a name")
-            tap = self._open_existing(self.name)
+        tap = self._attach()
         try:
-            if self.mtu is not None:
-                tap.set_mtu(self.mtu)
-            if self.bridge is not None:
-                tap.attach_bridge(self.bridge)
-            if self.create:
-                tap.set_up()
+            self._configure(tap)
         except BaseException:
             tap.close()
             raise
         return tap
+
+    def prepare(self, uid: int, gid: int) -> PreparedTap:
+        """At start-up, as root: create (or open) the tap, apply MTU/bridge/up, and give it
+        to ``uid``/``gid`` (TUNSETOWNER, TUNSETGROUP) so a shim running as them can attach
+        to it later without any capability. A created tap is made persistent (it must
+        outlive the start-up fds); an existing one must already be (else another process
+        owns its lifetime). Raises KernelError / UsageError; a tap it created is removed
+        again on failure.
+        """
+        tap = self._attach()
+        try:
+            flags = tap.get_iff()[1]
+            if not self.create and not flags & abi.IFF_PERSIST:
+                raise UsageError(
+                    f"tap {tap.name} is not persistent, so another process owns its lifetime; "
+                    f"with --user the shim needs a persistent tap ('ip tuntap add {tap.name} "
+                    "mode tap', or omit --tap and let the shim create one)"
+                )
+            if self.create:
+                tap.set_persist(True)
+            tap.set_owner(uid)
+            tap.set_group(gid)
+            self._configure(tap)
+            prepared = PreparedTap(
+                tap.name,
+                self.queues,
+                multi_queue=bool(flags & abi.IFF_MULTI_QUEUE),
+                created=self.create,
+                netns=self.netns,
+            )
+        except BaseException:
+            if self.create:
+                with contextlib.suppress(KvhostError):
+                    tap.set_persist(False)
+            tap.close()
+            raise
+        tap.close()
+        return prepared
+
+    def _attach(self) -> Tap:
+        if self.create:
+            return Tap.create(self.name, queues=self.queues, netns=self.netns)
+        if self.name is None:
+            raise UsageError("an existing tap needs a name")
+        return self._open_existing(self.name)
+
+    def _configure(self, tap: Tap) -> None:
+        if self.mtu is not None:
+            tap.set_mtu(self.mtu)
+        if self.bridge is not None:
+            tap.attach_bridge(self.bridge)
+        if self.create:
+            tap.set_up()
 
     def _open_existing(self, name: str) -> Tap:
         try:
@@ -158,11 +216,91 @@ class TapSpec:
         return Tap.open(name, queues=1, netns=self.netns, multi_queue=True)
 
 
+class _UnprivilegedTap(Tap):
+    """A tap attached by a shim without CAP_NET_ADMIN: link changes are impossible, so an
+    MTU request succeeds only when the tap already has that MTU."""
+
+    def set_mtu(self, n: int) -> None:
+        current = netlink.link_info(self.name)["mtu"]
+        if current == n:
+            return
+        raise UsageError(
+            f"tap {self.name} has MTU {current} and the shim, running without CAP_NET_ADMIN "
+            f"(--user), cannot change it to {n}; start the shim with --mtu {n}"
+        )
+
+
+class PreparedTap:
+    """A persistent tap :meth:`TapSpec.prepare` made the shim user's; :meth:`open` is the
+    per-connection ``open_tap`` of :class:`KernelBackend`.
+
+    Each connection attaches to the tap by name (TUNSETIFF: the tun driver lets the tap's
+    owner do that without capabilities) and detaches when its backend closes the tap. One
+    connection at a time: while one holds the tap, another is refused at SET_OWNER (a
+    multi-queue tap would otherwise take both frontends' queues). NET_SET_MTU succeeds only
+    for the MTU the tap has (:class:`_UnprivilegedTap`).
+
+    ``netns``: the tap lives there and :meth:`open` attaches from the *calling thread's*
+    namespace, so with ``--netns`` the shim enters that namespace for good before dropping
+    privileges (:func:`shim.privileges.enter_netns`): reopening needs no setns then.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        queues: int,
+        *,
+        multi_queue: bool,
+        created: bool,
+        netns: str | None,
+        closer: Closer = CLOSER,
+    ) -> None:
+        self.name = name
+        self.queues = queues
+        self.multi_queue = multi_queue
+        #: the shim created it, so :meth:`remove` deletes it at exit
+        self.created = created
+        self.netns = netns
+        #: where the backends hand their taps when a connection ends
+        self._closer = closer
+        self._holder: Tap | None = None
+
+    def open(self) -> Tap:
+        """Attach one fd per queue. Raises UsageError while another connection holds the
+        tap, KernelError when the kernel refuses (ownership changed, tap gone)."""
+        holder = self._holder
+        if holder is not None and holder.fds:
+            # A connection that just ended handed its tap to the closer thread (a frontend
+            # reconnecting right away gets here first): let that close happen.
+            self._closer.drain(timeout=5.0)
+            if holder.fds:
+                raise UsageError(
+                    f"tap {self.name} already serves another connection of this shim; one "
+                    "frontend at a time"
+                )
+        tap = _UnprivilegedTap.open(self.name, queues=self.queues, multi_queue=self.multi_queue)
+        self._holder = tap
+        return tap
+
+    def remove(self) -> None:
+        """Delete the tap if the shim created it (no-op otherwise): attach one queue, clear
+        TUNSETPERSIST, close -- the last fd gone, the kernel deletes the tap. Works after
+        the drop (the tap is the user's). Raises KernelError / UsageError."""
+        if not self.created:
+            return
+        tap = Tap.open(self.name, queues=1, multi_queue=self.multi_queue)
+        try:
+            tap.set_persist(False)
+        finally:
+            tap.close()
+
+
 class KernelBackend:
     """Implements :class:`shim.session.Backend` with kernel vhost-net and a tap.
 
     ``open_tap`` is called at :meth:`set_owner` (a :meth:`TapSpec.open`, or a test's own).
-    ``vhost_path`` is the vhost-net device node.
+    ``vhost_path`` is the vhost-net device node. ``closer`` takes over the kernel objects at
+    :meth:`close` (see the module docstring).
     """
 
     def __init__(
@@ -172,6 +310,7 @@ class KernelBackend:
         *,
         vhost_path: str = "/dev/vhost-net",
         name: str = "vhost-user",
+        closer: Closer = CLOSER,
     ) -> None:
         if queue_pairs < 1:
             raise ValueError(f"queue pairs must be at least 1, not {queue_pairs}")
@@ -194,6 +333,13 @@ class KernelBackend:
         #: ring -> the size its addresses were checked against
         self._checked: dict[int, int] = {}
         self._attached: set[int] = set()
+        self._closer = closer
+        #: features applied to the devices and the tap, None until the first SET_FEATURES
+        self._applied_features: int | None = None
+        #: (gpa, size, frontend address, offset, st_dev, st_ino) per region of self.table
+        self._table_key: tuple[tuple[int, ...], ...] = ()
+        #: ring -> (desc, used, avail, log_guest_addr, log) the kernel has
+        self._kernel_addrs: dict[int, tuple[int, int, int, int, bool]] = {}
 
     # -- the Backend protocol ---------------------------------------------------------
 
@@ -213,7 +359,17 @@ class KernelBackend:
         """
         if self.devices:
             return
-        tap = self._open_tap()
+        try:
+            tap = self._open_tap()
+        except (KernelError, UsageError):
+            # A frontend reconnecting to the same tap: the last connection's tap fd may still
+            # wait in the closer (EBUSY from TUNSETIFF, or PreparedTap's one-connection
+            # refusal). Let the closer finish -- at connect time -- and try once more; any
+            # other failure simply repeats.
+            if not self._closer.pending:
+                raise
+            self._closer.drain()
+            tap = self._open_tap()
         devices: list[VhostNet] = []
         try:
             if len(tap.fds) < self._pairs:
@@ -255,7 +411,9 @@ class KernelBackend:
         self._nums.clear()
         self._addrs.clear()
         self._checked.clear()
+        self._kernel_addrs.clear()
         self._acked = 0
+        self._applied_features = None
 
     def set_features(self, virtio_features: int) -> None:
         if virtio_features & features.LOG_ALL and self._log is None:
@@ -263,23 +421,38 @@ class KernelBackend:
                 "SET_FEATURES with LOG_ALL before SET_LOG_BASE: the kernel has no dirty log "
                 "to write to"
             )
+        devices, tap = self._devs(), self._tap()
+        if virtio_features == self._applied_features:
+            self._acked = virtio_features
+            return  # QEMU repeats SET_FEATURES at every DRIVER_OK and per queue pair
+        self._applied_features = None  # unknown until every call below succeeded
         kernel = virtio_features & self.kernel_features & ~VHOST_NET_F_VIRTIO_NET_HDR
-        for dev in self._devs():
+        for dev in devices:
             dev.set_features(kernel)
         offload, hdr_len = _tap_settings(virtio_features)
-        tap = self._tap()
         tap.set_offload(offload)
         tap.set_vnet_hdr_size(hdr_len)
-        self._acked = virtio_features
+        self._acked = self._applied_features = virtio_features
 
     def set_mem_table(self, regions: Sequence[FrontendRegion]) -> None:
         """Map the regions, install them in every device, re-point configured rings at the
-        new mappings, then unmap the old table."""
+        new mappings, then unmap the old table.
+
+        The same regions of the same files as the current table (QEMU resends its table at
+        every DRIVER_OK) change nothing: their fds are closed and the mapping kept.
+        """
+        key = _table_key(regions)
+        if key is not None and key == self._table_key and self.table is not None:
+            for r in regions:
+                with contextlib.suppress(OSError):
+                    os.close(r.fd)
+            return
         new = MappedTable(regions, max_regions=self._max_regions, error=RemoteProtocolError)
         try:
             if self._log is not None:
                 self._check_log_covers(new, self._log_size)
             vhost_regions = new.vhost_regions()
+            self._table_key = ()
             for dev in self._devs():
                 dev.set_mem_table(vhost_regions)
             old, self.table = self.table, new
@@ -290,6 +463,7 @@ class KernelBackend:
                 self.table = None
             new.close()
             raise
+        self._table_key = key or ()
         if old is not None:
             old.close()
 
@@ -326,6 +500,9 @@ class KernelBackend:
 
     def set_vring_num(self, ring: int, num: int) -> None:
         dev, i = self._ring(ring)
+        if self._nums.get(ring) == num:
+            return  # the kernel keeps the size across a stop
+        self._nums.pop(ring, None)
         dev.set_vring_num(i, num)
         self._nums[ring] = num
 
@@ -410,16 +587,27 @@ class KernelBackend:
         self._tap().set_mtu(mtu)
 
     def close(self) -> None:
-        """Detach every ring, close the devices, unmap memory and log, close the tap."""
+        """Detach every ring now; hand the tap, devices, memory and log to the closer.
+
+        Returns without waiting for the kernel to tear the devices down: from this call on
+        the closer owns those objects (see the module docstring), and this backend holds
+        nothing. Idempotent.
+        """
         with contextlib.suppress(KvhostError, OSError, ValueError):
             self._detach_all()
+        tap, self.tap = self.tap, None
         devices, self.devices = self.devices, []
-        for dev in devices:
-            dev.close()
-        self._drop_memory()
-        if self.tap is not None:
-            self.tap.close()
-            self.tap = None
+        table, self.table = self.table, None
+        log_map, self._log = self._log, None
+        self._table_key = ()
+        self._kernel_addrs.clear()
+        self._applied_features = None
+        if tap is None and not devices and table is None and log_map is None:
+            return
+        self._closer.submit(
+            f"{self.name}'s tap and vhost-net devices",
+            functools.partial(_teardown, tap, devices, table, log_map),
+        )
 
     # -- helpers ----------------------------------------------------------------------
 
@@ -434,7 +622,10 @@ class KernelBackend:
         return self.tap
 
     def _ring(self, ring: int) -> tuple[VhostNet, int]:
-        devs = self._devs()
+        devs = self.devices
+        if 0 <= ring < 2 * len(devs):
+            return devs[ring >> 1], ring & 1
+        devs = self._devs()  # raises before SET_OWNER
         if not 0 <= ring < 2 * len(devs):
             raise RemoteProtocolError(
                 f"vring {ring} does not exist: this backend serves vrings 0-{2 * len(devs) - 1}"
@@ -446,16 +637,17 @@ class KernelBackend:
             raise RemoteProtocolError(f"vring {ring} addresses need a memory table first")
         num = self._nums.get(ring, 1)
         desc_len, avail_len, used_len = ring_lengths(num)
-        what = f"vring {ring} (size {num})"
-        for name, addr, align in (
-            ("descriptor table", a.desc, 16),
-            ("avail ring", a.avail, 2),
-            ("used ring", a.used, 4),
-        ):
-            if addr % align:
-                raise RemoteProtocolError(
-                    f"{what} {name} at 0x{addr:x} is not {align}-byte aligned"
-                )
+        if a.desc % 16 or a.avail % 2 or a.used % 4:
+            for name, addr, align in (
+                ("descriptor table", a.desc, 16),
+                ("avail ring", a.avail, 2),
+                ("used ring", a.used, 4),
+            ):
+                if addr % align:
+                    raise RemoteProtocolError(
+                        f"vring {ring} (size {num}) {name} at 0x{addr:x} is not {align}-byte "
+                        "aligned"
+                    )
         try:
             desc = self.table.translate_frontend_va(a.desc, desc_len)
             avail = self.table.translate_frontend_va(a.avail, avail_len)
@@ -465,14 +657,18 @@ class KernelBackend:
                     raise RemoteProtocolError("used-ring logging requested before SET_LOG_BASE")
                 self.table.translate_gpa(a.log_guest_addr, used_len)
         except RemoteProtocolError as err:
-            raise RemoteProtocolError(f"{what}: {err}") from None
+            raise RemoteProtocolError(f"vring {ring} (size {num}): {err}") from None
         return desc, used, avail
 
     def _apply_addr(self, ring: int) -> None:
         a = self._addrs[ring]
         desc, used, avail = self._translate(ring, a)
         dev, i = self._ring(ring)
-        dev.set_vring_addr(i, desc, used, avail, a.log_guest_addr, a.log)
+        values = (desc, used, avail, a.log_guest_addr, a.log)
+        if self._kernel_addrs.get(ring) != values:
+            self._kernel_addrs.pop(ring, None)
+            dev.set_vring_addr(i, desc, used, avail, a.log_guest_addr, a.log)
+            self._kernel_addrs[ring] = values
         self._checked[ring] = self._nums.get(ring, 1)
 
     def _check_log_covers(self, table: MappedTable, log_size: int) -> None:
@@ -490,6 +686,7 @@ class KernelBackend:
             self.stop_vring(ring)
 
     def _drop_memory(self) -> None:
+        self._table_key = ()
         if self.table is not None:
             self.table.close()
             self.table = None
@@ -503,6 +700,47 @@ def _tap_settings(virtio_features: int) -> tuple[int, int]:
     """(TUNSETOFFLOAD flags, vnet header length) for negotiated features; cached because
     QEMU repeats SET_FEATURES per queue pair and these derive bits from names."""
     return features.tun_flags_for(virtio_features), vnet_hdr_len(virtio_features)
+
+
+def _table_key(regions: Sequence[FrontendRegion]) -> tuple[tuple[int, ...], ...] | None:
+    """What identifies a table's contents: each region's values and its file (device and
+    inode; the shim's mapping keeps that file alive, so the pair cannot be reused while
+    the table exists). None when an fd cannot be inspected (the mapping then reports it)."""
+    key = []
+    for r in regions:
+        try:
+            st = os.fstat(r.fd)
+        except OSError:
+            return None
+        key.append(
+            (r.guest_phys_addr, r.memory_size, r.userspace_addr, r.mmap_offset, st.st_dev,
+             st.st_ino)
+        )
+    return tuple(key)
+
+
+def _teardown(
+    tap: Tap | None, devices: list[VhostNet], table: MappedTable | None, log_map: mmap.mmap | None
+) -> None:
+    """A closed connection's kernel objects, closed on the closer's thread: the tap first
+    (its rings are detached, and a reconnecting frontend may want it back), then the vhost
+    devices (each waits for its worker), then guest memory and the log the kernel used
+    until its device was gone. Every object is closed even if an earlier one fails."""
+    try:
+        if tap is not None:
+            tap.close()
+    finally:
+        try:
+            for dev in devices:
+                with contextlib.suppress(OSError):
+                    dev.close()
+        finally:
+            try:
+                if table is not None:
+                    table.close()
+            finally:
+                if log_map is not None:
+                    log_map.close()
 
 
 def _address_of(mm: mmap.mmap) -> int:

@@ -8,10 +8,18 @@ kernel refusal, a bug) fails that connection only.
 Per read: ``recvmsg`` with room for the most fds a message may carry (SCM_RIGHTS, received
 close-on-exec) -> ``Session.receive(data, fds)`` -> the replies are sent -> if the session is
 done, the socket is closed. A read of zero bytes is the frontend hanging up: the session is
-closed (rings detached, devices closed).
+closed (rings detached at once; the devices are closed by ``shim.closer.CLOSER`` off the
+loop, because closing a vhost-net fd takes tens of milliseconds).
 
-Log lines, one per connection event: accepted (socket, peer pid/uid via SO_PEERCRED),
-interface version, and the result when it ends.
+Access: the socket file is created with mode 0600 (0660 with a socket group), never wider
+for a moment (the umask is narrowed around ``bind``), and handed to its owner/group before
+``listen``. Each accepted peer's SO_PEERCRED is checked against the
+:class:`~shim.privileges.AllowList` first: a refused peer is logged (pid/uid/gid) and its
+socket closed -- no session, no backend, no kernel device for it.
+
+Log lines, one per connection event, through :func:`shim.eventlog.event`: ``accepted``
+(socket, peer pid/uid/gid), ``refused``, ``version`` (the interface version, once the
+frontend's SET_FEATURES locks it) and ``closed`` (the result).
 
 Stopping: :meth:`ShimServer.stop` may be called from a signal handler or another thread; it
 wakes the loop through an eventfd, and the loop closes every connection (stopping its rings)
@@ -27,34 +35,38 @@ import os
 import selectors
 import socket
 import stat
-import struct
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from kvhost import versions
 from kvhost.errors import UsageError
 from kvhost.vhost_user.protocol import MAX_FDS, close_fds
+from shim.closer import CLOSER
+from shim.eventlog import event
+from shim.privileges import AllowList, PeerCred, peer_credentials
 from shim.session import Backend, Session
 
 log = logging.getLogger("kvhost.shim")
 
 RECV_SIZE = 1 << 16
 SEND_TIMEOUT = 5.0
-_UCRED = struct.Struct("=iII")
 
 
 @dataclass
 class ShimConfig:
     """What every connection is served with.
 
-    ``make_backend(name)`` builds a fresh backend for the connection called ``name``.
+    ``make_backend(name)`` builds a fresh backend for the connection called ``name``;
+    ``allow`` decides which peers get one at all.
     """
 
     version: versions.InterfaceVersion
     make_backend: Callable[[str], Backend]
     supported: list[versions.InterfaceVersion] = field(default_factory=list)
     pinned: bool = False
+    allow: AllowList = field(default_factory=AllowList)
 
 
 @dataclass
@@ -65,6 +77,9 @@ class Connection:
     session: Session
     name: str
     peer: str
+    cred: PeerCred | None = None
+    #: the ``version`` event was logged (the version is locked)
+    version_logged: bool = False
 
 
 class ShimServer:
@@ -106,23 +121,58 @@ class ShimServer:
     # -- construction -------------------------------------------------------------------
 
     @classmethod
-    def listen(cls, path: str, config: ShimConfig, *, backlog: int = 16) -> ShimServer:
+    def listen(
+        cls,
+        path: str,
+        config: ShimConfig,
+        *,
+        backlog: int = 16,
+        mode: int = 0o600,
+        owner: int | None = None,
+        group: int | None = None,
+    ) -> ShimServer:
         """Listen on the unix socket ``path``; a stale socket file there is replaced.
 
-        Raises UsageError when ``path`` exists and is not a socket, or cannot be bound.
+        The file is bound with at most mode 0600 (umask), then given ``owner``/``group``
+        (None: left as created), then ``mode``, and only then listens: no peer can connect
+        while it is more open, or open to anyone else, than asked. Raises UsageError when
+        ``path`` exists and is not a socket, or cannot be bound or handed over; ValueError
+        for a ``mode`` beyond the permission bits.
         """
+        if mode & ~0o777:
+            raise ValueError(f"socket mode {mode:o} has bits beyond rwxrwxrwx")
         with contextlib.suppress(FileNotFoundError):
             if not stat.S_ISSOCK(os.lstat(path).st_mode):
                 raise UsageError(f"{path} exists and is not a socket; choose another path")
             os.unlink(path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        bound = False
         try:
-            sock.bind(path)
+            umask = os.umask(0o177)
+            try:
+                sock.bind(path)
+                bound = True
+            finally:
+                os.umask(umask)
+            if owner is not None or group is not None:
+                os.chown(path, -1 if owner is None else owner, -1 if group is None else group)
+            os.chmod(path, mode)
             sock.listen(backlog)
         except OSError as err:
             sock.close()
+            if bound:
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
             raise UsageError(f"cannot listen on {path}: {err.strerror}") from err
-        log.info("listening on %s, interface version %s", path, config.version.label)
+        st = os.stat(path)
+        event(
+            "listening",
+            f"listening on {path}, interface version {config.version.label} (mode "
+            f"{stat.S_IMODE(st.st_mode):04o}, owner uid {st.st_uid}, group gid {st.st_gid}; "
+            f"peers: {'any' if config.allow.everyone else config.allow.describe()})",
+            version=config.version.label,
+            socket=path,
+        )
         return cls(config, listener=sock, path=path)
 
     @classmethod
@@ -138,7 +188,11 @@ class ShimServer:
             raise UsageError(f"--fd {fd} is not a unix stream socket")
         os.set_inheritable(fd, False)
         if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
-            log.info("listening on fd %d, interface version %s", fd, config.version.label)
+            event(
+                "listening",
+                f"listening on fd {fd}, interface version {config.version.label}",
+                version=config.version.label,
+            )
             return cls(config, listener=sock)
         return cls(config, connected=sock)
 
@@ -171,9 +225,14 @@ class ShimServer:
                 os.eventfd_write(self._wake, 1)
 
     def close(self) -> None:
-        """Close every connection (stopping its rings), the listener and the wake fd."""
+        """Close every connection (stopping its rings), the listener and the wake fd.
+
+        Dropped connections' kernel devices are closed by :data:`shim.closer.CLOSER` off
+        the loop; this waits for it, so every fd is closed when it returns.
+        """
         for conn in list(self.connections.values()):
             self._drop(conn, "shim shutting down")
+        CLOSER.drain()
         if self._listener is not None:
             self._sel.unregister(self._listener)
             self._listener.close()
@@ -204,7 +263,23 @@ class ShimServer:
     def _add(self, sock: socket.socket) -> None:
         self._serial += 1
         name = f"connection {self._serial}"
-        peer = _peer(sock)
+        allow = self.config.allow
+        try:
+            cred: PeerCred | None = peer_credentials(sock, groups=bool(allow.gids))
+        except OSError:
+            cred = None
+        peer = str(cred) if cred is not None else "an unknown peer"
+        refusal = allow.refusal(cred)
+        if refusal is not None:
+            sock.close()
+            event(
+                "refused",
+                f"{name} from {peer} on {self._where} refused: {refusal}",
+                level=logging.WARNING,
+                result=f"refused: {refusal}",
+                **self._fields(name, cred),
+            )
+            return
         try:
             backend = self.config.make_backend(name)
             session = Session(
@@ -215,19 +290,24 @@ class ShimServer:
                 name=name,
             )
         except Exception as err:
-            log.error("%s from %s refused: %s", name, peer, err)
             sock.close()
+            event(
+                "refused",
+                f"{name} from {peer} on {self._where} refused: {err}",
+                level=logging.ERROR,
+                result=f"refused: {err}",
+                **self._fields(name, cred),
+            )
             return
         sock.settimeout(SEND_TIMEOUT)
-        conn = Connection(sock, session, name, peer)
+        conn = Connection(sock, session, name, peer, cred)
         self.connections[sock.fileno()] = conn
         self._sel.register(sock, selectors.EVENT_READ, "conn")
-        log.info(
-            "%s from %s on %s, interface version %s",
-            name,
-            peer,
-            self.path or "inherited fd",
-            self.config.version.label,
+        event(
+            "accepted",
+            f"{name} from {peer} on {self._where}, interface version {self.config.version.label}",
+            version=self.config.version.label,
+            **self._fields(name, cred),
         )
 
     def _readable(self, conn: Connection) -> None:
@@ -256,6 +336,8 @@ class ShimServer:
             log.exception("%s: internal error", conn.name)
             self._drop(conn, f"failed: internal error {err!r}")
             return
+        if not conn.version_logged and conn.session.acked_features is not None:
+            self._log_version(conn)
         if conn.session.done:
             self._drop(conn, f"failed: {conn.session.error}")
 
@@ -270,8 +352,43 @@ class ShimServer:
         fd = conn.sock.fileno()
         conn.sock.close()
         # forgotten last, so "no connections" means every fd of every connection is closed
+        # or handed to shim.closer.CLOSER (CLOSER.drain() waits for those)
         self.connections.pop(fd, None)
-        log.info("%s closed: %s", conn.name, result)
+        event(
+            "closed",
+            f"{conn.name} closed: {result} (on {self._where}, peer {conn.peer}, interface "
+            f"version {conn.session.version.label})",
+            result=result,
+            version=conn.session.version.label,
+            **self._fields(conn.name, conn.cred),
+        )
+
+    # -- events --------------------------------------------------------------------------
+
+    @property
+    def _where(self) -> str:
+        return self.path or "inherited fd"
+
+    def _fields(self, name: str, cred: PeerCred | None) -> dict[str, Any]:
+        return {
+            "socket": self._where,
+            "connection": name,
+            "peer_pid": None if cred is None else cred.pid,
+            "peer_uid": None if cred is None else cred.uid,
+            "peer_gid": None if cred is None else cred.gid,
+        }
+
+    def _log_version(self, conn: Connection) -> None:
+        """The interface version is locked (first SET_FEATURES): one ``version`` event."""
+        conn.version_logged = True
+        label = conn.session.version.label
+        event(
+            "version",
+            f"{conn.name} from {conn.peer} on {self._where} runs interface version {label}",
+            version=label,
+            result="locked",
+            **self._fields(conn.name, conn.cred),
+        )
 
 
 def _recv(sock: socket.socket) -> tuple[bytes, list[int], bool]:
@@ -285,12 +402,3 @@ def _recv(sock: socket.socket) -> tuple[bytes, list[int], bool]:
             usable = len(cdata) - len(cdata) % fds.itemsize
             fds.frombytes(cdata[:usable])
     return data, list(fds), bool(flags & socket.MSG_CTRUNC)
-
-
-def _peer(sock: socket.socket) -> str:
-    try:
-        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
-    except OSError:
-        return "an unknown peer"
-    pid, uid, _gid = _UCRED.unpack(raw)
-    return f"pid {pid} (uid {uid})"

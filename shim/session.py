@@ -94,6 +94,16 @@ OFFERED_PROTOCOL_FEATURES = (
 REPLY_OK = 0
 REPLY_FAILED = 1
 
+# Plain-int masks for the per-message checks: ``int & IntFlag`` runs enum code in Python.
+_REPLY_ACK = int(p.ProtocolFeature.REPLY_ACK)
+_LOG_SHMFD = int(p.ProtocolFeature.LOG_SHMFD)
+_KVHOST_VERSION = int(p.ProtocolFeature.KVHOST_INTERFACE_VERSION)
+#: requests that never get a REPLY_ACK (they have a reply of their own)
+_NO_ACK = frozenset(int(r) for r in p.INHERENT_REPLIES) | {int(p.Request.SET_LOG_BASE)}
+_NEED_REPLY = int(p.HeaderFlag.NEED_REPLY)
+#: request id -> the encoded success ack (bytes are immutable: built once, sent many times)
+_ACK_OK: dict[int, bytes] = {}
+
 
 class ConnectionState(enum.Enum):
     """Lifecycle of one frontend connection."""
@@ -219,13 +229,20 @@ class _Pending:
         self.fds = []
 
 
+_NO_FDS = _Pending()
+
+
 class _Refused(KvhostError):
     """A request the protocol lets the backend decline without dropping the connection."""
 
 
 _Handler = Callable[["Session", p.Message, _Pending], "p.Payload | None"]
-_BEFORE_OWNER = frozenset({ConnectionState.AWAITING_OWNER, ConnectionState.OWNED})
-_OWNED = frozenset({ConnectionState.OWNED})
+# Handler table flags: may the request come before SET_OWNER? (Plain bools, and states
+# compared by identity below: hashing an Enum member runs Python code on every message.)
+_BEFORE_OWNER = False
+_OWNED = True
+_FAILED = ConnectionState.FAILED
+_CLOSED = ConnectionState.CLOSED
 
 
 class Session:
@@ -261,6 +278,8 @@ class Session:
         self.acked_features: int | None = None
         self.has_mem_table = False
         self.vrings = [Vring(i) for i in range(2 * backend.queue_pairs)]
+        #: vrings 0 .. _ring_limit - 1 exist (2 x queue_pairs; kept current with the version)
+        self._ring_limit = 2 * self.queue_pairs
         #: the one-sentence reason the connection failed, for the server's log line
         self.error: str | None = None
 
@@ -279,7 +298,7 @@ class Session:
     @property
     def done(self) -> bool:
         """True once the connection must be dropped (failed or closed)."""
-        return self.state in (ConnectionState.FAILED, ConnectionState.CLOSED)
+        return self.state is _FAILED or self.state is _CLOSED
 
     def receive(self, data: bytes, fds: Sequence[int]) -> list[bytes]:
         """Feed bytes + fds read from the socket; returns what to send back, in order.
@@ -287,7 +306,7 @@ class Session:
         After it returns, :attr:`done` says whether to drop the connection. Never raises
         for anything the peer sends.
         """
-        if self.done:
+        if self.state is _FAILED or self.state is _CLOSED:
             _close_all(fds)
             return []
         try:
@@ -295,9 +314,11 @@ class Session:
         except RemoteProtocolError as err:
             self._fail(f"malformed message: {err}")
             return []
+        if len(messages) == 1:
+            return self.handle(messages[0])
         out: list[bytes] = []
         for i, msg in enumerate(messages):
-            if self.done:
+            if self.state is _FAILED or self.state is _CLOSED:
                 for rest in messages[i:]:
                     _close_all(rest.fds)
                 break
@@ -306,13 +327,16 @@ class Session:
 
     def handle(self, msg: p.Message) -> list[bytes]:
         """Process one decoded message; returns the reply bytes (possibly none)."""
-        pending = _Pending(list(msg.fds))
+        # Most messages carry no fd: they share one empty _Pending (taking from it raises
+        # without changing it), which saves an allocation per message.
+        pending = _Pending(list(msg.fds)) if msg.fds else _NO_FDS
         try:
-            if self.done:
+            if self.state is _FAILED or self.state is _CLOSED:
                 return []
             return self._dispatch(msg, pending)
         finally:
-            pending.close()
+            if pending.fds:
+                pending.close()
 
     def close(self) -> None:
         """Stop the rings and close everything (frontend hung up, or shutdown)."""
@@ -326,12 +350,12 @@ class Session:
 
     def _dispatch(self, msg: p.Message, pending: _Pending) -> list[bytes]:
         request = msg.request
-        entry = _HANDLERS.get(request) if isinstance(request, p.Request) else None
+        entry = _HANDLERS.get(int(request))
         try:
             if entry is None:
                 raise RemoteProtocolError(f"{msg.name} is not supported by this backend")
-            allowed, handler = entry
-            if self.state not in allowed:
+            needs_owner, handler = entry
+            if needs_owner and self.state is not ConnectionState.OWNED:
                 raise RemoteProtocolError(f"{msg.name} is not allowed before SET_OWNER")
             payload = handler(self, msg, pending)
         except _Refused as err:
@@ -352,17 +376,23 @@ class Session:
             return []
         if payload is not None:
             return [self.codec.reply(msg, payload)]
-        if self._wants_ack(msg):
-            return [self._ack(msg, REPLY_OK)]
+        if (
+            int(msg.flags) & _NEED_REPLY
+            and self.protocol_features & _REPLY_ACK
+            and int(msg.request) not in _NO_ACK
+        ):
+            ok = _ACK_OK.get(int(msg.request))
+            if ok is None:
+                ok = _ACK_OK[int(msg.request)] = self._ack(msg, REPLY_OK)
+            return [ok]
         return []
 
     def _wants_ack(self, msg: p.Message) -> bool:
         """NEED_REPLY on a request without a reply of its own, with REPLY_ACK negotiated."""
         return (
             msg.need_reply
-            and bool(self.protocol_features & p.ProtocolFeature.REPLY_ACK)
-            and msg.request not in p.INHERENT_REPLIES
-            and msg.request != p.Request.SET_LOG_BASE
+            and bool(self.protocol_features & _REPLY_ACK)
+            and int(msg.request) not in _NO_ACK
         )
 
     def _failure_reply(self, msg: p.Message) -> list[bytes]:
@@ -386,11 +416,13 @@ class Session:
 
     # -- helpers ---------------------------------------------------------------------
 
-    def _vring(self, index: int, request: str) -> Vring:
+    def _vring(self, index: int, msg: p.Message) -> Vring:
+        if 0 <= index < self._ring_limit:
+            return self.vrings[index]
         limit = 2 * self.queue_pairs
         if not 0 <= index < limit:
             raise RemoteProtocolError(
-                f"{request} for vring {index}: this backend serves vrings 0-{limit - 1} "
+                f"{msg.name} for vring {index}: this backend serves vrings 0-{limit - 1} "
                 f"({self.queue_pairs} queue pair(s))"
             )
         return self.vrings[index]
@@ -418,10 +450,10 @@ class Session:
                 self.backend.stop_vring(ring.index)
             ring.state = VringState.STOPPED
 
-    def _require_stopped(self, ring: Vring, request: str) -> None:
+    def _require_stopped(self, ring: Vring, msg: p.Message) -> None:
         if ring.state is not VringState.STOPPED:
             raise RemoteProtocolError(
-                f"{request} for vring {ring.index} while it is {ring.state.value}; "
+                f"{msg.name} for vring {ring.index} while it is {ring.state.value}; "
                 "stop it with GET_VRING_BASE first"
             )
 
@@ -511,7 +543,7 @@ class Session:
         return None
 
     def _set_log_base(self, msg: p.Message, pending: _Pending) -> p.Payload | None:
-        if not self.protocol_features & p.ProtocolFeature.LOG_SHMFD:
+        if not self.protocol_features & _LOG_SHMFD:
             raise RemoteProtocolError(
                 "SET_LOG_BASE without the LOG_SHMFD protocol feature: the kernel datapath "
                 "needs the dirty log as a shared memory fd"
@@ -525,8 +557,8 @@ class Session:
 
     def _set_vring_num(self, msg: p.Message, pending: _Pending) -> p.Payload | None:
         index, num = _vring_state(msg)
-        ring = self._vring(index, msg.name)
-        self._require_stopped(ring, msg.name)
+        ring = self._vring(index, msg)
+        self._require_stopped(ring, msg)
         limit = self.version.max_queue_size
         if num < 1 or num > limit or num & (num - 1):
             raise RemoteProtocolError(
@@ -539,8 +571,8 @@ class Session:
 
     def _set_vring_base(self, msg: p.Message, pending: _Pending) -> p.Payload | None:
         index, base = _vring_state(msg)
-        ring = self._vring(index, msg.name)
-        self._require_stopped(ring, msg.name)
+        ring = self._vring(index, msg)
+        self._require_stopped(ring, msg)
         if base > 0xFFFF:
             raise RemoteProtocolError(
                 f"SET_VRING_BASE {base} for vring {index}: split ring indices are 16-bit"
@@ -552,7 +584,7 @@ class Session:
     def _set_vring_addr(self, msg: p.Message, pending: _Pending) -> p.Payload | None:
         a = msg.payload
         assert isinstance(a, p.VringAddr)
-        ring = self._vring(a.index, msg.name)
+        ring = self._vring(a.index, msg)
         if not self.has_mem_table:
             raise RemoteProtocolError(
                 f"SET_VRING_ADDR for vring {a.index} before SET_MEM_TABLE: its addresses "
@@ -573,11 +605,14 @@ class Session:
     def _vring_fd(self, msg: p.Message, pending: _Pending) -> tuple[Vring, int]:
         payload = msg.payload
         assert isinstance(payload, p.VringFile)
-        ring = self._vring(payload.index, msg.name)
+        ring = self._vring(payload.index, msg)
         if payload.no_fd:
-            pending.take(0, f"{msg.name} with the no-fd flag")
+            if pending.fds:
+                pending.take(0, f"{msg.name} with the no-fd flag")
             return ring, -1
-        (fd,) = pending.take(1, msg.name)
+        if len(pending.fds) != 1:
+            pending.take(1, msg.name)
+        (fd,) = pending.take(1, "")
         return ring, fd
 
     def _set_vring_kick(self, msg: p.Message, pending: _Pending) -> p.Payload | None:
@@ -604,8 +639,8 @@ class Session:
         return None
 
     def _get_vring_base(self, msg: p.Message, pending: _Pending) -> p.Payload | None:
-        index, _ = _vring_state(msg)
-        ring = self._vring(index, msg.name)
+        index = msg.payload.index  # type: ignore[union-attr]  # the layout made it a VringState
+        ring = self._vring(index, msg)
         if ring.state is VringState.RUNNING:
             self.backend.stop_vring(index)
         ring.state = VringState.STOPPED
@@ -615,7 +650,7 @@ class Session:
 
     def _set_vring_enable(self, msg: p.Message, pending: _Pending) -> p.Payload | None:
         index, value = _vring_state(msg)
-        ring = self._vring(index, msg.name)
+        ring = self._vring(index, msg)
         if value not in (0, 1):
             raise RemoteProtocolError(
                 f"SET_VRING_ENABLE for vring {index} with {value}; expected 0 or 1"
@@ -643,7 +678,7 @@ class Session:
         return None
 
     def _get_interface_versions(self, msg: p.Message, pending: _Pending) -> p.Payload | None:
-        if not self.protocol_features & p.ProtocolFeature.KVHOST_INTERFACE_VERSION:
+        if not self.protocol_features & _KVHOST_VERSION:
             raise RemoteProtocolError(
                 "GET_INTERFACE_VERSIONS without negotiating protocol feature "
                 "KVHOST_INTERFACE_VERSION (bit 63)"
@@ -668,7 +703,7 @@ class Session:
         return p.U64(int(status))
 
     def _select_version(self, text: str) -> tuple[p.VersionStatus, str]:
-        if not self.protocol_features & p.ProtocolFeature.KVHOST_INTERFACE_VERSION:
+        if not self.protocol_features & _KVHOST_VERSION:
             return p.VersionStatus.BAD_STATE, (
                 "protocol feature KVHOST_INTERFACE_VERSION (bit 63) was not negotiated"
             )
@@ -691,31 +726,32 @@ class Session:
                 f"the operator pinned this shim to {self.version.label}"
             )
         self.version = next(v for v in self.supported if wanted.same_interface(v))
+        self._ring_limit = 2 * self.queue_pairs
         return p.VersionStatus.OK, ""
 
 
-_HANDLERS: dict[p.Request, tuple[frozenset[ConnectionState], _Handler]] = {
-    p.Request.GET_FEATURES: (_BEFORE_OWNER, Session._get_features),
-    p.Request.SET_FEATURES: (_OWNED, Session._set_features),
-    p.Request.GET_PROTOCOL_FEATURES: (_BEFORE_OWNER, Session._get_protocol_features),
-    p.Request.SET_PROTOCOL_FEATURES: (_BEFORE_OWNER, Session._set_protocol_features),
-    p.Request.GET_QUEUE_NUM: (_BEFORE_OWNER, Session._get_queue_num),
-    p.Request.SET_OWNER: (_BEFORE_OWNER, Session._set_owner),
-    p.Request.RESET_OWNER: (_OWNED, Session._reset_owner),
-    p.Request.SET_MEM_TABLE: (_OWNED, Session._set_mem_table),
-    p.Request.SET_LOG_BASE: (_OWNED, Session._set_log_base),
-    p.Request.SET_VRING_NUM: (_OWNED, Session._set_vring_num),
-    p.Request.SET_VRING_ADDR: (_OWNED, Session._set_vring_addr),
-    p.Request.SET_VRING_BASE: (_OWNED, Session._set_vring_base),
-    p.Request.GET_VRING_BASE: (_OWNED, Session._get_vring_base),
-    p.Request.SET_VRING_KICK: (_OWNED, Session._set_vring_kick),
-    p.Request.SET_VRING_CALL: (_OWNED, Session._set_vring_call),
-    p.Request.SET_VRING_ERR: (_OWNED, Session._set_vring_err),
-    p.Request.SET_VRING_ENABLE: (_OWNED, Session._set_vring_enable),
-    p.Request.SEND_RARP: (_OWNED, Session._send_rarp),
-    p.Request.NET_SET_MTU: (_OWNED, Session._net_set_mtu),
-    p.Request.GET_INTERFACE_VERSIONS: (_BEFORE_OWNER, Session._get_interface_versions),
-    p.Request.SET_INTERFACE_VERSION: (_BEFORE_OWNER, Session._set_interface_version),
+_HANDLERS: dict[int, tuple[bool, _Handler]] = {
+    int(p.Request.GET_FEATURES): (_BEFORE_OWNER, Session._get_features),
+    int(p.Request.SET_FEATURES): (_OWNED, Session._set_features),
+    int(p.Request.GET_PROTOCOL_FEATURES): (_BEFORE_OWNER, Session._get_protocol_features),
+    int(p.Request.SET_PROTOCOL_FEATURES): (_BEFORE_OWNER, Session._set_protocol_features),
+    int(p.Request.GET_QUEUE_NUM): (_BEFORE_OWNER, Session._get_queue_num),
+    int(p.Request.SET_OWNER): (_BEFORE_OWNER, Session._set_owner),
+    int(p.Request.RESET_OWNER): (_OWNED, Session._reset_owner),
+    int(p.Request.SET_MEM_TABLE): (_OWNED, Session._set_mem_table),
+    int(p.Request.SET_LOG_BASE): (_OWNED, Session._set_log_base),
+    int(p.Request.SET_VRING_NUM): (_OWNED, Session._set_vring_num),
+    int(p.Request.SET_VRING_ADDR): (_OWNED, Session._set_vring_addr),
+    int(p.Request.SET_VRING_BASE): (_OWNED, Session._set_vring_base),
+    int(p.Request.GET_VRING_BASE): (_OWNED, Session._get_vring_base),
+    int(p.Request.SET_VRING_KICK): (_OWNED, Session._set_vring_kick),
+    int(p.Request.SET_VRING_CALL): (_OWNED, Session._set_vring_call),
+    int(p.Request.SET_VRING_ERR): (_OWNED, Session._set_vring_err),
+    int(p.Request.SET_VRING_ENABLE): (_OWNED, Session._set_vring_enable),
+    int(p.Request.SEND_RARP): (_OWNED, Session._send_rarp),
+    int(p.Request.NET_SET_MTU): (_OWNED, Session._net_set_mtu),
+    int(p.Request.GET_INTERFACE_VERSIONS): (_BEFORE_OWNER, Session._get_interface_versions),
+    int(p.Request.SET_INTERFACE_VERSION): (_BEFORE_OWNER, Session._set_interface_version),
 }
 
 
