@@ -304,6 +304,24 @@ TUNSETVNETLE = _t("TUNSETVNETLE", _IOW(TUN_TYPE, 220, _INT), "3.19")
 TUNGETVNETLE = _t("TUNGETVNETLE", _IOR(TUN_TYPE, 221, _INT), "3.19")
 TUNSETCARRIER = _t("TUNSETCARRIER", _IOW(TUN_TYPE, 226, _INT), "5.0")
 
+# --- linux/sockios.h: link settings, issued on any socket of the interface's namespace ----
+# (what ``ip link set`` needs rtnetlink for, without pyroute2: its import alone costs over a
+# minute inside a TCG test VM, and the shim would pay it at every start)
+
+
+def _s(name: str, number: int) -> Ioctl:
+    return Ioctl(name, number, "linux/sockios.h", "2.6.33")
+
+
+SIOCGIFFLAGS = _s("SIOCGIFFLAGS", 0x8913)
+SIOCSIFFLAGS = _s("SIOCSIFFLAGS", 0x8914)
+SIOCGIFMTU = _s("SIOCGIFMTU", 0x8921)
+SIOCSIFMTU = _s("SIOCSIFMTU", 0x8922)
+SIOCGIFINDEX = _s("SIOCGIFINDEX", 0x8933)
+SIOCBRADDIF = _s("SIOCBRADDIF", 0x89A2)
+#: enum net_device_flags in linux/if.h
+IFF_UP = 0x1
+
 IFNAMSIZ = 16
 IFF_TUN = 0x0001
 IFF_TAP = 0x0002

@@ -36,10 +36,13 @@ import json
 import os
 import re
 import signal
+import socket
 import stat
+import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from contextlib import ExitStack
@@ -49,11 +52,13 @@ from types import TracebackType
 from typing import Any
 
 from kvhost import features, manifest, netns, versions
-from kvhost.errors import KvhostError, UsageError
+from kvhost.errors import KvhostError, RemoteProtocolError, UsageError
+from kvhost.memory import GuestMemory
 from kvhost.probe import probe
 from kvhost.qemu.legacy_pci import LegacyVirtioNet
 from kvhost.qemu.machine import Machine, MachineConfig, MigrationResult, VhostUserBackend, migrate
 from kvhost.qemu.virtio_pci import RX, TX, DriverState, VirtioNetDriver
+from kvhost.vhost_user.frontend import NetDevice, VhostUserFrontend
 
 ETH_P_RARP = 0x8035
 #: IEEE 802 local experimental ethertype: nothing else in the namespace sends it
@@ -311,6 +316,108 @@ def start_shim_expecting_failure(version: str, workdir: Path,
     raise ScenarioError(f"kvhost-shim accepted interface version {version} on this host")
 
 
+# --- what a process holds (fault and load tests) --------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Footprint:
+    """What process ``pid`` holds, read from /proc: open fds (all, ``/dev/vhost-net``,
+    ``/dev/net/tun``, sockets), mappings (all, memfd-backed: guest memory and dirty logs),
+    ``VmRSS`` and the resident bytes of every mapping that is not memfd-backed (smaps)."""
+
+    fds: int
+    vhost_fds: int
+    tun_fds: int
+    sockets: int
+    mappings: int
+    memfd_mappings: int
+    rss: int
+    rss_without_memfd: int
+
+    @classmethod
+    def of(cls, pid: int) -> Footprint:
+        links = _fd_links(pid)
+        maps = Path(f"/proc/{pid}/maps").read_text().splitlines()
+        rss_kib = 0
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                rss_kib = int(line.split()[1])
+        return cls(
+            fds=len(links),
+            vhost_fds=sum(t == "/dev/vhost-net" for t in links.values()),
+            tun_fds=sum(t == "/dev/net/tun" for t in links.values()),
+            sockets=sum(t.startswith("socket:") for t in links.values()),
+            mappings=len(maps),
+            memfd_mappings=sum("/memfd:" in line for line in maps),
+            rss=rss_kib * 1024,
+            rss_without_memfd=smaps_rss(Path(f"/proc/{pid}/smaps").read_text()),
+        )
+
+    def counts(self) -> tuple[int, int, int, int, int]:
+        """(fds, vhost fds, tun fds, sockets, memfd mappings): what must return exactly."""
+        return self.fds, self.vhost_fds, self.tun_fds, self.sockets, self.memfd_mappings
+
+    def describe(self) -> str:
+        return (f"{self.fds} fds ({self.vhost_fds} vhost-net, {self.tun_fds} tun, "
+                f"{self.sockets} sockets), {self.mappings} mappings ({self.memfd_mappings} "
+                f"memfd), VmRSS {self.rss / 2**20:.2f} MiB, without memfd "
+                f"{self.rss_without_memfd / 2**20:.2f} MiB")
+
+
+def smaps_rss(text: str) -> int:
+    """Resident bytes of every mapping in ``/proc/<pid>/smaps`` text that is not backed
+    by a memfd (guest memory is the frontend's, mapped by the shim, touched by vhost)."""
+    total = 0
+    memfd = False
+    for line in text.splitlines():
+        head = line.split(maxsplit=1)[0] if line.strip() else ""
+        if head.endswith(":"):
+            if head == "Rss:" and not memfd:
+                total += int(line.split()[1]) * 1024
+        elif "-" in head:
+            memfd = "/memfd:" in line
+    return total
+
+
+def _fd_links(pid: int) -> dict[int, str]:
+    out: dict[int, str] = {}
+    for name in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):  # closed while listing
+            out[int(name)] = os.readlink(f"/proc/{pid}/fd/{name}")
+    return out
+
+
+def tap_names(pid: int) -> list[str]:
+    """The tap interface of every ``/dev/net/tun`` fd process ``pid`` holds (fdinfo's
+    ``iff:`` line), in fd order; a tun fd not attached to an interface is left out."""
+    names: list[str] = []
+    for fd, target in sorted(_fd_links(pid).items()):
+        if target != "/dev/net/tun":
+            continue
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{pid}/fdinfo/{fd}").read_text().splitlines():
+                if line.startswith("iff:"):
+                    names.append(line.split()[1])
+    return names
+
+
+def wait_footprint(pid: int, check: Callable[[Footprint], bool], timeout: float = 30.0,
+                   what: str = "footprint") -> Footprint:
+    """Poll :meth:`Footprint.of` until ``check`` holds; ScenarioError (with the last
+    footprint) after ``timeout`` s. Closing a vhost-net fd takes 30-40 ms under TCG, so a
+    connection's devices disappear a while after its socket."""
+    deadline = time.monotonic() + timeout
+    while True:
+        now = Footprint.of(pid)
+        if check(now):
+            return now
+        if time.monotonic() > deadline:
+            fds = ", ".join(f"{fd}:{target}" for fd, target in sorted(_fd_links(pid).items()))
+            raise ScenarioError(f"process {pid}: {what} not reached in {timeout} s; it holds "
+                                f"{now.describe()}; fds {fds}")
+        time.sleep(0.02)
+
+
 # --- versions, manifests, drivers -----------------------------------------------------------
 
 
@@ -435,15 +542,20 @@ class Rig:
         self._stack.callback(port.close)
         return port
 
-    def shim(self, name: str, tap: str, version: str | None) -> ShimProcess:
-        """Start a shim on the existing ``tap`` serving ``version`` (None: the host's
-        latest, unpinned)."""
-        shim = ShimProcess(str(self.workdir / f"{name}.sock"), self.workdir / f"{name}.log",
-                           version=version, tap=tap, name=name)
+    def shim(self, name: str, tap: str | None, version: str | None, *,
+             socket_path: str | None = None, verbose: bool = True,
+             timeout: float = 120.0) -> ShimProcess:
+        """Start a shim on the existing ``tap`` (None: the shim creates a tap per
+        connection) serving ``version`` (None: the host's latest, unpinned), listening on
+        ``socket_path`` (default: ``<name>.sock`` in the work directory); ShimStartError
+        if it does not listen within ``timeout`` s."""
+        path = socket_path or str(self.workdir / f"{name}.sock")
+        shim = ShimProcess(path, self.workdir / f"{name}.log", version=version, tap=tap,
+                           name=name, verbose=verbose)
         self._stack.callback(shim.kill)
         self._stack.callback(shim.stop)
         self.shims.append(shim)
-        return shim.start()
+        return shim.start(timeout)
 
     def qemu(self, name: str, shim: ShimProcess, *, legacy: bool,
              properties: dict[str, str] | None = None, incoming: str | None = None) -> Machine:
@@ -509,6 +621,190 @@ def receive_exact(drv: VirtioNetDriver, wanted: bytes, timeout: float = 10.0) ->
             return
     raise ScenarioError(f"frame not in the RX ring; got ethertypes "
                         f"{[g[12:14].hex() for g in got]}")
+
+
+@dataclass(frozen=True, slots=True)
+class ReconnectingVhostUser(VhostUserBackend):
+    """A vhost-user backend QEMU reconnects to every ``reconnect`` seconds after it went
+    away (``-chardev socket,...,reconnect=N``): what survives a backend restart."""
+
+    reconnect: int = 1
+
+    def args(self) -> list[str]:
+        if self.reconnect < 1:
+            raise UsageError(f"reconnect interval {self.reconnect} s must be at least 1")
+        argv = VhostUserBackend.args(self)
+        argv[argv.index("-chardev") + 1] += f",reconnect={self.reconnect}"
+        return argv
+
+
+# --- many Python frontends at once (load tests, bench/bench_load.py) ------------------------
+
+#: one frontend's guest memory: a QEMU-like low region, then room for two 256-entry rings
+#: and their 2 KiB buffers
+LOAD_MEMORY = [(0, 0xC0000), (0x100000, 2 << 20)]
+LOAD_BASE_GPA = 0x100000
+_SO_RCVBUFFORCE = 33
+_SOL_PACKET = 263
+_PACKET_STATISTICS = 6
+
+
+def connect_like_qemu(path: str) -> socket.socket:
+    """A connected unix socket to a vhost-user backend, made the way QEMU makes it: a
+    *blocking* connect, which waits while the backend's listen backlog is full. (A socket
+    with a timeout is non-blocking inside, and there a full backlog fails at once with
+    EAGAIN.) RemoteProtocolError when nobody listens at ``path``."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        sock.connect(path)
+    except OSError as err:
+        sock.close()
+        raise RemoteProtocolError(f"cannot connect to {path}: {err.strerror}") from err
+    return sock
+
+
+def load_mac(index: int) -> bytes:
+    """The source MAC of load frontend ``index`` (locally administered, unique)."""
+    return bytes([0x02, 0x4B, 0x56]) + index.to_bytes(3, "big")
+
+
+@dataclass
+class LoadFrontend:
+    """One Python frontend of a connect storm: its guest memory, connection and device,
+    the time from connect to rings started, the tap its frames came out of, or why it
+    failed."""
+
+    index: int
+    memory: GuestMemory
+    frontend: VhostUserFrontend | None = None
+    device: NetDevice | None = None
+    start_seconds: float = 0.0
+    tap: str | None = None
+    error: str | None = None
+
+    def start(self, path: str, timeout: float) -> None:
+        begin = time.perf_counter()
+        try:
+            self.frontend = VhostUserFrontend(sock=connect_like_qemu(path), timeout=timeout)
+            self.frontend.handshake()
+            self.device = self.frontend.start_net(self.memory, base_gpa=LOAD_BASE_GPA)
+        except (KvhostError, OSError) as err:
+            self.error = f"frontend {self.index}: {err}"
+            return
+        self.start_seconds = time.perf_counter() - begin
+
+    def close(self) -> None:
+        if self.frontend is not None:
+            self.frontend.close()
+        self.memory.close()
+
+
+def connect_storm(path: str, count: int, *, first_index: int = 0, timeout: float = 300.0,
+                  ready: Callable[[], object] | None = None) -> list[LoadFrontend]:
+    """``count`` frontends (numbered from ``first_index``), one thread each, released
+    together once all are set up and ``ready()`` (e.g. a barrier shared with other
+    processes) returned: each connects, does QEMU's handshake (SET_OWNER included) and
+    starts one queue pair. Returns them all, failed ones with ``error`` set; the caller
+    closes them (:func:`close_all`)."""
+    fronts = [LoadFrontend(i, GuestMemory.create(LOAD_MEMORY, name=f"load-{i}"))
+              for i in range(first_index, first_index + count)]
+    gate = threading.Barrier(count + 1)
+
+    def run(front: LoadFrontend) -> None:
+        gate.wait()
+        front.start(path, timeout)
+
+    threads = [threading.Thread(target=run, args=(f,), name=f"load-{f.index}") for f in fronts]
+    for t in threads:
+        t.start()
+    if ready is not None:
+        ready()
+    gate.wait()
+    for t in threads:
+        t.join()
+    return fronts
+
+
+def close_all(fronts: list[LoadFrontend]) -> None:
+    for front in fronts:
+        front.close()
+
+
+def load_traffic(fronts: list[LoadFrontend], frames: int = 2,
+                 timeout: float = 30.0) -> tuple[int, int]:
+    """Every started frontend sends ``frames`` frames (source MAC :func:`load_mac`); each
+    must come out of one tap, the same for all of them and no other frontend's; then as
+    many frames sent into that tap must land in that frontend's RX ring, byte for byte.
+    Sets each ``tap``; returns (frames out, frames in). ScenarioError naming the frontend
+    on a lost, misrouted or altered frame."""
+    sniff = socket.socket(socket.AF_PACKET, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
+                          socket.htons(netns.ETH_P_ALL))
+    try:
+        # every frame of every tap in the namespace lands here: net.core.rmem_max (208 KiB
+        # by default, ~300 small frames) would drop some, so force the size (root)
+        try:
+            sniff.setsockopt(socket.SOL_SOCKET, _SO_RCVBUFFORCE, 32 << 20)
+        except PermissionError:
+            sniff.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32 << 20)
+        owner: dict[bytes, LoadFrontend] = {}
+        for front in fronts:
+            assert front.device is not None, front.error
+            out = [frame(load_mac(front.index), PEER_MAC, f"l{front.index}t{k}")
+                   for k in range(frames)]
+            for f in out:
+                owner[f] = front
+            if front.device.send(out) != len(out):
+                raise ScenarioError(f"frontend {front.index}: TX ring full")
+        deadline = time.monotonic() + timeout
+        while owner and time.monotonic() < deadline:
+            sniff.settimeout(max(0.01, deadline - time.monotonic()))
+            try:
+                data, addr = sniff.recvfrom(65536)
+            except TimeoutError:
+                break
+            sender = owner.pop(data, None) if addr[2] != netns.PACKET_OUTGOING else None
+            if sender is None:
+                continue
+            if sender.tap not in (None, addr[0]):
+                raise ScenarioError(f"frontend {sender.index}: frames came out of both "
+                                    f"{sender.tap} and {addr[0]}")
+            sender.tap = addr[0]
+        if owner:
+            lost = sorted({f.index for f in owner.values()})
+            _, drops = struct.unpack("=II", sniff.getsockopt(_SOL_PACKET, _PACKET_STATISTICS, 8))
+            raise ScenarioError(f"{len(owner)} TX frames of frontends {lost[:10]} never came "
+                                f"out of a tap (the capture socket dropped {drops} frames)")
+        taps = [f.tap for f in fronts]
+        if len(set(taps)) != len(taps):
+            raise ScenarioError("two frontends' frames came out of the same tap")
+        sent_in = 0
+        for front in fronts:
+            assert front.device is not None and front.tap is not None
+            into = [frame(PEER_MAC, GUEST_MAC, f"l{front.index}r{k}") for k in range(frames)]
+            for f in into:
+                sniff.sendto(f, (front.tap, 0))
+            got: list[bytes] = []
+            until = time.monotonic() + timeout
+            while len(got) < len(into) and time.monotonic() < until:
+                got += [g for g in front.device.receive(0, timeout=0.5)
+                        if g[12:14] == TEST_ETHERTYPE.to_bytes(2, "big")]
+            if sorted(got) != sorted(into):
+                raise ScenarioError(f"frontend {front.index} (tap {front.tap}): RX got "
+                                    f"{len(got)} test frames, {len(set(got) & set(into))} of "
+                                    f"the {len(into)} sent into its tap")
+            sent_in += len(into)
+        return frames * len(fronts), sent_in
+    finally:
+        sniff.close()
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile ``q`` (0-100) of ``values``."""
+    if not values:
+        raise ValueError("percentile of no values")
+    ordered = sorted(values)
+    rank = max(1, -(-len(ordered) * q // 100))
+    return ordered[int(rank) - 1]
 
 
 # --- the whole story ------------------------------------------------------------------------

@@ -2,8 +2,10 @@
 
 A :class:`Tap` is created (or attached to, by name) with
 ``IFF_TAP | IFF_NO_PI [| IFF_VNET_HDR] [| IFF_MULTI_QUEUE]``: with more than one queue, each
-queue is its own fd (one per vhost-net device / queue pair). tun ioctls go through
-:func:`kvhost.ioctl.ioctl`; link settings (up, MTU, bridge) through :mod:`kvhost.netlink`.
+queue is its own fd (one per vhost-net device / queue pair). tun ioctls and link settings
+(index, up, MTU, bridge: the classic SIOC* ioctls on a socket of the tap's namespace) go
+through :func:`kvhost.ioctl.ioctl`. Nothing here imports pyroute2 (kvhost.netlink): inside a
+TCG test VM that import alone costs over a minute, which the shim would pay at every start.
 
 The vnet header the tap carries must match what vhost-net expects (reference section 3):
 without ``VHOST_NET_F_VIRTIO_NET_HDR`` vhost-net passes its header through, so the tap must
@@ -15,12 +17,18 @@ when its last fd closes.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
+import socket
 import struct
+from collections.abc import Iterator
+from pathlib import Path
 from types import TracebackType
+from typing import Any
 
-from kvhost import abi, features, netlink
+from kvhost import abi, features
+from kvhost import netns as kvnetns
 from kvhost.errors import KernelError, UsageError
 from kvhost.ioctl import ioctl, open_device
 
@@ -66,7 +74,7 @@ class Tap:
             flags |= abi.IFF_MULTI_QUEUE
         fds: list[int] = []
         try:
-            with netlink.in_netns(netns):
+            with _in_netns(netns):
                 for _ in range(queues):
                     fd = open_device(TUN_PATH)
                     fds.append(fd)
@@ -111,7 +119,7 @@ class Tap:
 
         Raises UsageError when no such interface exists.
         """
-        netlink.link_index(name, netns)
+        _link_index(name, netns)
         return cls._attach(name, queues, vnet_hdr, netns, multi_queue)
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -196,23 +204,94 @@ class Tap:
         """
         self._ioctl(abi.TUNSETPERSIST, int(on))
 
-    # -- link settings via netlink -------------------------------------------------------
+    # -- link settings: SIOC* ioctls on a socket in the tap's namespace ---------------------
     @property
     def index(self) -> int:
         """The interface index (in the tap's network namespace)."""
-        return netlink.link_index(self.name, self.netns)
+        return _link_index(self.name, self.netns)
 
     def set_up(self) -> None:
-        netlink.set_up(self.name, self.netns)
+        """Bring the link up (needs CAP_NET_ADMIN)."""
+        ifr = self._ifreq()
+        self._link_ioctl(abi.SIOCGIFFLAGS, ifr)
+        ifr.ifr_ifru.ifr_flags |= abi.IFF_UP
+        self._link_ioctl(abi.SIOCSIFFLAGS, ifr)
+
+    def get_mtu(self) -> int:
+        ifr = self._ifreq()
+        self._link_ioctl(abi.SIOCGIFMTU, ifr)
+        return int(ifr.ifr_ifru.ifr_mtu)
 
     def set_mtu(self, n: int) -> None:
-        netlink.set_mtu(self.name, n, self.netns)
+        """Set the MTU (needs CAP_NET_ADMIN; EINVAL outside 68 .. the device maximum)."""
+        if n <= 0:
+            raise UsageError(f"MTU {n} must be a positive number of bytes")
+        ifr = self._ifreq()
+        ifr.ifr_ifru.ifr_mtu = n
+        self._link_ioctl(abi.SIOCSIFMTU, ifr)
 
     def set_mac(self, mac: str) -> None:
+        """Set the MAC address (``aa:bb:cc:dd:ee:ff``) through rtnetlink: tests use it, the
+        shim never does, so only they pay for importing pyroute2."""
+        from kvhost import netlink
+
         netlink.set_mac(self.name, mac, self.netns)
 
     def attach_bridge(self, bridge: str) -> None:
-        netlink.attach_bridge(self.name, bridge, self.netns)
+        """Enslave the tap to the existing bridge ``bridge`` (UsageError if it is missing)."""
+        index = self.index
+        _link_index(bridge, self.netns)
+        ifr = _ifreq(bridge)
+        ifr.ifr_ifru.ifr_ifindex = index
+        _socket_ioctl(abi.SIOCBRADDIF, ifr, self.netns, f"bridge {bridge}")
+
+    def _ifreq(self) -> Any:
+        return _ifreq(self.name)
+
+    def _link_ioctl(self, req: abi.Ioctl, ifr: Any) -> None:
+        _socket_ioctl(req, ifr, self.netns, f"tap {self.name}")
+
+
+@contextlib.contextmanager
+def _in_netns(netns: str | None) -> Iterator[None]:
+    if netns is None:
+        yield
+        return
+    if not Path(f"/run/netns/{netns}").exists():
+        raise UsageError(
+            f"network namespace {netns!r} does not exist: create it with 'ip netns add {netns}'"
+        )
+    with kvnetns.inside(netns):
+        yield
+
+
+def _ifreq(name: str) -> Any:
+    if len(name.encode()) >= abi.IFNAMSIZ:
+        raise UsageError(f"interface name {name!r} is longer than {abi.IFNAMSIZ - 1} bytes")
+    ifr = abi.new("ifreq")
+    ifr.ifr_name = name.encode()
+    return ifr
+
+
+def _socket_ioctl(req: abi.Ioctl, ifr: Any, netns: str | None, device: str) -> None:
+    with _in_netns(netns):
+        # any socket will do: the ioctl acts on the namespace the socket was created in
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+    with sock:
+        ioctl(sock.fileno(), req, abi.buffer(ifr), device=device)
+
+
+def _link_index(name: str, netns: str | None) -> int:
+    """The ifindex of ``name``; UsageError if there is no such interface."""
+    ifr = _ifreq(name)
+    try:
+        _socket_ioctl(abi.SIOCGIFINDEX, ifr, netns, name)
+    except KernelError as err:
+        if err.errno != errno.ENODEV:
+            raise
+        where = f" in network namespace {netns!r}" if netns else ""
+        raise UsageError(f"no network interface named {name!r}{where}") from err
+    return int(ifr.ifr_ifru.ifr_ifindex)
 
 
 def vnet_hdr_len(negotiated: int) -> int:

@@ -232,7 +232,7 @@ def host_offer(probe: ProbeLike) -> Offer:
     if probe.tun.multi_queue:
         offered |= MQ
         pairs = MULTIQUEUE_TAP_PAIRS
-    # The tap's MTU is set through netlink on every kernel, so MTU is always servable.
+    # The tap's MTU is set (SIOCSIFMTU) on every kernel, so MTU is always servable.
     return Offer(offered, KERNEL_MAX_QUEUE_SIZE, pairs, True, unservable, ())
 
 

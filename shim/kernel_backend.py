@@ -14,7 +14,7 @@ One :class:`KernelBackend` serves one connection::
     ring start / enable / disable         VHOST_NET_SET_BACKEND tap queue fd i // 2, or -1
     GET_VRING_BASE                        VHOST_NET_SET_BACKEND -1, VHOST_GET_VRING_BASE
     SEND_RARP mac                         a RARP frame written into tap queue 0
-    NET_SET_MTU                           the tap's MTU (netlink)
+    NET_SET_MTU                           the tap's MTU (SIOCSIFMTU)
 
 Feature translation follows DPDK virtio-user's vhost-kernel backend: the tap offload bits
 are not vhost-net's business (the kernel would refuse them) and are applied to the tap with
@@ -56,12 +56,7 @@ import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-# Imported now, at program start, rather than by kvhost.netlink on the first SET_OWNER (tap
-# creation): under TCG the first import of pyroute2 takes tens of seconds, which would stall
-# that SET_OWNER and with it every connection of the single-threaded server.
-import pyroute2  # noqa: F401
-
-from kvhost import abi, features, netlink
+from kvhost import abi, features
 from kvhost.errors import KernelError, KvhostError, RemoteProtocolError, UsageError
 from kvhost.ioctl import read_max_mem_regions
 from kvhost.memory import FrontendRegion, MappedTable
@@ -221,7 +216,7 @@ class _UnprivilegedTap(Tap):
     MTU request succeeds only when the tap already has that MTU."""
 
     def set_mtu(self, n: int) -> None:
-        current = netlink.link_info(self.name)["mtu"]
+        current = self.get_mtu()
         if current == n:
             return
         raise UsageError(

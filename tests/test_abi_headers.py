@@ -23,6 +23,7 @@ HEADERS = (
     "linux/vhost_types.h",
     "linux/if_tun.h",
     "linux/if.h",
+    "linux/sockios.h",
     "linux/virtio_net.h",
     "linux/virtio_config.h",
     "linux/virtio_ring.h",
