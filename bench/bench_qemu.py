@@ -14,17 +14,30 @@ measurement repeated ``--reps`` times (default 10), medians compared side by sid
   and downtime as QEMU reports them; downtime median <= native median + 5 ms. Downtime under
   TCG is bimodal, so min/median/max are printed.
 
+The shims run as ``kvhost-shim`` does by default (INFO logging); ``--shim-verbose`` runs them
+with ``-v`` as the tests do (a debug line per ring event, written before the reply).
+
+``--trace N`` is a diagnostic run instead: one shim whose every read (recvmsg -> Session ->
+sendall, as the shim's socket sees it) is timestamped, and N DRIVER_OK writes; for the
+last one it prints each vhost-user message QEMU sent with its arrival time relative to the
+start of the DRIVER_OK write and the shim's time handling it, so the round trip can be
+split into QEMU's own work, waiting for replies and the shim's work.
+
 Prints one line per measurement and a summary; exits 1 if a target is missed.
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
+import contextlib
+import os
 import statistics
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -32,9 +45,73 @@ sys.path.insert(0, str(REPO))
 from kvhost import netlink, scenario  # noqa: E402
 from kvhost.qemu.machine import Machine, MachineConfig, TapBackend, migrate  # noqa: E402
 from kvhost.qemu.virtio_pci import RX, TX, VirtioNetDriver  # noqa: E402
-from kvhost.scenario import GUEST_MAC, PEER_MAC, Rig, TapPort, frame  # noqa: E402
+from kvhost.scenario import GUEST_MAC, PEER_MAC, Rig, ShimProcess, TapPort, frame  # noqa: E402
 
 PROPS = {"mac": GUEST_MAC.hex(":")}
+TRACE_ENV = "KVHOST_BENCH_TRACE"
+
+
+def start_shim(
+    stack: contextlib.ExitStack, rig: Rig, name: str, tap: str, version: str | None, *,
+    verbose: bool, trace: Path | None = None,
+) -> ShimProcess:
+    """A shim on ``tap`` like Rig.shim, with the bench's choice of logging (and tracing)."""
+    shim = ShimProcess(str(rig.workdir / f"{name}.sock"), rig.workdir / f"{name}.log",
+                       version=version, tap=tap, verbose=verbose, name=name)
+    if trace is not None:
+        shim.argv[1:3] = [str(Path(__file__).resolve()), "--as-traced-shim"]
+        os.environ[TRACE_ENV] = str(trace)
+    stack.callback(shim.kill)
+    stack.callback(shim.stop)
+    t0 = time.monotonic()
+    # generous: Python start-up plus pyroute2's import take minutes on a loaded TCG machine
+    shim.start(timeout=600)
+    print(f"{name} listening after {time.monotonic() - t0:.0f} s", flush=True)
+    return shim
+
+
+def traced_shim_main(argv: list[str]) -> int:
+    """``kvhost-shim`` with every socket read timestamped (monotonic ns) into the file named
+    by $KVHOST_BENCH_TRACE at exit: ``start end request[!],...`` per read (! = NEED_REPLY)."""
+    from kvhost.vhost_user import protocol as p
+    from shim import cli, server
+    from shim.session import Session
+
+    records: list[tuple[int, int, str]] = []
+    names: list[str] = [""]
+    real_readable = server.ShimServer._readable
+    real_receive = Session.receive
+
+    def readable(self: server.ShimServer, conn: Any) -> None:
+        table = getattr(conn.session.backend, "table", None)
+        t0 = time.monotonic_ns()
+        real_readable(self, conn)
+        t1 = time.monotonic_ns()
+        what = names[0]
+        if "SET_MEM_TABLE" in what:
+            kept = getattr(conn.session.backend, "table", None) is table
+            what += " (mapping kept)" if kept else " (table mapped)"
+        records.append((t0, t1, what))
+        names[0] = ""
+
+    def receive(self: Session, data: bytes, fds: Any) -> list[bytes]:
+        found, off = [], 0
+        while off + p.HEADER_SIZE <= len(data):
+            req, flags, size = p.HEADER.unpack_from(data, off)
+            found.append(p._request_name(req) + ("!" if flags & 8 else ""))
+            off += p.HEADER_SIZE + size
+        names[0] = ",".join(found) or "(partial)"
+        return real_receive(self, data, fds)
+
+    def dump() -> None:
+        with open(os.environ[TRACE_ENV], "w") as out:
+            for t0, t1, what in records:
+                out.write(f"{t0} {t1} {what}\n")
+
+    server.ShimServer._readable = readable  # type: ignore[method-assign]
+    Session.receive = receive  # type: ignore[method-assign]
+    atexit.register(dump)
+    return cli.main(argv)
 
 
 def restart_loop(machine: Machine, port: TapPort, reps: int) -> tuple[list[float], list[float]]:
@@ -88,6 +165,60 @@ def migration_loop(
     return totals, downs
 
 
+def trace_run(reps: int, verbose: bool) -> int:
+    """Time the shim's part of the DRIVER_OK round trip message by message (see --trace)."""
+    with scenario.fresh_netns(), Rig() as rig, contextlib.ExitStack() as stack:
+        trace = rig.workdir / "shim.trace"
+        port = rig.port("kvs0")
+        shim = start_shim(stack, rig, "shim-t", "kvs0", None, verbose=verbose, trace=trace)
+        m = rig.qemu("qemu-t", shim, legacy=False, properties=PROPS)
+        drv = VirtioNetDriver.probe(m.qtest)
+        windows = []
+        for i in range(reps):
+            drv.reset()
+            drv.negotiate()
+            drv.setup_queue(RX)
+            drv.setup_queue(TX)
+            drv.post_rx(16, kick=False)
+            out = frame(GUEST_MAC, PEER_MAC, f"trace{i}")
+            drv.send(out, kick=False)
+            t0 = time.monotonic_ns()
+            drv.driver_ok()
+            t1 = time.monotonic_ns()
+            drv.notify(TX)
+            port.expect(out)
+            drv.wait_used(TX, 1)
+            drv.pop_used(TX)
+            windows.append((t0, t1))
+        m.stop()
+        shim.stop()
+        lines = [ln.split(" ", 2) for ln in trace.read_text().splitlines()]
+    print("trace: per DRIVER_OK write, each socket read of the shim: arrival ms (from the "
+          "start of the write) + shim ms, messages (! = NEED_REPLY); '|' marks the write's "
+          "return")
+    busy_all = []
+    for n, (t0, t1) in enumerate(windows):
+        ends = [i for i, (a, _, _) in enumerate(lines) if int(a) > t1]
+        after = ends[0] if ends else len(lines)
+        shown, busy = [], 0
+        for i, (a, b, what) in enumerate(lines):
+            start, end = int(a), int(b)
+            if t0 <= start <= t1 or (start > t1 and i < after + 12):
+                if i == after:
+                    shown.append("|")
+                if start <= t1:
+                    busy += min(end, t1) - start
+                shown.append(f"{(start - t0) / 1e6:.1f}+{(end - start) / 1e6:.2f} {what}")
+        busy_all.append(busy / 1e6)
+        print(f"trace: #{n} write {(t1 - t0) / 1e6:.2f} ms, shim busy inside {busy / 1e6:.2f} ms:"
+              f" {'; '.join(shown)}")
+    writes = [(b - a) / 1e6 for a, b in windows]
+    print(f"trace: after the first write: shim busy inside the write median "
+          f"{statistics.median(busy_all[1:] or busy_all):.2f} ms, write median "
+          f"{statistics.median(writes[1:] or writes):.2f} ms")
+    return 0
+
+
 def stats(values: list[float], scale: float = 1.0) -> str:
     v = [x * scale for x in values]
     return f"min {min(v):.2f} median {statistics.median(v):.2f} max {max(v):.2f}"
@@ -98,14 +229,22 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--shim-verbose", action="store_true",
+                        help="run the shims with -v (debug logging), as the tests do")
+    parser.add_argument("--trace", type=int, metavar="N", default=0,
+                        help="diagnose instead: N DRIVER_OK writes, the last one traced")
     args = parser.parse_args()
     if args.reps < 1:
         parser.error("--reps must be at least 1")
+    if args.trace:
+        return trace_run(args.trace, args.shim_verbose)
     ok = True
-    with scenario.fresh_netns(), Rig() as rig:
+    verbose = args.shim_verbose
+    print(f"shims log at {'DEBUG (-v)' if verbose else 'INFO (the default)'}", flush=True)
+    with scenario.fresh_netns(), Rig() as rig, contextlib.ExitStack() as stack:
         # -- start: shim -----------------------------------------------------------------
         port_s = rig.port("kvs0")
-        shim_a = rig.shim("shim-a", "kvs0", None)
+        shim_a = start_shim(stack, rig, "shim-a", "kvs0", None, verbose=verbose)
         print(f"shim serves {shim_a.served_version()}", flush=True)
         m = rig.qemu("qemu-s", shim_a, legacy=False, properties=PROPS)
         s_rt, s_tx = restart_loop(m, port_s, args.reps)
@@ -122,7 +261,8 @@ def main() -> int:
 
         # -- migration: shim -------------------------------------------------------------
         rig.port("kvs1")
-        shim_b = rig.shim("shim-b", "kvs1", shim_a.served_version())
+        shim_b = start_shim(stack, rig, "shim-b", "kvs1", shim_a.served_version(),
+                            verbose=verbose)
 
         def shim_pair(i: int) -> tuple[Machine, Machine, str]:
             uri = f"unix:{rig.workdir / f'mig-s{i}.sock'}"
@@ -172,4 +312,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--as-traced-shim"]:
+        sys.exit(traced_shim_main(sys.argv[2:]))
     sys.exit(main())

@@ -497,3 +497,40 @@ def test_sigterm_like_stop_detaches_rings_and_closes_everything(
     # the tap vanished with its last fd
     with pytest.raises(Exception, match="no network interface"):
         netlink.link_index(shim.taps[0])
+
+
+def test_restart_on_one_connection_skips_only_what_the_kernel_already_has(
+    fd_leak_check: None, make_shim: type[Shim]
+) -> None:
+    """QEMU repeats its whole start sequence at every DRIVER_OK on one connection. The shim
+    issues no ioctl for what the kernel already has (same features, the same regions of the
+    same memfds, same ring sizes and addresses): frames must flow after such a restart, and
+    after one with new guest memory, which must replace the table."""
+    shim = make_shim()
+
+    def traffic(dev: NetDevice, tag: str) -> None:
+        with packet_socket(shim.taps[0]) as cap:
+            frames = test_frames(3, tag)
+            assert dev.send(frames) == len(frames)
+            assert dev.wait_tx_done(timeout=5)
+            assert sorted(captured(cap, len(frames))) == sorted(frames)
+
+    with shim.frontend() as fe:
+        with GuestMemory.create(MEMORY) as mem:
+            dev = start(fe, mem)
+            (conn,) = shim.server.connections.values()
+            backend = conn.session.backend
+            assert isinstance(backend, KernelBackend)
+            first_table = backend.table
+            traffic(dev, "first")
+            assert fe.stop(dev)[1] == 3
+            again = fe.start_net(mem, base_gpa=BASE_GPA)
+            assert backend.table is first_table  # the same memfds: the mapping was kept
+            traffic(again, "again")
+            assert fe.stop(again)[1] == 3
+        with GuestMemory.create(MEMORY) as other:
+            moved = fe.start_net(other, base_gpa=BASE_GPA)
+            assert backend.table is not first_table  # new memfds: a new table
+            traffic(moved, "moved")
+            assert fe.stop(moved)[1] == 3
+    shim.wait_idle()

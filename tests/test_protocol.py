@@ -259,6 +259,25 @@ def test_partial_input_is_buffered_byte_by_byte() -> None:
     assert [m.payload for m in got] == [U64(0x1_7000_8000), VringState(1, 256)]
 
 
+def test_one_message_per_chunk_decodes_like_any_other_split() -> None:
+    """A chunk holding exactly one message takes the decoder's fast path; every golden
+    request must decode to the same messages as when the stream arrives whole or split at
+    every byte."""
+    fdless = [r for r in REQUESTS if r[3] == 0]
+    chunks = [h(r[4]) for r in fdless]
+    one_each = BackendCodec()
+    fast = [m for chunk in chunks for m in one_each.receive(chunk)]
+    whole = BackendCodec().receive(b"".join(chunks))
+    split = BackendCodec()
+    stream = b"".join(chunks)
+    by_byte = [m for i in range(len(stream)) for m in split.receive(stream[i : i + 1])]
+    assert fast == whole == by_byte
+    assert [(m.request, int(m.flags), m.payload) for m in fast] == [
+        (r[0], r[2], r[1]) for r in fdless
+    ]
+    assert all(type(m.flags) is HeaderFlag for m in fast)
+
+
 def test_fds_attach_to_the_message_whose_first_byte_came_with_them(efds: list[int]) -> None:
     num = h(REQUESTS[7][4])
     kick = h(REQUESTS[11][4])

@@ -303,3 +303,28 @@ def test_exec_migration_has_no_return_path() -> None:
     idle = machine.Machine(MachineConfig(backend=TapBackend("t")))
     with pytest.raises(UsageError, match="return_path=False"):
         machine.migrate(idle, "exec:cat > /run/x")
+
+
+def test_completed_migration_stats_wait_for_postmigrate() -> None:
+    """QEMU answers ``completed`` with total-time/downtime 0 until its migration thread has
+    computed them (it then sets the run state to postmigrate): the stats are re-read then."""
+
+    class FakeQmp:
+        def __init__(self) -> None:
+            self.states = ["finish-migrate", "finish-migrate", "postmigrate"]
+            self.migrate_queries = 0
+
+        def query_status(self) -> str:
+            return self.states.pop(0)
+
+        def query_migrate(self) -> dict[str, object]:
+            self.migrate_queries += 1
+            return {"status": "completed", "total-time": 812, "downtime": 37}
+
+    class FakeSource:
+        qmp = FakeQmp()
+
+    early = {"status": "completed", "total-time": 0, "downtime": 0}
+    settled = machine._settled_stats(FakeSource(), early, timeout=5)  # type: ignore[arg-type]
+    assert settled["total-time"] == 812 and settled["downtime"] == 37
+    assert FakeSource.qmp.states == [] and FakeSource.qmp.migrate_queries == 1

@@ -33,6 +33,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 from kvhost.errors import UsageError
 from kvhost.qemu.errors import QemuError, QemuExited
@@ -395,6 +396,22 @@ class MigrationResult:
     raw: Mapping[str, object]
 
 
+def _settled_stats(source: Machine, info: dict[str, Any], timeout: float) -> dict[str, Any]:
+    """The final ``query-migrate`` answer once QEMU has filled in its times.
+
+    QEMU's migration thread sets the status to ``completed`` first and computes
+    ``total-time`` and ``downtime`` afterwards, once it gets the big QEMU lock, in the step
+    that also sets the run state to ``postmigrate``. A query in between answers
+    ``completed`` with both times 0. So: wait for ``postmigrate``, then ask again.
+    """
+    deadline = time.monotonic() + timeout
+    while source.qmp.query_status() != "postmigrate":
+        if time.monotonic() > deadline:
+            return info
+        time.sleep(0.005)
+    return source.qmp.query_migrate()
+
+
 def migrate(
     source: Machine,
     uri: str,
@@ -422,6 +439,8 @@ def migrate(
     source.qmp.migrate(uri)
     info = source.qmp.wait_migration(timeout=timeout)
     wall = (time.perf_counter() - start) * 1e3
+    if info.get("status") == "completed":
+        info = _settled_stats(source, info, timeout)
 
     def ms(key: str) -> int | None:
         value = info.get(key)

@@ -60,10 +60,10 @@ import contextlib
 import os
 import struct
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum, IntFlag
-from typing import ClassVar, Self
+from typing import ClassVar, NoReturn, Self
 
 from kvhost.errors import LocalProtocolError, RemoteProtocolError
 
@@ -273,11 +273,16 @@ class U64:
     value: int
     SIZE: ClassVar[int] = 8
     _S: ClassVar[struct.Struct] = struct.Struct("=Q")
+    #: unpack() is exactly ``cls(*_S.unpack(data))`` after the size check (see _Layout)
+    _PLAIN: ClassVar[bool] = True
 
     def pack(self) -> bytes:
-        if not _u64(self.value):
-            raise LocalProtocolError(f"u64 payload value {self.value} does not fit in 64 bits")
-        return self._S.pack(self.value)
+        try:  # struct refuses anything outside u64 (and non-integers): the range check
+            return self._S.pack(self.value)
+        except struct.error:
+            raise LocalProtocolError(
+                f"u64 payload value {self.value} does not fit in 64 bits"
+            ) from None
 
     @classmethod
     def unpack(cls, data: bytes) -> Self:
@@ -293,11 +298,13 @@ class VringState:
     num: int
     SIZE: ClassVar[int] = 8
     _S: ClassVar[struct.Struct] = struct.Struct("=II")
+    _PLAIN: ClassVar[bool] = True
 
     def pack(self) -> bytes:
-        if not (_u32(self.index) and _u32(self.num)):
-            raise LocalProtocolError(f"vring state {self} has a field outside u32")
-        return self._S.pack(self.index, self.num)
+        try:  # struct refuses anything outside u32 (and non-integers): the range check
+            return self._S.pack(self.index, self.num)
+        except struct.error:
+            raise LocalProtocolError(f"vring state {self} has a field outside u32") from None
 
     @classmethod
     def unpack(cls, data: bytes) -> Self:
@@ -321,6 +328,7 @@ class VringAddr:
     log_guest_addr: int
     SIZE: ClassVar[int] = 40
     _S: ClassVar[struct.Struct] = struct.Struct("=IIQQQQ")
+    _PLAIN: ClassVar[bool] = True
 
     @property
     def log(self) -> bool:
@@ -443,8 +451,7 @@ class MemTable:
                 f"memory table with {count} regions must be {want} bytes, got {len(data)}"
             )
         regions = tuple(
-            MemRegion.unpack(data[off : off + MemRegion.SIZE])
-            for off in range(cls._HEAD.size, want, MemRegion.SIZE)
+            MemRegion(*fields) for fields in MemRegion._S.iter_unpack(data[cls._HEAD.size :])
         )
         return cls(regions)
 
@@ -473,6 +480,7 @@ class LogBase:
     mmap_offset: int
     SIZE: ClassVar[int] = 16
     _S: ClassVar[struct.Struct] = struct.Struct("=QQ")
+    _PLAIN: ClassVar[bool] = True
 
     def pack(self) -> bytes:
         if not (_u64(self.mmap_size) and _u64(self.mmap_offset)):
@@ -669,21 +677,45 @@ class _Layout:
 
     ``fds`` is a fixed count, or ``None`` when the payload decides (``fd_count``).
     ``close_fds`` means fds are tolerated but the codec closes them (REM_MEM_REG, Raw).
+
+    The size rules are derived once at construction (``_by_size``: payload size -> the
+    type decoding it; ``_variable``/``_limit``: the first variable-size type and its
+    bound), so checking and decoding a message are dict lookups on the hot path.
     """
 
     types: tuple[_PayloadType, ...]
     fds: tuple[int, ...] | None = (0,)
     close_fds: bool = False
+    _by_size: dict[int, _PayloadType] = field(init=False, repr=False, compare=False)
+    _variable: _PayloadType | None = field(init=False, repr=False, compare=False)
+    _limit: int = field(init=False, repr=False, compare=False)
+    #: size -> (constructor, struct) for payloads that are one struct's fields as they are
+    _plain: dict[int, tuple[Callable[..., Payload], struct.Struct]] = field(
+        init=False, repr=False, compare=False
+    )
 
-    def size_ok(self, size: int) -> bool:
+    def __post_init__(self) -> None:
+        by_size: dict[int, _PayloadType] = {}
+        variable: _PayloadType | None = None
         for t in self.types:
             fixed = getattr(t, "SIZE", None)
-            if fixed is not None and size == fixed:
-                return True
-            limit = getattr(t, "MAX_SIZE", None)
-            if fixed is None and size <= (limit if limit is not None else MAX_PAYLOAD):
-                return True
-        return False
+            if fixed is None:
+                variable = t
+                break  # every later type is shadowed: decode takes the first match
+            by_size.setdefault(fixed, t)
+        limit = -1 if variable is None else getattr(variable, "MAX_SIZE", MAX_PAYLOAD)
+        plain = {
+            size: (t, t._S)  # type: ignore[union-attr]
+            for size, t in by_size.items()
+            if getattr(t, "_PLAIN", False)
+        }
+        object.__setattr__(self, "_by_size", by_size)
+        object.__setattr__(self, "_variable", variable)
+        object.__setattr__(self, "_limit", limit)
+        object.__setattr__(self, "_plain", plain)
+
+    def size_ok(self, size: int) -> bool:
+        return size in self._by_size or size <= self._limit
 
     def describe_size(self) -> str:
         parts = []
@@ -696,11 +728,12 @@ class _Layout:
         return " or ".join(parts)
 
     def decode(self, data: bytes) -> Payload:
-        for t in self.types:
-            fixed = getattr(t, "SIZE", None)
-            if fixed is None or fixed == len(data):
-                return t.unpack(data)
-        raise RemoteProtocolError(f"payload of {len(data)} bytes; expected {self.describe_size()}")
+        t = self._by_size.get(len(data), self._variable)
+        if t is None:
+            raise RemoteProtocolError(
+                f"payload of {len(data)} bytes; expected {self.describe_size()}"
+            )
+        return t.unpack(data)
 
 
 _E = _Layout((Empty,))
@@ -767,26 +800,33 @@ def _payload_fds(payload: Payload) -> int:
     return 0
 
 
+# Hot-path tables. Every message goes through these lookups, and under TCG an enum
+# conversion (a Python-level call) costs tens of microseconds: plain dicts keyed by the wire
+# integer replace ``Request(n)``, ``HeaderFlag(n)`` and ``.name`` on the decode path.
+_REQUEST_BY_ID: dict[int, Request] = {int(r): r for r in Request}
+_LAYOUT_BY_ID: dict[int, _Layout] = {int(r): layout for r, layout in REQUEST_LAYOUTS.items()}
+_FLAGS_BY_VALUE: dict[int, HeaderFlag] = {v: HeaderFlag(v) for v in range(16)}
+_REPLY_FLAGS = int(HeaderFlag.VERSION | HeaderFlag.REPLY)
+_NEED_REPLY_BIT = int(HeaderFlag.NEED_REPLY)
+_REPLY_BIT = int(HeaderFlag.REPLY)
+_SET_LOG_BASE = int(Request.SET_LOG_BASE)
+_INHERENT_IDS: dict[int, _Layout] = {int(r): layout for r, layout in INHERENT_REPLIES.items()}
+
+
 def request_layout(request: int) -> _Layout:
     """The layout a request must have (``Raw`` for uninterpreted and unknown ids)."""
-    try:
-        return REQUEST_LAYOUTS[Request(request)]
-    except (ValueError, KeyError):
-        return _RAW
+    return _LAYOUT_BY_ID.get(request, _RAW)
 
 
 def _request_name(request: int) -> str:
-    try:
-        return Request(request).name
-    except ValueError:
-        return f"unknown request {request} (0x{request:x})"
+    known = _REQUEST_BY_ID.get(request)
+    if known is not None:
+        return known.name
+    return f"unknown request {request} (0x{request:x})"
 
 
 def _as_request(request: int) -> Request | int:
-    try:
-        return Request(request)
-    except ValueError:
-        return request
+    return _REQUEST_BY_ID.get(request, request)
 
 
 def close_fds(fds: Iterable[int]) -> None:
@@ -816,12 +856,13 @@ class Message:
     @property
     def need_reply(self) -> bool:
         """The frontend set NEED_REPLY: it waits for a u64 ack (or the inherent reply)."""
-        return bool(self.flags & HeaderFlag.NEED_REPLY)
+        # int(): IntFlag's own ``&`` builds a new flag object in Python code
+        return bool(int(self.flags) & _NEED_REPLY_BIT)
 
     @property
     def is_reply(self) -> bool:
         """The message is a backend's reply."""
-        return bool(self.flags & HeaderFlag.REPLY)
+        return bool(int(self.flags) & _REPLY_BIT)
 
     @property
     def known(self) -> bool:
@@ -838,7 +879,7 @@ class Message:
 
         SET_LOG_BASE's LOG_SHMFD reply is not counted: it depends on negotiation.
         """
-        return self.need_reply or self.request in INHERENT_REPLIES
+        return self.need_reply or self.request in _INHERENT_IDS
 
 
 # --- the codecs ----------------------------------------------------------------------------
@@ -910,6 +951,18 @@ class _Decoder:
             if new_fds:
                 raise RemoteProtocolError(f"{self._side} sent fds without any message bytes")
             return
+        if not self._buf and len(data) >= HEADER_SIZE:
+            # The common case: nothing buffered and the chunk is exactly one message (every
+            # frontend sends one message per sendmsg). Its fds are all its own.
+            request, flags, size = HEADER.unpack_from(data)
+            if HEADER_SIZE + size == len(data):
+                own, new_fds[:] = list(new_fds), []
+                try:
+                    out.append(self._decode_single(request, flags, size, data, own))
+                except BaseException:
+                    close_fds(own)
+                    raise
+                return
         old_len = len(self._buf)
         self._buf += data
         # Walk the headers to find where messages start; a header is validated as soon as
@@ -965,6 +1018,13 @@ class _Decoder:
     def _decode(self, request: int, flags: int, payload: bytes, fds: list[int]) -> Message:
         raise NotImplementedError
 
+    def _decode_single(
+        self, request: int, flags: int, size: int, data: bytes, fds: list[int]
+    ) -> Message:
+        """A chunk that is exactly one message (header included in ``data``)."""
+        self._check_header(request, flags, size)
+        return self._decode(request, flags, data[HEADER_SIZE:], fds)
+
     @staticmethod
     def _check_common_flags(side: str, request: int, flags: int) -> None:
         version = flags & _VERSION_MASK
@@ -1001,28 +1061,63 @@ class BackendCodec(_Decoder):
 
     _side = "frontend"
 
+    # Names are only looked up on the error paths: a well-formed request costs a few dict
+    # lookups and one payload unpack (see the hot-path tables above).
+    _GOOD_FLAGS: ClassVar[frozenset[int]] = frozenset(
+        {VHOST_USER_VERSION, VHOST_USER_VERSION | _NEED_REPLY_BIT}
+    )
+
     def _check_header(self, request: int, flags: int, size: int) -> None:
-        self._check_common_flags("frontend", request, flags)
-        name = _request_name(request)
-        if flags & HeaderFlag.REPLY:
+        if flags not in self._GOOD_FLAGS:
+            self._check_common_flags("frontend", request, flags)
             raise RemoteProtocolError(
-                f"frontend sent {name} with the REPLY flag; only the backend sends replies"
+                f"frontend sent {_request_name(request)} with the REPLY flag; only the "
+                "backend sends replies"
             )
-        layout = request_layout(request)
-        if not layout.size_ok(size):
+        layout = _LAYOUT_BY_ID.get(request, _RAW)
+        if size not in layout._by_size and size > layout._limit:  # layout.size_ok, inlined
             raise RemoteProtocolError(
-                f"{name} announces a {size}-byte payload; it must be {layout.describe_size()}"
+                f"{_request_name(request)} announces a {size}-byte payload; it must be "
+                f"{layout.describe_size()}"
             )
 
+    def _decode_single(
+        self, request: int, flags: int, size: int, data: bytes, fds: list[int]
+    ) -> Message:
+        # The hot path: _check_header and _decode in one, for the usual well-formed request
+        # of a plain fixed-size payload with the right fd count; anything else goes the
+        # long way, which also builds the error messages.
+        if flags in self._GOOD_FLAGS:
+            layout = _LAYOUT_BY_ID.get(request, _RAW)
+            plain = layout._plain.get(size)
+            want = layout.fds
+            if plain is not None and want is not None and len(fds) in want and not layout.close_fds:
+                make, st = plain
+                return Message(
+                    _REQUEST_BY_ID.get(request, request),
+                    _FLAGS_BY_VALUE[flags],
+                    make(*st.unpack_from(data, HEADER_SIZE)),
+                    tuple(fds),
+                )
+        return super()._decode_single(request, flags, size, data, fds)
+
     def _decode(self, request: int, flags: int, payload: bytes, fds: list[int]) -> Message:
-        name = _request_name(request)
-        layout = request_layout(request)
+        layout = _LAYOUT_BY_ID.get(request, _RAW)
+        kind = layout._by_size.get(len(payload), layout._variable)  # layout.decode, inlined
         try:
-            body = layout.decode(payload)
+            if kind is None:
+                layout.decode(payload)  # raises, describing the sizes
+            body = kind.unpack(payload)  # type: ignore[union-attr]
         except RemoteProtocolError as err:
-            raise RemoteProtocolError(f"{name}: {err}") from None
-        kept = self._check_fds(name, layout, body, fds)
-        return Message(_as_request(request), HeaderFlag(flags), body, tuple(kept))
+            raise RemoteProtocolError(f"{_request_name(request)}: {err}") from None
+        want = layout.fds
+        if want is not None and len(fds) in want and not layout.close_fds:
+            kept = fds  # the usual case, checked without building the name
+        else:
+            kept = self._check_fds(_request_name(request), layout, body, fds)
+        return Message(
+            _REQUEST_BY_ID.get(request, request), _FLAGS_BY_VALUE[flags], body, tuple(kept)
+        )
 
     @staticmethod
     def reply(msg: Message, payload: Payload) -> bytes:
@@ -1031,24 +1126,24 @@ class BackendCodec(_Decoder):
         Raises LocalProtocolError if ``msg`` does not solicit a reply or ``payload`` is not
         the reply type of that request (a u64 ack for everything but the inherent replies).
         """
-        request = msg.request
-        if isinstance(request, Request) and request in INHERENT_REPLIES:
-            layout = INHERENT_REPLIES[request]
-        elif request == Request.SET_LOG_BASE:
-            layout = _LOG_BASE_REPLY
-        elif msg.need_reply:
-            layout = _ACK
-        else:
-            raise LocalProtocolError(
-                f"{msg.name} without NEED_REPLY gets no reply; the frontend is not waiting"
-            )
+        request = int(msg.request)
+        layout = _INHERENT_IDS.get(request)
+        if layout is None:
+            if request == _SET_LOG_BASE:
+                layout = _LOG_BASE_REPLY
+            elif msg.need_reply:
+                layout = _ACK
+            else:
+                raise LocalProtocolError(
+                    f"{msg.name} without NEED_REPLY gets no reply; the frontend is not waiting"
+                )
         if not isinstance(payload, layout.types):
             raise LocalProtocolError(
                 f"the reply to {msg.name} carries {'/'.join(t.__name__ for t in layout.types)}, "
                 f"not {type(payload).__name__}"
             )
         body = payload.pack()
-        return HEADER.pack(int(request), HeaderFlag.VERSION | HeaderFlag.REPLY, len(body)) + body
+        return HEADER.pack(request, _REPLY_FLAGS, len(body)) + body
 
     @classmethod
     def ack(cls, msg: Message, status: int = 0) -> bytes:
@@ -1127,20 +1222,19 @@ class FrontendCodec(_Decoder):
         return HEADER.pack(int(request), flags, len(body)) + body, list(fds)
 
     def _check_header(self, request: int, flags: int, size: int) -> None:
-        self._check_common_flags("backend", request, flags)
-        name = _request_name(request)
-        if flags != HeaderFlag.VERSION | HeaderFlag.REPLY:
+        if flags != _REPLY_FLAGS:
+            self._check_common_flags("backend", request, flags)
             raise RemoteProtocolError(
-                f"backend sent {name} with header flags 0x{flags:x}; its messages on this "
-                "socket are replies and carry exactly VERSION|REPLY (0x5)"
+                f"backend sent {_request_name(request)} with header flags 0x{flags:x}; its "
+                "messages on this socket are replies and carry exactly VERSION|REPLY (0x5)"
             )
         limit = (
             MAX_VERSION_LIST_PAYLOAD if request == Request.GET_INTERFACE_VERSIONS else MAX_PAYLOAD
         )
         if size > limit:
             raise RemoteProtocolError(
-                f"backend's reply to {name} announces a {size}-byte payload; "
-                f"at most {limit} bytes are allowed"
+                f"backend's reply to {_request_name(request)} announces a {size}-byte "
+                f"payload; at most {limit} bytes are allowed"
             )
 
     def _expect(self, request: int) -> _Layout:
@@ -1159,20 +1253,28 @@ class FrontendCodec(_Decoder):
         return layout
 
     def _decode(self, request: int, flags: int, payload: bytes, fds: list[int]) -> Message:
-        name = _request_name(request)
         layout = self._expect(request)
+        if fds or not layout.size_ok(len(payload)):
+            self._reply_problem(request, layout, payload, fds)
+        try:
+            body = layout.decode(payload)
+        except RemoteProtocolError as err:
+            raise RemoteProtocolError(
+                f"backend's reply to {_request_name(request)}: {err}"
+            ) from None
+        self._awaiting.popleft()
+        return Message(_REQUEST_BY_ID.get(request, request), _FLAGS_BY_VALUE[flags], body, ())
+
+    @staticmethod
+    def _reply_problem(
+        request: int, layout: _Layout, payload: bytes, fds: list[int]
+    ) -> NoReturn:
+        name = _request_name(request)
         if fds:
             raise RemoteProtocolError(
                 f"backend's reply to {name} came with {len(fds)} fds; kvhost expects none"
             )
-        if not layout.size_ok(len(payload)):
-            raise RemoteProtocolError(
-                f"backend's reply to {name} has {len(payload)} payload bytes; it must be "
-                f"{layout.describe_size()}"
-            )
-        try:
-            body = layout.decode(payload)
-        except RemoteProtocolError as err:
-            raise RemoteProtocolError(f"backend's reply to {name}: {err}") from None
-        self._awaiting.popleft()
-        return Message(_as_request(request), HeaderFlag(flags), body, ())
+        raise RemoteProtocolError(
+            f"backend's reply to {name} has {len(payload)} payload bytes; it must be "
+            f"{layout.describe_size()}"
+        )
