@@ -12,6 +12,7 @@ Structs are declared for cffi in ABI mode (no compiler needed at run time); ``ne
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 from typing import Any
 
@@ -183,6 +184,27 @@ def new_var(struct: str, array_field: str, length: int, **fields: Any) -> Any:
 def buffer(obj: Any, size: int | None = None) -> Any:
     """A writable buffer over a cffi object, suitable for ``fcntl.ioctl(..., mutate=True)``."""
     return ffi.buffer(obj) if size is None else ffi.buffer(obj, size)
+
+
+# --- the two structs of the per-ring hot path, as struct formats -----------------------------
+# GET_VRING_BASE / SET_BACKEND run inside QEMU's stop and start; under TCG building a cffi
+# object per call costs more than the ioctl itself. Same layout, checked here at import
+# (and the cffi declarations against the kernel headers by tests/test_abi_headers.py).
+VRING_STATE = struct.Struct("=II")  # struct vhost_vring_state { index; num; }
+VRING_FILE = struct.Struct("=Ii")  # struct vhost_vring_file { index; fd; }
+
+
+def _check_formats() -> None:
+    for fmt, name, fields in (
+        (VRING_STATE, "vhost_vring_state", ("index", "num")),
+        (VRING_FILE, "vhost_vring_file", ("index", "fd")),
+    ):
+        offsets = [offsetof(name, f) for f in fields]
+        if fmt.size != sizeof(name) or offsets != [0, 4]:
+            raise AssertionError(f"struct format {fmt.format} does not match struct {name}")
+
+
+_check_formats()
 
 
 # --- linux/vhost.h: type VHOST_VIRTIO ------------------------------------------------------

@@ -96,12 +96,12 @@ class VhostNet:
         return int(_U64.unpack(buf)[0])
 
     def _state(self, req: abi.Ioctl, index: int, num: int = 0) -> int:
-        st = abi.new("vhost_vring_state", index=index, num=num)
-        self._ioctl(req, abi.buffer(st))
-        return int(st.num)
+        buf = bytearray(abi.VRING_STATE.pack(index, num))
+        self._ioctl(req, buf)
+        return int(abi.VRING_STATE.unpack(buf)[1])
 
     def _file(self, req: abi.Ioctl, index: int, fd: int) -> None:
-        self._ioctl(req, abi.buffer(abi.new("vhost_vring_file", index=index, fd=fd)))
+        self._ioctl(req, abi.VRING_FILE.pack(index, fd))
 
     # -- features ------------------------------------------------------------------------
     def get_features_array(self) -> int | None:
