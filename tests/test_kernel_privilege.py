@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from peers import knock
 from test_kernel_shim import BASE_GPA, MEMORY, captured, packet_socket, test_frames
 
 from kvhost import abi, netlink
@@ -184,31 +185,6 @@ def in_child_as(uid: int, gid: int, body: Callable[[], Any]) -> Any:
     return json.loads(data)
 
 
-def connect_and_ask(path: Path) -> tuple[str, int]:
-    """As the current (child) process: connect and send GET_FEATURES. ("features", bits),
-    ("closed", own pid) when the shim hung up, ("denied", errno) when connect() failed."""
-    from kvhost.vhost_user import protocol as p
-
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(30)
-    try:
-        s.connect(str(path))
-    except OSError as err:
-        return "denied", err.errno or 0
-    codec = p.FrontendCodec()
-    data, _ = codec.request(p.Request.GET_FEATURES, p.EMPTY, [])
-    with contextlib.suppress(OSError):
-        s.sendall(data)
-    chunk = b""
-    with contextlib.suppress(OSError):
-        chunk = s.recv(4096)
-    if not chunk:
-        return "closed", os.getpid()
-    (reply,) = codec.receive(chunk)
-    assert isinstance(reply.payload, p.U64)
-    return "features", reply.payload.value
-
-
 def pass_traffic(fe: VhostUserFrontend, mem: GuestMemory, tap: str, tag: str) -> None:
     fe.handshake()
     dev = fe.start_net(mem, base_gpa=BASE_GPA, mtu=1400)
@@ -261,13 +237,13 @@ def test_shim_without_capabilities_serves_traffic(
             with Tap.open(tap) as probe_fd:  # as root: attach, look, detach
                 assert probe_fd.get_iff()[1] & abi.IFF_PERSIST
             # -- peers: not allowed by uid -> refused and logged; not in the group -> EACCES
-            refused = in_child_as(PEER, PEER, lambda: connect_and_ask(sock))
+            refused = in_child_as(PEER, PEER, lambda: knock(sock, 30))
             assert refused["ok"][0] == "closed", refused
             peer_pid = refused["ok"][1]
             event = shim.wait_for("refused", peer_pid=peer_pid)
             assert (event["peer_uid"], event["peer_gid"]) == (PEER, PEER)
             assert event["socket"] == str(sock) and "not allowed" in event["result"]
-            denied = in_child_as(OTHER, OTHER, lambda: connect_and_ask(sock))
+            denied = in_child_as(OTHER, OTHER, lambda: knock(sock, 30))
             assert denied == {"ok": ["denied", errno.EACCES]}
             # -- the datapath, through the unprivileged shim
             with GuestMemory.create(MEMORY) as mem, VhostUserFrontend(str(sock), timeout=60) as fe:

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from peers import knock
 from test_session import V5, RecordingBackend, offered
 
 from kvhost.errors import DeviceUnavailable, KernelError, UsageError
@@ -353,24 +354,7 @@ def _connect_as(path: Path, uid: int, gid: int, groups: tuple[int, ...] = ()) ->
         os.setgroups(list(groups))
         os.setresgid(gid, gid, gid)
         os.setresuid(uid, uid, uid)
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.settimeout(5)
-        try:
-            s.connect(str(path))
-        except OSError as err:
-            return "denied", err.errno or 0
-        codec = p.FrontendCodec()
-        data, _ = codec.request(R.GET_FEATURES, p.EMPTY, [])
-        with contextlib.suppress(OSError):
-            s.sendall(data)
-        chunk = b""
-        with contextlib.suppress(OSError):
-            chunk = s.recv(4096)
-        if not chunk:
-            return "closed", os.getpid()
-        (reply,) = codec.receive(chunk)
-        assert isinstance(reply.payload, p.U64)
-        return "features", reply.payload.value
+        return knock(path, 5)
 
     result, status = _in_child(body)
     assert status == 0, result
