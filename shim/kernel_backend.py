@@ -62,7 +62,7 @@ from kvhost.ioctl import read_max_mem_regions
 from kvhost.memory import FrontendRegion, MappedTable
 from kvhost.tap import Tap, vnet_hdr_len
 from kvhost.vhost import VhostNet
-from kvhost.vhost_user.protocol import MEMORY_BASELINE_NREGIONS
+from kvhost.vhost_user.protocol import MEMORY_BASELINE_NREGIONS, close_fds
 from shim.closer import CLOSER, Closer
 
 log = logging.getLogger("kvhost.shim")
@@ -248,7 +248,6 @@ class PreparedTap:
         multi_queue: bool,
         created: bool,
         netns: str | None,
-        closer: Closer = CLOSER,
     ) -> None:
         self.name = name
         self.queues = queues
@@ -256,8 +255,6 @@ class PreparedTap:
         #: the shim created it, so :meth:`remove` deletes it at exit
         self.created = created
         self.netns = netns
-        #: where the backends hand their taps when a connection ends
-        self._closer = closer
         self._holder: Tap | None = None
 
     def open(self) -> Tap:
@@ -265,14 +262,12 @@ class PreparedTap:
         tap, KernelError when the kernel refuses (ownership changed, tap gone)."""
         holder = self._holder
         if holder is not None and holder.fds:
-            # A connection that just ended handed its tap to the closer thread (a frontend
-            # reconnecting right away gets here first): let that close happen.
-            self._closer.drain(timeout=5.0)
-            if holder.fds:
-                raise UsageError(
-                    f"tap {self.name} already serves another connection of this shim; one "
-                    "frontend at a time"
-                )
+            # also when the previous connection's tap still waits in the closer thread:
+            # KernelBackend.set_owner drains the closer and retries once for that case
+            raise UsageError(
+                f"tap {self.name} already serves another connection of this shim; one "
+                "frontend at a time"
+            )
         tap = _UnprivilegedTap.open(self.name, queues=self.queues, multi_queue=self.multi_queue)
         self._holder = tap
         return tap
@@ -438,9 +433,7 @@ class KernelBackend:
         """
         key = _table_key(regions)
         if key is not None and key == self._table_key and self.table is not None:
-            for r in regions:
-                with contextlib.suppress(OSError):
-                    os.close(r.fd)
+            close_fds(r.fd for r in regions)
             return
         new = MappedTable(regions, max_regions=self._max_regions, error=RemoteProtocolError)
         try:

@@ -376,11 +376,7 @@ class Session:
             return []
         if payload is not None:
             return [self.codec.reply(msg, payload)]
-        if (
-            int(msg.flags) & _NEED_REPLY
-            and self.protocol_features & _REPLY_ACK
-            and int(msg.request) not in _NO_ACK
-        ):
+        if self._wants_ack(msg):
             ok = _ACK_OK.get(int(msg.request))
             if ok is None:
                 ok = _ACK_OK[int(msg.request)] = self._ack(msg, REPLY_OK)
@@ -389,9 +385,9 @@ class Session:
 
     def _wants_ack(self, msg: p.Message) -> bool:
         """NEED_REPLY on a request without a reply of its own, with REPLY_ACK negotiated."""
-        return (
-            msg.need_reply
-            and bool(self.protocol_features & _REPLY_ACK)
+        return bool(
+            int(msg.flags) & _NEED_REPLY
+            and self.protocol_features & _REPLY_ACK
             and int(msg.request) not in _NO_ACK
         )
 
@@ -419,7 +415,7 @@ class Session:
     def _vring(self, index: int, msg: p.Message) -> Vring:
         if 0 <= index < self._ring_limit:
             return self.vrings[index]
-        limit = 2 * self.queue_pairs
+        limit = self._ring_limit
         if not 0 <= index < limit:
             raise RemoteProtocolError(
                 f"{msg.name} for vring {index}: this backend serves vrings 0-{limit - 1} "
@@ -611,7 +607,7 @@ class Session:
                 pending.take(0, f"{msg.name} with the no-fd flag")
             return ring, -1
         if len(pending.fds) != 1:
-            pending.take(1, msg.name)
+            pending.take(1, msg.name)  # raises; the name is built only on this error path
         (fd,) = pending.take(1, "")
         return ring, fd
 
