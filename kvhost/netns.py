@@ -114,7 +114,11 @@ class TapPort:
         self.sock = socket.socket(
             socket.AF_PACKET, socket.SOCK_RAW | socket.SOCK_CLOEXEC, socket.htons(ETH_P_ALL)
         )
-        self.sock.bind((ifname, 0))
+        try:
+            self.sock.bind((ifname, 0))
+        except BaseException:
+            self.sock.close()
+            raise
 
     def send(self, frame: bytes) -> None:
         """Out of the tap interface, i.e. into the guest's RX queue."""

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import math
 import os
 import select
 import socket
@@ -793,4 +794,4 @@ def _readable(fd: int, timeout: float) -> bool:
     test's process holds more than 1024 fds, which select cannot watch."""
     poller = select.poll()
     poller.register(fd, select.POLLIN)
-    return bool(poller.poll(max(0, int(timeout * 1000))))
+    return bool(poller.poll(max(0, math.ceil(timeout * 1000))))
