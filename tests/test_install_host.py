@@ -179,13 +179,20 @@ def test_the_unit_s_sandbox(installed: tuple[Path, str]) -> None:
 
 
 def test_protect_home_relaxes_only_for_a_shim_under_a_home_directory() -> None:
-    assert setting(host.render_unit("/usr/local/bin/kvhost-shim", "/usr/bin/python3"),
+    system = ("/usr/local/bin/kvhost-shim", "/usr/bin/python3")
+    assert setting(host.render_unit(*system, code_dirs=["/usr/lib/python3/dist-packages/kvhost"]),
                    "ProtectHome") == ["yes"]  # fmt: skip
-    for shim, python in (
-        ("/home/op/venv/bin/kvhost-shim", "/home/op/venv/bin/python"),
-        ("/usr/local/bin/kvhost-shim", "/root/.pyenv/versions/3.11.7/bin/python"),
+    for shim, python, code in (
+        ("/home/op/venv/bin/kvhost-shim", "/home/op/venv/bin/python", "/srv/kvhost"),
+        ("/usr/local/bin/kvhost-shim", "/root/.pyenv/versions/3.11.7/bin/python", "/srv/kvhost"),
+        (*system, "/root/src/kvhost/kvhost"),  # pip install -e of a clone in /root
     ):
-        assert setting(host.render_unit(shim, python), "ProtectHome") == ["read-only"]
+        assert setting(host.render_unit(shim, python, [code]), "ProtectHome") == ["read-only"]
+    # by default the code is where kvhost is imported from
+    here = host.render_unit(*system)
+    expected = "read-only" if str(Path(host.__file__).resolve()).startswith(("/root/", "/home/")) \
+        else "yes"
+    assert setting(here, "ProtectHome") == [expected]
 
 
 def test_the_unit_s_options_are_the_shim_s(installed: tuple[Path, str]) -> None:

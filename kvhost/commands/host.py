@@ -19,11 +19,13 @@ when systemd is the init system. Every file is replaced atomically; running it a
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import shutil
 import subprocess
 import sysconfig
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -126,13 +128,26 @@ def _under_home(path: str) -> bool:
     return any(real == h or real.startswith(h + "/") for h in HOME_DIRS)
 
 
-def render_unit(shim: str, interpreter: str | None = None) -> str:
+def _package_dirs() -> tuple[str, ...]:
+    """Where the running kvhost and shim packages are (an editable install points there)."""
+    dirs = [str(Path(__file__).resolve().parents[1])]
+    spec = importlib.util.find_spec("shim")  # located, not imported: kvhost does not use it
+    if spec is not None and spec.origin is not None:
+        dirs.append(str(Path(spec.origin).resolve().parent))
+    return tuple(dirs)
+
+
+def render_unit(
+    shim: str, interpreter: str | None = None, code_dirs: Sequence[str] | None = None
+) -> str:
     """The ``kvhost-shim@.service`` text with ExecStart running ``shim``.
 
     ProtectHome=yes hides /home, /root and /run/user from the service; when ``shim`` or the
     Python it runs (``interpreter``, default: read from its '#!' line) lives there (a
-    virtualenv in a home directory), the unit gets ProtectHome=read-only instead, so it
-    can start at all. Raises UsageError for a path systemd cannot run.
+    virtualenv in a home directory), or so does its code (``code_dirs``, default: where
+    kvhost and shim are imported from -- a ``pip install -e`` of a clone in /root), the unit
+    gets ProtectHome=read-only instead, so it can start at all. Raises UsageError for a
+    path systemd cannot run.
     """
     text = shipped_unit()
     old = f"ExecStart={SHIPPED_SHIM} "
@@ -140,7 +155,8 @@ def render_unit(shim: str, interpreter: str | None = None) -> str:
         raise KvhostError(f"packaged {UNIT_NAME} lacks 'ExecStart={SHIPPED_SHIM}' or ProtectHome")
     text = text.replace(old, f"ExecStart={_check_program(shim, '--shim')} ")
     python = interpreter if interpreter is not None else _interpreter(shim)
-    if any(_under_home(p) for p in (shim, python) if p):
+    code = _package_dirs() if code_dirs is None else tuple(code_dirs)
+    if any(_under_home(p) for p in (shim, python, *code) if p):
         text = text.replace(
             "\nProtectHome=yes\n",
             "\n# kvhost-shim (or its Python) is installed under a home directory on this host\n"
