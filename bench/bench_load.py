@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import os
-import resource
 import sys
 import time
 from multiprocessing.connection import Connection
@@ -39,19 +38,20 @@ sys.path.insert(0, str(REPO))
 from kvhost import netns  # noqa: E402
 from kvhost.errors import KvhostError  # noqa: E402
 from kvhost.scenario import (  # noqa: E402
+    RSS_PER_CONNECTION,
     Footprint,
     Rig,
     close_all,
     connect_storm,
     load_traffic,
     percentile,
+    raise_nofile,
     tap_names,
     wait_footprint,
 )
 
 PER_PROCESS = 64
 P99_OVER_P50 = 5.0
-RSS_PER_CONNECTION = 4 << 20
 
 #: what a worker reports: per frontend (index, start seconds, error), traffic (out, in) or
 #: the traffic error
@@ -87,12 +87,7 @@ def main() -> int:
     n = args.frontends
     if n < 2:
         ap.error("--frontends must be at least 2")
-    # the shim inherits this limit: per connection it holds a socket, a vhost-net and a
-    # tun fd, and the memfds of the memory table
-    need = 1024 + 8 * n
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < need:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (need, max(hard, need)))
+    raise_nofile(n)
     ctx = multiprocessing.get_context("fork")
     ok = True
     with netns.fresh("kvload"), Rig() as rig:

@@ -155,12 +155,6 @@ def _timed(r: dict[str, Any], step: str) -> Iterator[None]:
         r.setdefault("timings_s", {})[step] = round(time.monotonic() - t0, 2)
 
 
-def fresh_netns(tag: str) -> contextlib.AbstractContextManager[str]:
-    """Network namespace ``kvx-TAG-…`` with IPv6 off (no neighbour discovery chatter in the
-    rings), removed afterwards; see :func:`kvhost.netns.fresh`."""
-    return netns.fresh(f"kvx-{tag}")
-
-
 def _receive(drv: VirtioNetDriver, frame: bytes, timeout: float = FRAME_TIMEOUT) -> None:
     """Wait until ``frame`` lands in the RX ring (other frames are skipped)."""
     deadline = time.monotonic() + timeout
@@ -375,7 +369,8 @@ def _source_case(case: Case, pin: str, case_dir: Path, r: dict[str, Any]) -> Non
     work.mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as stack:
         with _timed(r, "netns"):
-            stack.enter_context(fresh_netns("src"))
+            # IPv6 off: no neighbour discovery chatter in the rings
+            stack.enter_context(netns.fresh("kvx-src"))
         with _timed(r, "backend"):
             config, shim = stack.enter_context(_backend(case, pin, work, case_dir, "source", r))
         r["device_properties"] = dict(config.device_properties)
@@ -468,7 +463,7 @@ def _destination_case(case: Case, pin: str, case_dir: Path, r: dict[str, Any]) -
     work.mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as stack:
         with _timed(r, "netns"):
-            stack.enter_context(fresh_netns("dst"))
+            stack.enter_context(netns.fresh("kvx-dst"))
         with _timed(r, "backend"):
             config, shim = stack.enter_context(
                 _backend(case, pin, work, case_dir, "destination", r))

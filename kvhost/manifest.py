@@ -94,18 +94,21 @@ def encode(manifest: dict[str, Any]) -> bytes:
     return (json.dumps(manifest, indent=2, sort_keys=False) + "\n").encode()
 
 
-def write_atomic(path: Path, data: bytes, *, mode: int = 0o644) -> None:
+def write_atomic(
+    path: Path, data: bytes, *, mode: int = 0o644, action: str = "write manifest"
+) -> None:
     """Replace ``path`` with ``data`` atomically (same-directory temp file, fsync, rename).
 
-    Creates the parent directory. Raises ManifestError naming the path on any OS error; the
-    previous file is then left untouched and no temp file remains.
+    Creates the parent directory. Raises ManifestError "cannot ACTION PATH: reason" on any
+    OS error (``action`` says what the caller was doing, e.g. "write NFD feature file");
+    the previous file is then left untouched and no temp file remains.
     """
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     except OSError as err:
-        raise ManifestError(f"cannot write manifest {path}: {err.strerror}") from err
+        raise ManifestError(f"cannot {action} {path}: {err.strerror}") from err
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -116,7 +119,7 @@ def write_atomic(path: Path, data: bytes, *, mode: int = 0o644) -> None:
     except OSError as err:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
-        raise ManifestError(f"cannot write manifest {path}: {err.strerror}") from err
+        raise ManifestError(f"cannot {action} {path}: {err.strerror}") from err
     # The rename is durable only once the directory entry is on disk.
     with contextlib.suppress(OSError):
         dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)

@@ -1,8 +1,12 @@
-"""Throw-away network namespaces and the host side of a tap, for tests and scenarios.
+"""Network namespaces: entering them, throw-away ones for tests and scenarios, and the host
+side of a tap.
 
 Deliberately free of pyroute2 (kvhost.netlink): inside a TCG test VM importing it costs a
 minute or more, and these helpers run at the start of every kernel-tier scenario. Namespaces
-are made with ``ip netns`` and entered with setns(2) through ctypes.
+are made with ``ip netns`` and entered with setns(2) through ctypes: :func:`enter` (for good)
+and :func:`inside` (for a ``with`` body) are the only places kvhost's own code calls setns --
+the shim's ``--netns``, :mod:`kvhost.tap` and the tests go through them (pyroute2, behind
+:mod:`kvhost.netlink`, has its own).
 
 setns moves only the calling thread, so a process must be single-threaded while it is inside
 a namespace it expects its children (QEMU, the shim) to inherit.
@@ -20,7 +24,7 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from kvhost.errors import KvhostError
+from kvhost.errors import KernelError, KvhostError, UsageError
 
 _CLONE_NEWNET = 0x40000000
 ETH_P_ALL = 0x0003
@@ -42,32 +46,57 @@ def run(argv: Sequence[str], what: str) -> subprocess.CompletedProcess[str]:
     return done
 
 
-def _setns(fd: int, name: str) -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.setns(fd, _CLONE_NEWNET) != 0:
-        err = ctypes.get_errno()
-        raise KvhostError(
-            f"setns into network namespace {name} failed: {os.strerror(err)} "
-            "(needs CAP_SYS_ADMIN)"
+#: where ``ip netns add NAME`` pins namespace NAME (a bind mount of its nsfs file)
+NETNS_DIR = "/run/netns"
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.setns.argtypes = [ctypes.c_int, ctypes.c_int]
+_libc.setns.restype = ctypes.c_int
+
+
+def _setns(fd: int, what: str) -> None:
+    if _libc.setns(fd, _CLONE_NEWNET) != 0:
+        raise KernelError(
+            "setns", what, ctypes.get_errno(), "entering a network namespace needs CAP_SYS_ADMIN"
         )
 
 
-@contextlib.contextmanager
-def inside(name: str) -> Iterator[None]:
-    """This thread in ``/run/netns/NAME`` for the body, then back where it was."""
-    home = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+def enter(name: str) -> None:
+    """Move the calling thread into network namespace ``name`` (``/run/netns/NAME``).
+
+    Raises UsageError when there is no such namespace (saying that ``ip netns add NAME``
+    makes it), KernelError (op ``setns``) when the kernel refuses, e.g. without
+    CAP_SYS_ADMIN.
+    """
+    path = f"{NETNS_DIR}/{name}"
     try:
-        target = os.open(f"/run/netns/{name}", os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            _setns(target, name)
-        finally:
-            os.close(target)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise UsageError(
+            f"network namespace {name!r} does not exist: create it with 'ip netns add {name}'"
+        ) from None
+    try:
+        _setns(fd, path)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def inside(name: str | None) -> Iterator[None]:
+    """This thread in ``/run/netns/NAME`` for the body (see :func:`enter`), then back where it
+    was; None: the body runs where the thread already is."""
+    if name is None:
+        yield
+        return
+    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        enter(name)
         try:
             yield
         finally:
             # staying in a namespace that is about to be deleted would poison everything the
             # process does afterwards: failing loudly is the only safe answer
-            _setns(home, "of origin")
+            _setns(home, "the network namespace of origin")
     finally:
         os.close(home)
 

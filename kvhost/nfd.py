@@ -138,12 +138,7 @@ def write(path: Path, manifest: dict[str, Any], prefix: str = DEFAULT_PREFIX) ->
     is left in place).
     """
     text = render(manifest, prefix)
-    try:
-        mf.write_atomic(check_path(Path(path)), text.encode())
-    except mf.ManifestError as err:
-        cause = err.__cause__
-        why = cause.strerror if isinstance(cause, OSError) else str(err)
-        raise mf.ManifestError(f"cannot write NFD feature file {path}: {why}") from cause
+    mf.write_atomic(check_path(Path(path)), text.encode(), action="write NFD feature file")
     return text
 
 

@@ -15,7 +15,7 @@ without VERSION_1, which QEMU only puts behind a legacy device).
           -> RARP on kvs1, driver continues on B, frames both ways through B's vhost-net
           -> ScenarioResult (with what each shim logged) -> teardown, always
 
-The pieces (:class:`Rig`, :class:`ShimProcess`, :class:`TapPort`, :func:`capped_manifest`)
+The pieces (:class:`Rig`, :class:`ShimProcess`, :func:`capped_manifest`)
 are public so tests can build the variants (failing migrations, native baselines).
 
 What the shim did is read from its own log (``-v``): the SET_FEATURES values, every
@@ -35,6 +35,7 @@ import contextlib
 import json
 import os
 import re
+import resource
 import signal
 import socket
 import stat
@@ -110,13 +111,12 @@ def frame(src: bytes, dst: bytes, tag: str) -> bytes:
     return dst + src + TEST_ETHERTYPE.to_bytes(2, "big") + payload
 
 
+# kept for bench/bench_qemu.py, which names them here; everything else uses kvhost.netns
 TapPort = netns.TapPort
-create_tap = netns.create_tap
 
 
 def fresh_netns() -> contextlib.AbstractContextManager[str]:
-    """This process (and its children) in a new network namespace with IPv6 off, removed
-    afterwards; see :func:`kvhost.netns.fresh`."""
+    """``kvhost.netns.fresh("kvscen")``, for bench/bench_qemu.py."""
     return netns.fresh("kvscen")
 
 
@@ -512,8 +512,8 @@ class Rig:
     """Shims, taps, QEMUs and packet sockets of one scenario; everything is torn down on
     exit (QEMUs killed, shims stopped, sockets closed), whatever happened.
 
-    The caller must already be in a network namespace of its own (:func:`fresh_netns`, or
-    the tests' ``netns`` fixture).
+    The caller must already be in a network namespace of its own (:func:`kvhost.netns.fresh`,
+    or the tests' ``netns`` fixture).
     """
 
     def __init__(self, workdir: Path | None = None) -> None:
@@ -535,10 +535,10 @@ class Rig:
     def close(self) -> None:
         self._stack.close()
 
-    def port(self, tap: str) -> TapPort:
+    def port(self, tap: str) -> netns.TapPort:
         """Create tap ``tap`` (up) and bind a packet socket to it."""
-        create_tap(tap)
-        port = TapPort(tap)
+        netns.create_tap(tap)
+        port = netns.TapPort(tap)
         self._stack.callback(port.close)
         return port
 
@@ -593,7 +593,7 @@ def _scratch_dir() -> str | None:
     return "/run" if os.access("/run", os.W_OK) else None
 
 
-def exchange(drv: VirtioNetDriver, port: TapPort, count: int, tag: str) -> tuple[int, int]:
+def exchange(drv: VirtioNetDriver, port: netns.TapPort, count: int, tag: str) -> tuple[int, int]:
     """``count`` frames guest -> tap and ``count`` tap -> guest; each is checked byte for
     byte. Returns (sent, received). ScenarioError when one is lost."""
     for i in range(count):
@@ -644,9 +644,24 @@ class ReconnectingVhostUser(VhostUserBackend):
 #: and their 2 KiB buffers
 LOAD_MEMORY = [(0, 0xC0000), (0x100000, 2 << 20)]
 LOAD_BASE_GPA = 0x100000
+#: issue 6's target for the shim's memory per connection, guest memory excluded
+RSS_PER_CONNECTION = 4 << 20
+#: fds per load frontend: socket, 2 memfds, 4 eventfds; the shim: socket, vhost-net, tun
+FDS_PER_FRONTEND = 8
 _SO_RCVBUFFORCE = 33
 _SOL_PACKET = 263
 _PACKET_STATISTICS = 6
+
+
+def raise_nofile(frontends: int) -> None:
+    """Soft RLIMIT_NOFILE of this process (and of the shim it starts, which inherits it) at
+    least enough for ``frontends`` load frontends (:data:`FDS_PER_FRONTEND` each) plus 1024
+    to spare. Raises ValueError (from setrlimit) when the hard limit is lower and this
+    process may not raise it."""
+    need = 1024 + FDS_PER_FRONTEND * frontends
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < need:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (need, max(hard, need)))
 
 
 def connect_like_qemu(path: str) -> socket.socket:
@@ -863,7 +878,7 @@ def run(*, version: str | None = None, destination_version: str | None = None,
     step that failed; everything started is torn down in every case.
     """
     say = progress or (lambda text: None)
-    with fresh_netns(), Rig(workdir) as rig:
+    with netns.fresh("kvscen"), Rig(workdir) as rig:
         try:
             return _run(rig, say, version, destination_version, frames)
         except (KvhostError, OSError) as err:

@@ -17,12 +17,10 @@ when its last fd closes.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 import socket
 import struct
-from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -74,7 +72,7 @@ class Tap:
             flags |= abi.IFF_MULTI_QUEUE
         fds: list[int] = []
         try:
-            with _in_netns(netns):
+            with kvnetns.inside(netns):
                 for _ in range(queues):
                     fd = open_device(TUN_PATH)
                     fds.append(fd)
@@ -197,6 +195,14 @@ class Tap:
         """TUNSETGROUP: let group ``gid`` attach to this (persistent) tap."""
         self._ioctl(abi.TUNSETGROUP, gid)
 
+    def owner_and_group(self) -> tuple[int | None, int | None]:
+        """The uid and gid TUNSETOWNER/TUNSETGROUP gave the tap (None: not set), as
+        rtnetlink reports them in the tap's namespace (``/sys/class/net`` would show the
+        namespace sysfs was mounted in). Raises KernelError when the query fails, UsageError
+        when the kernel does not report them (before Linux 4.15) and the tap is in another
+        namespace."""
+        return _owner_and_group(self.name, self.netns)
+
     def set_persist(self, on: bool) -> None:
         """TUNSETPERSIST: keep the tap when its last fd closes (``on``), or let it go then.
 
@@ -252,19 +258,6 @@ class Tap:
         _socket_ioctl(req, ifr, self.netns, f"tap {self.name}")
 
 
-@contextlib.contextmanager
-def _in_netns(netns: str | None) -> Iterator[None]:
-    if netns is None:
-        yield
-        return
-    if not Path(f"/run/netns/{netns}").exists():
-        raise UsageError(
-            f"network namespace {netns!r} does not exist: create it with 'ip netns add {netns}'"
-        )
-    with kvnetns.inside(netns):
-        yield
-
-
 def _ifreq(name: str) -> Any:
     if len(name.encode()) >= abi.IFNAMSIZ:
         raise UsageError(f"interface name {name!r} is longer than {abi.IFNAMSIZ - 1} bytes")
@@ -274,7 +267,7 @@ def _ifreq(name: str) -> Any:
 
 
 def _socket_ioctl(req: abi.Ioctl, ifr: Any, netns: str | None, device: str) -> None:
-    with _in_netns(netns):
+    with kvnetns.inside(netns):
         # any socket will do: the ioctl acts on the namespace the socket was created in
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
     with sock:
@@ -292,6 +285,69 @@ def _link_index(name: str, netns: str | None) -> int:
         where = f" in network namespace {netns!r}" if netns else ""
         raise UsageError(f"no network interface named {name!r}{where}") from err
     return int(ifr.ifr_ifru.ifr_ifindex)
+
+
+# rtnetlink, just enough to read a tap's owner and group (linux/netlink.h, linux/rtnetlink.h,
+# linux/if_link.h): RTM_GETLINK by index, then IFLA_LINKINFO > IFLA_INFO_DATA >
+# IFLA_TUN_OWNER / IFLA_TUN_GROUP, each present only when set (drivers/net/tun.c)
+_NLMSGHDR = struct.Struct("=IHHII")  # len, type, flags, seq, pid
+_IFINFOMSG = struct.Struct("=BxHiII")  # family, type, index, flags, change
+_NLATTR = struct.Struct("=HH")  # len, type
+_NLMSG_ERROR = 2
+_RTM_NEWLINK = 16
+_RTM_GETLINK = 18
+_NLM_F_REQUEST = 1
+_NLA_TYPE_MASK = 0x3FFF  # without NLA_F_NESTED / NLA_F_NET_BYTEORDER
+_IFLA_LINKINFO = 18
+_IFLA_INFO_DATA = 2
+_IFLA_TUN_OWNER = 1
+_IFLA_TUN_GROUP = 2
+
+
+def _attrs(data: bytes) -> dict[int, bytes]:
+    out: dict[int, bytes] = {}
+    off = 0
+    while off + _NLATTR.size <= len(data):
+        length, kind = _NLATTR.unpack_from(data, off)
+        if length < _NLATTR.size:
+            break
+        out[kind & _NLA_TYPE_MASK] = data[off + _NLATTR.size : off + length]
+        off += (length + 3) & ~3
+    return out
+
+
+def _owner_and_group(name: str, netns: str | None) -> tuple[int | None, int | None]:
+    index = _link_index(name, netns)
+    with kvnetns.inside(netns):
+        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, 0)
+    with sock:
+        body = _IFINFOMSG.pack(socket.AF_UNSPEC, 0, index, 0, 0)
+        sock.send(_NLMSGHDR.pack(_NLMSGHDR.size + len(body), _RTM_GETLINK, _NLM_F_REQUEST, 1, 0)
+                  + body)
+        reply = sock.recv(65536)
+    length, kind, _, _, _ = _NLMSGHDR.unpack_from(reply)
+    if kind == _NLMSG_ERROR:
+        err = -struct.unpack_from("=i", reply, _NLMSGHDR.size)[0]
+        raise KernelError("RTM_GETLINK", f"tap {name}", err, "reading the tap's owner failed")
+    if kind != _RTM_NEWLINK:
+        raise KernelError("RTM_GETLINK", f"tap {name}", errno.EPROTO, f"reply type {kind}")
+    attrs = _attrs(reply[_NLMSGHDR.size + _IFINFOMSG.size : length])
+    data = _attrs(attrs.get(_IFLA_LINKINFO, b"")).get(_IFLA_INFO_DATA)
+    if data is None:  # before Linux 4.15 tun reports nothing; sysfs does, for its namespace
+        if netns is not None:
+            raise UsageError(
+                f"this kernel does not report the owner of tap {name} in network namespace "
+                f"{netns!r}; create the tap owned by the shim's user ('ip tuntap add {name} "
+                "mode tap user USER') so the shim need not change it"
+            )
+        ids = [int(Path(f"/sys/class/net/{name}/{f}").read_text()) for f in ("owner", "group")]
+        return (ids[0] if ids[0] >= 0 else None), (ids[1] if ids[1] >= 0 else None)
+    tun = _attrs(data)
+    owner, group = tun.get(_IFLA_TUN_OWNER), tun.get(_IFLA_TUN_GROUP)
+    return (
+        None if owner is None else int(_UINT.unpack(owner[:4])[0]),
+        None if group is None else int(_UINT.unpack(group[:4])[0]),
+    )
 
 
 def vnet_hdr_len(negotiated: int) -> int:

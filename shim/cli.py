@@ -11,7 +11,8 @@ the shim runs as ``--user``: resolve names and check option combinations -> prob
 and choose the version -> check that the user can open the device nodes -> tap set-up (a
 persistent tap given to the user, :meth:`TapSpec.prepare`) -> socket (mode, owner, group)
 -> enter ``--netns`` -> drop privileges and verify -> open ``/dev/vhost-net`` once as the
-user -> serve. At a clean exit the tap the shim created is deleted again.
+user -> serve. At exit (clean or not, once the tap is set up) the tap the shim created is
+deleted again, and an operator's tap gets back the owner and group it had.
 """
 
 from __future__ import annotations
@@ -22,12 +23,13 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import FrameType
 
 from kvhost import probe, versions
 from kvhost.errors import KvhostError, UsageError, VersionError
-from kvhost.tap import TUN_PATH
+from kvhost.tap import TUN_PATH, Tap
 from shim import eventlog, privileges
 from shim.eventlog import event
 from shim.kernel_backend import KernelBackend, PreparedTap, TapSpec
@@ -178,8 +180,8 @@ class Program:
 
 
 def build_server(args: argparse.Namespace) -> Program:
-    """Everything before the privilege drop: resolve, probe, choose the version, set up
-    the tap, create the socket. Raises UsageError / VersionError / KvhostError."""
+    """Everything before the privilege drop: resolve, probe, choose the version, then
+    :func:`set_up` the tap and the socket. Raises UsageError / VersionError / KvhostError."""
     check_combinations(args)
     who = privileges.identity(args.user, args.group) if args.user is not None else None
     socket_gid = (
@@ -197,6 +199,29 @@ def build_server(args: argparse.Namespace) -> Program:
     if who is not None:
         privileges.check_device_access(who, VHOST_NET_PATH)
         privileges.check_device_access(who, TUN_PATH)
+
+    def config(open_tap: Callable[[], Tap]) -> ShimConfig:
+        def make_backend(name: str) -> Backend:
+            return KernelBackend(open_tap, args.queues, name=name)
+
+        return ShimConfig(version, make_backend, supported, pinned, allow)
+
+    return set_up(args, config, who, socket_gid)
+
+
+def set_up(
+    args: argparse.Namespace,
+    config: Callable[[Callable[[], Tap]], ShimConfig],
+    who: Identity | None,
+    socket_gid: int | None,
+) -> Program:
+    """The privileged part of the start-up, once every check has passed: under ``--user``
+    the tap (:meth:`TapSpec.prepare`), then the socket, served with ``config(open_tap)``.
+
+    When the socket cannot be made, the prepared tap is released again (deleted if the
+    shim created it); a failure to release it is logged, and the socket's error is the one
+    raised. Raises UsageError / KernelError.
+    """
     spec = TapSpec(
         queues=args.queues,
         name=args.tap,
@@ -208,45 +233,43 @@ def build_server(args: argparse.Namespace) -> Program:
     prepared = None
     if who is not None:
         prepared = spec.prepare(who.uid, who.gid)
+        what = (
+            f"created: persistent, owner uid {who.uid}, group gid {who.gid}"
+            if prepared.created
+            else f"opened: {prepared.ownership_note}"
+        )
         event(
             "tap",
-            f"tap {prepared.name} {'created' if prepared.created else 'opened'}: persistent, "
-            f"owner uid {who.uid}, group gid {who.gid}"
+            f"tap {prepared.name} {what}"
             + (f", in network namespace {args.netns}" if args.netns else ""),
             tap=prepared.name,
         )
     open_tap = prepared.open if prepared is not None else spec.open
-
-    def make_backend(name: str) -> Backend:
-        return KernelBackend(open_tap, args.queues, name=name)
-
-    config = ShimConfig(version, make_backend, supported, pinned, allow)
     try:
         if args.socket_path is not None:
             server = ShimServer.listen(
                 args.socket_path,
-                config,
+                config(open_tap),
                 mode=0o600 if socket_gid is None else 0o660,
                 owner=None if who is None else who.uid,
                 group=socket_gid if socket_gid is not None else (None if who is None else who.gid),
             )
         else:
-            server = ShimServer.adopt(args.fd, config)
+            server = ShimServer.adopt(args.fd, config(open_tap))
     except BaseException:
-        if prepared is not None:
-            prepared.remove()
+        release_tap(prepared)
         raise
     return Program(server, who, prepared)
 
 
-def drop_privileges(program: Program, netns: str | None) -> None:
-    """Under ``--user``: enter ``netns`` for good, drop, verify, and open the device nodes
-    once as the user. Raises UsageError / KernelError."""
+def drop_privileges(program: Program) -> None:
+    """Under ``--user``: enter the tap's namespace (``--netns``) for good, drop, verify, and
+    open the device nodes once as the user. Raises UsageError / KernelError."""
     who = program.who
     if who is None:
         return
-    if netns is not None:
-        privileges.enter_netns(netns)
+    if program.tap is not None:
+        program.tap.enter_netns()
     dropped = privileges.drop(who)
     privileges.probe_device(who, VHOST_NET_PATH)
     privileges.probe_device(who, TUN_PATH)
@@ -263,21 +286,22 @@ def drop_privileges(program: Program, netns: str | None) -> None:
     )
 
 
+def release_tap(tap: PreparedTap | None) -> None:
+    """:meth:`PreparedTap.release`, logged; a failure is logged too, never raised (this runs
+    on the way out, often while another error is being reported)."""
+    if tap is None:
+        return
+    try:
+        done = tap.release()
+    except (KvhostError, OSError) as err:
+        event("error", f"tap {tap.name} could not be released: {err}", level=logging.ERROR)
+        return
+    event("tap", done, tap=tap.name, result="removed" if tap.created else "released")
+
+
 def _error(err: KvhostError) -> int:
     event("error", str(err), level=logging.ERROR, result="failed")
     return 2 if isinstance(err, UsageError) else 1
-
-
-def _remove_tap(program: Program) -> None:
-    tap = program.tap
-    if tap is None or not tap.created:
-        return
-    try:
-        tap.remove()
-    except KvhostError as err:
-        event("error", f"tap {tap.name} could not be removed: {err}", level=logging.ERROR)
-        return
-    event("tap", f"tap {tap.name} removed", tap=tap.name, result="removed")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -300,10 +324,10 @@ def _run(args: argparse.Namespace) -> int:
     except KvhostError as err:
         return _error(err)
     try:
-        drop_privileges(program, args.netns)
+        drop_privileges(program)
     except KvhostError as err:
         program.server.close()
-        _remove_tap(program)
+        release_tap(program.tap)
         return _error(err)
     server = program.server
 
@@ -317,7 +341,7 @@ def _run(args: argparse.Namespace) -> int:
     try:
         server.serve()
     finally:
-        _remove_tap(program)
+        release_tap(program.tap)
     event("stopped", "stopped", result="clean")
     return 0
 

@@ -101,17 +101,30 @@ def configure(style: LogFormat, *, verbose: bool, stream: TextIO | None = None) 
     ``verbose`` turns on the shim's debug lines, not the libraries' (pyroute2's netlink
     traces would bury them).
     """
-    handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
+    kvhost = logging.getLogger("kvhost")
+    handler = _EventHandler(stream if stream is not None else sys.stderr, kvhost.level)
     handler.setFormatter(EventFormatter(style))
     logging.getLogger().addHandler(handler)
-    logging.getLogger("kvhost").setLevel(logging.DEBUG if verbose else logging.INFO)
+    kvhost.setLevel(logging.DEBUG if verbose else logging.INFO)
     return handler
 
 
+class _EventHandler(logging.StreamHandler[TextIO]):
+    """The handler :func:`configure` installs; remembers the ``kvhost`` logger's level from
+    before, for :func:`unconfigure`."""
+
+    def __init__(self, stream: TextIO, level_before: int) -> None:
+        super().__init__(stream)
+        self.level_before = level_before
+
+
 def unconfigure(handler: logging.Handler) -> None:
-    """Undo :func:`configure` (the program is done; tests call main() repeatedly)."""
+    """Undo :func:`configure`: the handler removed and closed, the ``kvhost`` logger's level
+    back to what it was (the program is done; tests call main() repeatedly)."""
     logging.getLogger().removeHandler(handler)
     handler.close()
+    if isinstance(handler, _EventHandler):
+        logging.getLogger("kvhost").setLevel(handler.level_before)
 
 
 def formatter_of(handler: logging.Handler) -> EventFormatter:

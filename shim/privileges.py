@@ -5,7 +5,7 @@ Start-up order (``shim.cli``)::
     resolve --user/--group/--allow-*     names or numbers; UsageError for unknown ones
     check_device_access(/dev/vhost-net)  mode bits vs the target user, before anything exists
     ... tap set-up, socket creation      as root ...
-    enter_netns(--netns)                 the tap's namespace becomes the shim's own: setns
+    enter --netns (kvhost.netns.enter)   the tap's namespace becomes the shim's own: setns
                                          needs CAP_SYS_ADMIN, so it cannot happen per
                                          connection once privileges are gone
     drop(identity)                       bounding set, ambient set, setgroups, setresgid,
@@ -23,7 +23,7 @@ Peers: :class:`AllowList` decides from SO_PEERCRED (and SO_PEERGROUPS for ``--al
 whether a connected peer is served at all; :mod:`shim.server` asks it before anything else
 happens for the connection.
 
-The libc calls without a Python wrapper (prctl, capset, setns) are declared as a table and
+The libc calls without a Python wrapper (prctl, capset) are declared as a table and
 each failure becomes an ``OSError`` naming the call; they are process-credential calls, not
 device ABI, so they live here rather than in :mod:`kvhost.abi`.
 """
@@ -53,8 +53,6 @@ PR_CAP_AMBIENT = 47
 PR_CAP_AMBIENT_CLEAR_ALL = 4
 # linux/capability.h
 _LINUX_CAPABILITY_VERSION_3 = 0x20080522
-# linux/sched.h
-CLONE_NEWNET = 0x40000000
 # asm-generic/socket.h (Linux 4.13); Python's socket module does not name it
 SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
 
@@ -83,7 +81,6 @@ _LIBC_SIGNATURES: dict[str, tuple[list[type], type]] = {
         ctypes.c_int,
     ),
     "capset": ([ctypes.c_void_p, ctypes.c_void_p], ctypes.c_int),
-    "setns": ([ctypes.c_int, ctypes.c_int], ctypes.c_int),
 }
 _libc = ctypes.CDLL(None, use_errno=True)
 for _name, (_args, _ret) in _LIBC_SIGNATURES.items():
@@ -356,29 +353,6 @@ def probe_device(who: Identity, path: str = VHOST_NET_PATH) -> None:
             f"{_advice(path, st, who)} (if the mode bits already allow it, an ACL or a "
             "security module refuses the open)"
         ) from err
-
-
-# -- where: the network namespace -------------------------------------------------------
-
-
-def enter_netns(name: str) -> None:
-    """Move the calling thread into network namespace ``name`` (``/run/netns/NAME``) for
-    good. Needs CAP_SYS_ADMIN. Raises UsageError when it does not exist."""
-    path = f"/run/netns/{name}"
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise UsageError(
-            f"network namespace {name!r} does not exist: create it with 'ip netns add {name}'"
-        ) from None
-    try:
-        _libc_call("setns", fd, CLONE_NEWNET)
-    except OSError as err:
-        raise KernelError(
-            "setns", path, err.errno or 0, "entering a network namespace needs CAP_SYS_ADMIN"
-        ) from err
-    finally:
-        os.close(fd)
 
 
 # -- how: dropping and verifying ---------------------------------------------------------

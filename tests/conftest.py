@@ -67,3 +67,11 @@ def netns() -> Iterator[str]:
     """
     with kvnetns.fresh("kvtest", ipv6=True) as name:
         yield name
+
+
+@pytest.fixture
+def netns_quiet() -> Iterator[str]:
+    """As :func:`netns`, with IPv6 off in the namespace: no router or neighbour
+    solicitations from the host side of new taps land in RX rings between a test's frames."""
+    with kvnetns.fresh("kvtest", ipv6=False) as name:
+        yield name

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
@@ -26,8 +26,17 @@ from kvhost import manifest as mf
 from kvhost import versions as ver
 from kvhost.errors import UsageError
 
-crosskernel = pytest.mark.crosskernel
 RING_RESET = fb.bit("RING_RESET")
+#: pytest-timeout's limit for a cross-kernel test: the whole two-boot scenario runs in the
+#: module fixture, i.e. inside the first test's set-up, far beyond pyproject's 900 s net
+CROSSKERNEL_TIMEOUT = 3600
+TestFunction = TypeVar("TestFunction", bound=Callable[..., None])
+
+
+def crosskernel(test: TestFunction) -> TestFunction:
+    """Mark a cross-kernel tier test, with its timeout (however pytest is started)."""
+    marked: TestFunction = pytest.mark.crosskernel(pytest.mark.timeout(CROSSKERNEL_TIMEOUT)(test))
+    return marked
 
 
 @pytest.fixture(scope="module")
@@ -240,3 +249,12 @@ def test_evaluate_flags_an_unpinned_stream_that_loaded() -> None:
     verdicts = ck.evaluate(report)
     assert any("loaded" in p for p in verdicts["native-unpinned"])
     assert verdicts["manifests"] == ["a manifest is missing"]
+
+
+def test_every_crosskernel_test_carries_the_long_timeout() -> None:
+    tests = [f for name, f in globals().items() if name.startswith("test_") and callable(f)]
+    marks = {f.__name__: {m.name: m.args for m in getattr(f, "pytestmark", [])} for f in tests}
+    cross = {name: m for name, m in marks.items() if "crosskernel" in m}
+    assert len(cross) == 6, sorted(cross)
+    for name, m in cross.items():
+        assert m.get("timeout") == (CROSSKERNEL_TIMEOUT,), (name, m)

@@ -68,9 +68,13 @@ def installed(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> tuple[Path,
 
 
 def test_shipped_files_agree_with_the_package() -> None:
-    # systemd/ is the unit as an operator browsing the repository sees it; the package copy
-    # is what install-host renders from
-    assert (REPO / "systemd" / host.UNIT_NAME).read_text() == host.shipped_unit()
+    # systemd/ is the unit as an operator browsing the repository sees it: a relative
+    # symlink to the package's copy, which is what install-host renders from
+    unit = REPO / "systemd" / host.UNIT_NAME
+    assert unit.is_symlink(), f"{unit} should be a symlink to ../kvhost/data/{host.UNIT_NAME}"
+    assert not os.path.isabs(os.readlink(unit)), os.readlink(unit)
+    assert unit.resolve() == (REPO / "kvhost" / "data" / host.UNIT_NAME).resolve()
+    assert unit.read_text() == host.shipped_unit()
     assert json.loads(host.shipped_descriptor())["binary"] == host.SHIPPED_SHIM
     assert setting(host.shipped_unit(), "ExecStart")[0].split()[0] == host.SHIPPED_SHIM
 

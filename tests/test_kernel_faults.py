@@ -34,7 +34,6 @@ import pytest
 
 from kvhost import netns, versions
 from kvhost.memory import GuestMemory
-from kvhost.netns import quiet_ipv6
 from kvhost.probe import probe
 from kvhost.qemu.machine import MachineConfig
 from kvhost.scenario import (
@@ -48,7 +47,6 @@ from kvhost.scenario import (
     ReconnectingVhostUser,
     Rig,
     ShimProcess,
-    TapPort,
     connect_like_qemu,
     driver_for,
     exchange,
@@ -85,12 +83,6 @@ SHIM_START = 300.0
 TX_BURST = 16
 
 
-@pytest.fixture
-def quiet(netns: str) -> str:
-    quiet_ipv6()
-    return netns
-
-
 def _new_tap(pid: int, known: set[str], timeout: float = 30.0) -> str:
     """The one tap process ``pid`` holds that is not in ``known``."""
     deadline = time.monotonic() + timeout
@@ -107,7 +99,7 @@ def _new_tap(pid: int, known: set[str], timeout: float = 30.0) -> str:
 
 
 @pytest.mark.qemu
-def test_qemu_killed_mid_traffic_releases_its_devices_only(quiet: str) -> None:
+def test_qemu_killed_mid_traffic_releases_its_devices_only(netns_quiet: str) -> None:
     with Rig() as rig:
         shim = rig.shim("shim", None, None, timeout=SHIM_START)  # a created tap per connection
         pid = shim.pid
@@ -118,7 +110,7 @@ def test_qemu_killed_mid_traffic_releases_its_devices_only(quiet: str) -> None:
         drv_b.start()
         wait_footprint(pid, lambda f: f.vhost_fds == 1 and f.memfd_mappings > 0,
                        what="one running connection")
-        port_b = TapPort(_new_tap(pid, set()))
+        port_b = netns.TapPort(_new_tap(pid, set()))
         try:
             exchange(drv_b, port_b, 2, "b-before")
             shim.wait_quiet()  # QEMU's last ring messages may still be in flight
@@ -132,7 +124,7 @@ def test_qemu_killed_mid_traffic_releases_its_devices_only(quiet: str) -> None:
                 pid, lambda f: f.vhost_fds == 2 and f.memfd_mappings == 2 * one.memfd_mappings,
                 what="two running connections")
             tap_a = _new_tap(pid, {port_b.ifname})
-            with TapPort(tap_a) as port_a:
+            with netns.TapPort(tap_a) as port_a:
                 exchange(drv_a, port_a, 2, "a-before")
                 shim.wait_quiet()
                 two = Footprint.of(pid)
@@ -164,7 +156,7 @@ def test_qemu_killed_mid_traffic_releases_its_devices_only(quiet: str) -> None:
             wait_footprint(pid, lambda f: f.vhost_fds == 2
                            and f.memfd_mappings == two.memfd_mappings,
                            what="the new connection running")
-            with TapPort(_new_tap(pid, {port_b.ifname})) as port_c:
+            with netns.TapPort(_new_tap(pid, {port_b.ifname})) as port_c:
                 assert exchange(drv_c, port_c, 4, "c") == (4, 4)
             shim.wait_quiet()
             again = Footprint.of(pid)
@@ -230,7 +222,7 @@ def _wait_for(what: str, check: Callable[[], bool], shim: ShimProcess, rig: Rig,
 
 
 @pytest.mark.qemu
-def test_shim_killed_mid_traffic_qemu_reconnects_and_resumes(quiet: str) -> None:
+def test_shim_killed_mid_traffic_qemu_reconnects_and_resumes(netns_quiet: str) -> None:
     version = versions.latest(versions.host_offer(probe())).label
     with Rig() as rig:
         port = rig.port("kvr0")  # persistent: it outlives the shim, as an operator's tap does
@@ -418,11 +410,11 @@ def _churn(total: int, rounds: int) -> None:
     assert max(maps) - maps[0] <= MAPPING_SLACK, f"mappings grew: {maps}"
 
 
-def test_connect_setup_disconnect_cycles_leak_nothing(quiet: str) -> None:
+def test_connect_setup_disconnect_cycles_leak_nothing(netns_quiet: str) -> None:
     _churn(CYCLES_SHORT, rounds=4)
 
 
 @pytest.mark.soak
 @pytest.mark.timeout(7200)
-def test_ten_thousand_cycles_leak_nothing(quiet: str) -> None:
+def test_ten_thousand_cycles_leak_nothing(netns_quiet: str) -> None:
     _churn(CYCLES_FULL, rounds=20)

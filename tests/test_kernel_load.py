@@ -11,18 +11,17 @@ shim's memory per connection (RSS without the memfd guest-memory mappings, from 
 
 from __future__ import annotations
 
-import resource
-
 import pytest
 
-from kvhost.netns import quiet_ipv6
 from kvhost.scenario import (
+    RSS_PER_CONNECTION,
     Footprint,
     Rig,
     close_all,
     connect_storm,
     load_traffic,
     percentile,
+    raise_nofile,
     tap_names,
     wait_footprint,
 )
@@ -30,27 +29,10 @@ from kvhost.scenario import (
 pytestmark = pytest.mark.kernel
 
 FRONTENDS = 64
-#: issue 6's target for the shim's memory per connection, guest memory excluded
-RSS_PER_CONNECTION = 4 << 20
-#: per frontend: socket, 2 memfds, 4 eventfds; the shim: socket, vhost-net, tun
-FDS_PER_FRONTEND = 8
 
 
-@pytest.fixture
-def quiet(netns: str) -> str:
-    quiet_ipv6()
-    return netns
-
-
-def raise_nofile(need: int) -> None:
-    """Soft RLIMIT_NOFILE of this process (and the shim it starts) at least ``need``."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < need:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (need, max(hard, need)))
-
-
-def test_64_frontends_at_once_each_through_its_own_device(quiet: str) -> None:
-    raise_nofile(1024 + FDS_PER_FRONTEND * FRONTENDS)
+def test_64_frontends_at_once_each_through_its_own_device(netns_quiet: str) -> None:
+    raise_nofile(FRONTENDS)
     with Rig() as rig:
         shim = rig.shim("shim", None, None, verbose=False)
         pid = shim.pid
@@ -65,8 +47,8 @@ def test_64_frontends_at_once_each_through_its_own_device(quiet: str) -> None:
         try:
             failed = [f.error for f in fronts if f.error]
             assert not failed, failed[:5]
-            busy = wait_footprint(pid, lambda f: f.vhost_fds == FRONTENDS
-                                  and f.tun_fds == FRONTENDS, what=f"{FRONTENDS} devices")
+            wait_footprint(pid, lambda f: f.vhost_fds == FRONTENDS
+                           and f.tun_fds == FRONTENDS, what=f"{FRONTENDS} devices")
             taps = tap_names(pid)
             assert len(set(taps)) == FRONTENDS, taps
             out, into = load_traffic(fronts, frames=2)

@@ -5,8 +5,9 @@ The shim is ``shim.cli.main`` in a forked child of the test process (the program
 ``kvhost-shim`` runs it, minus a Python start-up that costs tens of seconds under TCG), logging
 JSON into a file. It runs as uid/gid 65534 with ``/dev/vhost-net`` lent to gid 65534 on the
 VM's devtmpfs (restored afterwards); peers with other ids are forked children that setuid().
-Everything happens in the fresh network namespace of the ``netns`` fixture, which the shim is
-also told to use (``--netns``), so the namespace path of the privilege drop is the one run.
+Everything happens in the fresh network namespace of the ``netns`` (or ``netns_quiet``)
+fixture, which the shim is also told to use (``--netns``), so the namespace path of the
+privilege drop is the one run.
 """
 
 from __future__ import annotations
@@ -23,13 +24,13 @@ import subprocess
 import sys
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-from peers import knock
+from peers import in_child, knock
 from test_kernel_shim import BASE_GPA, MEMORY, captured, packet_socket, test_frames
 
 from kvhost import abi, netlink
@@ -74,13 +75,6 @@ def run_dir() -> Iterator[Path]:
         for child in path.iterdir():
             child.unlink()
         path.rmdir()
-
-
-@pytest.fixture
-def quiet_ipv6(netns: str) -> None:
-    """No IPv6 solicitations from the host side of new taps into the RX buffers."""
-    for knob in ("all", "default"):
-        Path(f"/proc/sys/net/ipv6/conf/{knob}/disable_ipv6").write_text("1")
 
 
 @dataclass
@@ -162,29 +156,6 @@ class ShimChild:
             self.status = -9
 
 
-def in_child_as(uid: int, gid: int, body: Callable[[], Any]) -> Any:
-    """Run ``body`` in a forked child with these ids; its JSON-able result, or the error
-    text as ``{"error": ...}``."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child
-        try:
-            os.close(r)
-            os.setgroups([])
-            os.setresgid(gid, gid, gid)
-            os.setresuid(uid, uid, uid)
-            out: Any = {"ok": body()}
-        except BaseException as err:
-            out = {"error": f"{type(err).__name__}: {err}"}
-        os.write(w, json.dumps(out).encode())
-        os._exit(0)
-    os.close(w)
-    with os.fdopen(r, "rb") as f:
-        data = f.read()
-    os.waitpid(pid, 0)
-    return json.loads(data)
-
-
 def pass_traffic(fe: VhostUserFrontend, mem: GuestMemory, tap: str, tag: str) -> None:
     fe.handshake()
     dev = fe.start_net(mem, base_gpa=BASE_GPA, mtu=1400)
@@ -203,9 +174,7 @@ def pass_traffic(fe: VhostUserFrontend, mem: GuestMemory, tap: str, tag: str) ->
         assert sorted(got) == sorted(incoming)
 
 
-def test_shim_without_capabilities_serves_traffic(
-    netns: str, quiet_ipv6: None, run_dir: Path
-) -> None:
+def test_shim_without_capabilities_serves_traffic(netns_quiet: str, run_dir: Path) -> None:
     sock = run_dir / "vm.sock"
     argv = [
         "--socket-path", str(sock),
@@ -213,7 +182,7 @@ def test_shim_without_capabilities_serves_traffic(
         "--socket-group", str(PEER),
         "--allow-uid", "0",
         "--mtu", "1400",
-        "--netns", netns,
+        "--netns", netns_quiet,
         "--log-format", "json",
     ]  # fmt: skip
     with vhost_node(NOBODY, 0o660):
@@ -237,13 +206,13 @@ def test_shim_without_capabilities_serves_traffic(
             with Tap.open(tap) as probe_fd:  # as root: attach, look, detach
                 assert probe_fd.get_iff()[1] & abi.IFF_PERSIST
             # -- peers: not allowed by uid -> refused and logged; not in the group -> EACCES
-            refused = in_child_as(PEER, PEER, lambda: knock(sock, 30))
+            refused = in_child(lambda w: knock(sock, 30), uid=PEER, gid=PEER)[0]
             assert refused["ok"][0] == "closed", refused
             peer_pid = refused["ok"][1]
             event = shim.wait_for("refused", peer_pid=peer_pid)
             assert (event["peer_uid"], event["peer_gid"]) == (PEER, PEER)
             assert event["socket"] == str(sock) and "not allowed" in event["result"]
-            denied = in_child_as(OTHER, OTHER, lambda: knock(sock, 30))
+            denied = in_child(lambda w: knock(sock, 30), uid=OTHER, gid=OTHER)[0]
             assert denied == {"ok": ["denied", errno.EACCES]}
             # -- the datapath, through the unprivileged shim
             with GuestMemory.create(MEMORY) as mem, VhostUserFrontend(str(sock), timeout=60) as fe:
@@ -325,13 +294,20 @@ def test_prepared_tap_is_the_users_and_only_the_users(netns: str) -> None:
                     return [tap.get_iff()[0], str(err)]
             return ["changed the MTU"]
 
-        ok = in_child_as(NOBODY, NOBODY, attach)
+        ok = in_child(lambda w: attach(), uid=NOBODY, gid=NOBODY)[0]
         assert ok["ok"][0] == "kvpriv0", ok
         assert "cannot change it to 1500" in ok["ok"][1]
-        other = in_child_as(PEER, PEER, attach)
+        other = in_child(lambda w: attach(), uid=PEER, gid=PEER)[0]
         assert "TUNSETIFF" in other["error"] and "EPERM" in other["error"], other
-        prepared.remove()  # not created by the shim: stays
+        with Tap.open("kvpriv0") as look:
+            assert look.owner_and_group() == (NOBODY, None)  # the owner is enough to attach
+        # not created by the shim: stays, and gets an owner that lets nobody new attach (the
+        # kernel cannot unset one)
+        assert prepared.release() == "tap kvpriv0 released: owner uid 0 (it had none; the " \
+            "kernel cannot clear an owner) restored"
         assert netlink.link_info("kvpriv0")["mtu"] == 1300
+        with Tap.open("kvpriv0") as look:
+            assert look.owner_and_group() == (0, None)
     finally:
         subprocess.run(["ip", "tuntap", "del", "dev", "kvpriv0", "mode", "tap"], check=True)
     # a tap another process holds (not persistent): its lifetime is not the shim's to decide

@@ -28,7 +28,6 @@ from pathlib import Path
 import pytest
 
 from kvhost import features, manifest, versions
-from kvhost.netns import quiet_ipv6
 from kvhost.probe import probe
 from kvhost.qemu.legacy_pci import LegacyVirtioNet
 from kvhost.qemu.machine import QEMU_BINARY, MachineConfig, TapBackend, migrate
@@ -81,12 +80,6 @@ IDS = [v.label.rsplit(".", 1)[-1] for v in SUPPORTED]
 SHIM_DEVICE: dict[str, int] = {}
 
 
-@pytest.fixture
-def quiet(netns: str) -> str:
-    quiet_ipv6()
-    return netns
-
-
 def _wait_acked(shim: ShimProcess, timeout: float = 10.0) -> list[int]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -125,7 +118,7 @@ def test_this_kernel_serves_versions() -> None:
 
 @pytest.mark.parametrize("version", SUPPORTED, ids=IDS)
 def test_negotiation_exposes_exactly_the_version(
-    version: versions.InterfaceVersion, quiet: str, tmp_path: Path
+    version: versions.InterfaceVersion, netns_quiet: str, tmp_path: Path
 ) -> None:
     offered, acked = _shim_device_features(version)
     want = expected_device_bits(version)
@@ -216,7 +209,7 @@ def _manifests(tmp: Path) -> tuple[Path, Path, versions.InterfaceVersion,
 
 
 def test_unpinned_migration_to_capped_shim_fails_as_compat_predicted(
-    quiet: str, tmp_path: Path
+    netns_quiet: str, tmp_path: Path
 ) -> None:
     src_manifest, dst_manifest, latest, cap = _manifests(tmp_path)
     status, compat = kvhost_compat(src_manifest, dst_manifest)
@@ -257,7 +250,7 @@ def test_unpinned_migration_to_capped_shim_fails_as_compat_predicted(
         exchange(drv, port, 1, "after-failed")
 
 
-def test_pinned_migration_at_compat_version_completes(quiet: str, tmp_path: Path) -> None:
+def test_pinned_migration_at_compat_version_completes(netns_quiet: str, tmp_path: Path) -> None:
     src_manifest, dst_manifest, _, _ = _manifests(tmp_path)
     status, compat = kvhost_compat(src_manifest, dst_manifest)
     assert status == 0 and compat["version"], compat
@@ -312,7 +305,7 @@ def _qemu_args(version: versions.InterfaceVersion) -> dict[str, str]:
 
 @pytest.mark.parametrize("version", SUPPORTED, ids=IDS)
 def test_native_pinned_device_equals_shim_device(
-    version: versions.InterfaceVersion, quiet: str, tmp_path: Path
+    version: versions.InterfaceVersion, netns_quiet: str, tmp_path: Path
 ) -> None:
     if version.label not in SHIM_DEVICE:
         _shim_device_features(version)
@@ -409,7 +402,7 @@ poweroff -f
 
 
 @pytest.mark.slow
-def test_booted_guest_pings_peer_through_shim(quiet: str, tmp_path: Path) -> None:
+def test_booted_guest_pings_peer_through_shim(netns_quiet: str, tmp_path: Path) -> None:
     kernel = Path("/boot") / f"vmlinuz-{os.uname().release}"
     assert kernel.exists(), f"{kernel} missing: the guest boots the running kernel's image"
     peer, address = "169.254.77.1", "169.254.77.2"

@@ -87,6 +87,16 @@ def test_failed_write_keeps_the_previous_file(tmp_path: Path) -> None:
     assert sorted(os.listdir(tmp_path)) in (["vhost-net.json"], ["blocker", "vhost-net.json"])
 
 
+def test_failed_write_names_the_callers_kind_of_file(tmp_path: Path) -> None:
+    (tmp_path / "not-a-dir").write_text("")
+    target = tmp_path / "not-a-dir" / "kvhost"
+    with pytest.raises(mf.ManifestError) as err:
+        mf.write_atomic(target, b"x", action="write NFD feature file")
+    assert str(err.value) == f"cannot write NFD feature file {target}: File exists"
+    with pytest.raises(mf.ManifestError, match=f"^cannot write manifest {target}: "):
+        mf.write_atomic(target, b"x")
+
+
 def _writer(path: str, ident: int, rounds: int) -> None:
     base = mf.build(probe_612() if ident % 2 else probe_61())
     for i in range(rounds):

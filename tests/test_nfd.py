@@ -223,6 +223,45 @@ def test_unwritable_nfd_directory_names_the_file(
     assert (tmp_path / "m.json").exists()  # the manifest itself was written first
 
 
+def test_kmsg_names_the_file_that_failed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The udev rule's kernel-log line: a failed NFD file after a written manifest says so,
+    and a feature file that cannot be withdrawn is named beside the probe's reason."""
+    lines: list[tuple[int, str]] = []
+    monkeypatch.setattr(cmd, "_kmsg", lambda level, text: lines.append((level, text)))
+    monkeypatch.setattr(kvhost.probe, "probe", probe_61)
+    out_path = tmp_path / "m.json"
+    (tmp_path / "features.d").write_text("a file where the directory should be")
+    nfd_path = tmp_path / "features.d" / "kvhost"
+    argv = ["manifest", "--output", str(out_path), "--kmsg", "--nfd", str(nfd_path)]
+    assert run(argv, capsys)[0] == 1
+    assert out_path.exists()
+    ((level, text),) = lines
+    assert level == 4
+    assert text.startswith(
+        f"wrote manifest {out_path}, but NFD feature file {nfd_path} not updated: cannot "
+        f"write NFD feature file {nfd_path}: "
+    ), text
+    # nothing served, and the old feature file cannot be removed (a directory in its place:
+    # unlink fails, even for root)
+    lines.clear()
+    nfd_path = tmp_path / "labels" / "kvhost"
+    nfd_path.mkdir(parents=True)
+    why = "/dev/vhost-net is not available: run 'modprobe vhost_net'"
+    monkeypatch.setattr(
+        kvhost.probe, "probe", lambda: Probe.from_json(probe_json("6.1", None, [], vhost_error=why))
+    )
+    argv = ["manifest", "--output", str(out_path), "--kmsg", "--nfd", str(nfd_path)]
+    rc, _, err = run(argv, capsys)
+    assert rc == 1
+    ((level, text),) = lines
+    assert text.startswith(f"manifest {out_path} not updated: ") and why in text, text
+    assert f"cannot remove NFD feature file {nfd_path}: " in text, text
+    assert "so this node still advertises the versions in it" in text, text
+    assert why in err and f"cannot remove NFD feature file {nfd_path}" in err
+
+
 # --- the udev rule carries --nfd ------------------------------------------------------------
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import io
 import json
 import logging
 import os
@@ -23,9 +24,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from peers import knock
+from peers import in_child, knock
 from test_session import V5, RecordingBackend, offered
 
+from kvhost import netns as kvnetns
 from kvhost.errors import DeviceUnavailable, KernelError, UsageError
 from kvhost.vhost_user import protocol as p
 from kvhost.vhost_user.protocol import Request as R
@@ -160,35 +162,10 @@ def test_missing_device_node_says_which_module(tmp_path: Path) -> None:
 
 def test_unknown_network_namespace_is_a_usage_error() -> None:
     with pytest.raises(UsageError, match="ip netns add kvhost-no-such-ns"):
-        privileges.enter_netns("kvhost-no-such-ns")
+        kvnetns.enter("kvhost-no-such-ns")
 
 
 # --- the drop itself, in forked children ----------------------------------------------------
-
-
-def _in_child(body: Callable[[int], Any]) -> tuple[Any, int]:
-    """Fork; the child runs ``body(write_fd)`` and sends its JSON result (or the error) back.
-    Returns (result, child exit status)."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child
-        status = 0
-        try:
-            os.close(r)
-            out: dict[str, Any] = {"ok": body(w)}
-        except BaseException as err:
-            out = {"error": f"{type(err).__name__}: {err}"}
-            status = 1
-        try:
-            os.write(w, json.dumps(out).encode() + b"\n")
-        finally:
-            os._exit(status)
-    os.close(w)
-    with os.fdopen(r, "rb") as f:
-        lines = f.read().splitlines()
-    _, status = os.waitpid(pid, 0)
-    result = json.loads(lines[-1])
-    return result, os.waitstatus_to_exitcode(status)
 
 
 def test_drop_leaves_no_capabilities_and_the_parent_sees_it(sock_dir: Path) -> None:
@@ -278,7 +255,7 @@ def test_drop_with_a_second_thread_fails_loudly() -> None:
             stop.set()
         return "dropped"
 
-    result, status = _in_child(body)
+    result, status = in_child(body)
     assert status == 0, result
     assert "privileges are left after the drop" in result["ok"]
     assert "NoNewPrivs is 0" in result["ok"]
@@ -293,7 +270,7 @@ def test_drop_needs_root() -> None:
             return str(err)
         return "dropped"
 
-    result, _ = _in_child(body)
+    result, _ = in_child(body)
     assert result["ok"].startswith(
         f"--user needs the shim to start as root (it runs as uid {NOBODY})"
     )
@@ -350,13 +327,7 @@ def _connect_as(path: Path, uid: int, gid: int, groups: tuple[int, ...] = ()) ->
     """A forked peer with these ids connects and asks GET_FEATURES: ("features", value),
     ("closed", 0) when the shim hung up on it, or ("denied", errno) when connect() failed."""
 
-    def body(w: int) -> tuple[str, int]:
-        os.setgroups(list(groups))
-        os.setresgid(gid, gid, gid)
-        os.setresuid(uid, uid, uid)
-        return knock(path, 5)
-
-    result, status = _in_child(body)
+    result, status = in_child(lambda w: knock(path, 5), uid=uid, gid=gid, groups=groups)
     assert status == 0, result
     kind, value = result["ok"]
     return kind, value
@@ -481,6 +452,20 @@ def test_formatter_keeps_tracebacks_inside_one_json_line() -> None:
     assert obj["message"].startswith("boom x\nTraceback") and "ValueError: inner" in obj["message"]
     with pytest.raises(ValueError, match="log format 'xml'"):
         eventlog.EventFormatter("xml")  # type: ignore[arg-type]
+
+
+def test_unconfigure_puts_the_kvhost_logger_back() -> None:
+    kvhost = logging.getLogger("kvhost")
+    before = kvhost.level
+    kvhost.setLevel(logging.WARNING)
+    try:
+        handler = eventlog.configure("json", verbose=True, stream=io.StringIO())
+        assert kvhost.level == logging.DEBUG and handler in logging.getLogger().handlers
+        eventlog.unconfigure(handler)
+        assert kvhost.level == logging.WARNING
+        assert handler not in logging.getLogger().handlers
+    finally:
+        kvhost.setLevel(before)
 
 
 # --- the program's option checks ------------------------------------------------------------

@@ -149,17 +149,31 @@ def _manifest(args: argparse.Namespace) -> int:
         except mf.NoVersionServed as err:
             # A label is a promise to the scheduler; a manifest only informs local tools and
             # keeps its last good content (a transient probe failure must not blank it).
-            if nfd_path is not None and nfd.withdraw(nfd_path):
+            if nfd_path is None:
+                raise
+            try:
+                removed = nfd.withdraw(nfd_path)
+            except mf.ManifestError as stuck:
+                raise mf.ManifestError(
+                    f"{err}; and {stuck}, so this node still advertises the versions in it"
+                ) from stuck
+            if removed:
                 raise mf.NoVersionServed(
                     f"{err}; removed {nfd_path} so this node advertises no version"
                 ) from err
             raise
-        if nfd_path is not None:
-            nfd.write(nfd_path, m, prefix)
     except KvhostError as err:
         if args.kmsg:
             _kmsg(4, f"manifest {args.output} not updated: {err}")
         raise
+    if nfd_path is not None:
+        try:
+            nfd.write(nfd_path, m, prefix)
+        except KvhostError as err:
+            if args.kmsg:
+                _kmsg(4, f"wrote manifest {args.output}, but NFD feature file {nfd_path} "
+                      f"not updated: {err}")
+            raise
     summary = (
         f"kernel {m['kernel_release']}: latest {m['latest']}, "
         f"{len(m['supported'])} versions supported"
@@ -303,14 +317,9 @@ def rule_for(args: argparse.Namespace) -> str:
 def install_file(target: Path, data: bytes, mode: int = 0o644) -> None:
     """Atomically install ``data`` at ``target``. Raises UsageError naming the file."""
     try:
-        mf.write_atomic(target, data, mode=mode)
+        mf.write_atomic(target, data, mode=mode, action="install")
     except mf.ManifestError as err:
-        raise UsageError(f"cannot install {target}: {_why(err)}") from err
-
-
-def _why(err: Exception) -> str:
-    cause = err.__cause__
-    return cause.strerror if isinstance(cause, OSError) and cause.strerror else str(err)
+        raise UsageError(str(err)) from err
 
 
 def _install_udev(args: argparse.Namespace) -> int:
