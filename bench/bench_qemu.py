@@ -17,6 +17,11 @@ measurement repeated ``--reps`` times (default 10), medians compared side by sid
 The shims run as ``kvhost-shim`` does by default (INFO logging); ``--shim-verbose`` runs them
 with ``-v`` as the tests do (a debug line per ring event, written before the reply).
 
+``--floor`` is a diagnostic run instead: the DRIVER_OK round trip (no frames) against
+``bench/null_backend.c``, a vhost-user backend in C that answers every request and does
+nothing else, side by side with the shim and with native vhost, to show how much of the
+ratio is QEMU's own vhost-user work (which no backend can remove) and how much the shim's.
+
 ``--trace N`` is a diagnostic run instead: one shim whose every read (recvmsg -> Session ->
 sendall, as the shim's socket sees it) is timestamped, and N DRIVER_OK writes; for the
 last one it prints each vhost-user message QEMU sent with its arrival time relative to the
@@ -32,7 +37,9 @@ import argparse
 import atexit
 import contextlib
 import os
+import shutil
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -42,8 +49,14 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from kvhost import netlink, scenario  # noqa: E402
-from kvhost.qemu.machine import Machine, MachineConfig, TapBackend, migrate  # noqa: E402
+from kvhost import features, netlink, scenario, versions  # noqa: E402
+from kvhost.qemu.machine import (  # noqa: E402
+    Machine,
+    MachineConfig,
+    TapBackend,
+    VhostUserBackend,
+    migrate,
+)
 from kvhost.qemu.virtio_pci import RX, TX, VirtioNetDriver  # noqa: E402
 from kvhost.scenario import GUEST_MAC, PEER_MAC, Rig, ShimProcess, TapPort, frame  # noqa: E402
 
@@ -75,41 +88,54 @@ def traced_shim_main(argv: list[str]) -> int:
     by $KVHOST_BENCH_TRACE at exit: ``start end request[!],...`` per read (! = NEED_REPLY)."""
     from kvhost.vhost_user import protocol as p
     from shim import cli, server
-    from shim.session import Session
+    from shim.server import _recv, _send
 
-    records: list[tuple[int, int, str]] = []
-    names: list[str] = [""]
-    real_readable = server.ShimServer._readable
-    real_receive = Session.receive
-
+    # Cheap stamps only (monotonic_ns is a vDSO call): (woken, received, handled, sent, bytes)
+    records: list[tuple[int, int, int, int, bytes, bool]] = []
+    if os.environ.get("KVHOST_BENCH_PIN"):
+        os.sched_setaffinity(0, {1})
     def readable(self: server.ShimServer, conn: Any) -> None:
-        table = getattr(conn.session.backend, "table", None)
+        # server.ShimServer._readable's happy path, stamped
         t0 = time.monotonic_ns()
-        real_readable(self, conn)
+        table = getattr(conn.session.backend, "table", None)
+        try:
+            data, fds, truncated = _recv(conn.sock)
+        except BlockingIOError:
+            return
         t1 = time.monotonic_ns()
-        what = names[0]
-        if "SET_MEM_TABLE" in what:
-            kept = getattr(conn.session.backend, "table", None) is table
-            what += " (mapping kept)" if kept else " (table mapped)"
-        records.append((t0, t1, what))
-        names[0] = ""
+        if not data or truncated:
+            conn.session.close()
+            return
+        replies = conn.session.receive(data, fds)
+        t2 = time.monotonic_ns()
+        for reply in replies:
+            _send(conn.sock, reply)
+        t3 = time.monotonic_ns()
+        kept = getattr(conn.session.backend, "table", None) is table
+        records.append((t0, t1, t2, t3, data, kept))
+        if not conn.version_logged and conn.session.acked_features is not None:
+            self._log_version(conn)
+        if conn.session.done:
+            self._drop(conn, f"failed: {conn.session.error}")
 
-    def receive(self: Session, data: bytes, fds: Any) -> list[bytes]:
+    def describe(data: bytes, kept: bool) -> str:
         found, off = [], 0
         while off + p.HEADER_SIZE <= len(data):
             req, flags, size = p.HEADER.unpack_from(data, off)
-            found.append(p._request_name(req) + ("!" if flags & 8 else ""))
+            name = p._request_name(req) + ("!" if flags & 8 else "")
+            if req == p.Request.SET_MEM_TABLE:
+                name += " (mapping kept)" if kept else " (table mapped)"
+            found.append(name)
             off += p.HEADER_SIZE + size
-        names[0] = ",".join(found) or "(partial)"
-        return real_receive(self, data, fds)
+        return ",".join(found) or "(partial)"
 
     def dump() -> None:
         with open(os.environ[TRACE_ENV], "w") as out:
-            for t0, t1, what in records:
-                out.write(f"{t0} {t1} {what}\n")
+            for t0, t1, t2, t3, data, kept in records:
+                out.write(f"{t0} {t3} recv {(t1 - t0) / 1e6:.2f} handle {(t2 - t1) / 1e6:.2f} "
+                          f"send {(t3 - t2) / 1e6:.2f} {describe(data, kept)}\n")
 
     server.ShimServer._readable = readable  # type: ignore[method-assign]
-    Session.receive = receive  # type: ignore[method-assign]
     atexit.register(dump)
     return cli.main(argv)
 
@@ -136,6 +162,70 @@ def restart_loop(machine: Machine, port: TapPort, reps: int) -> tuple[list[float
             round_trips.append(rt)
             first_tx.append(arrived - t0)
     return round_trips, first_tx
+
+
+def round_trip_loop(machine: Machine, reps: int) -> list[float]:
+    """DRIVER_OK round trips only (no frame), seconds: works against a backend that moves
+    no packets. The first round warms QEMU up and is not counted."""
+    drv = VirtioNetDriver.probe(machine.qtest)
+    out = []
+    for i in range(reps + 1):
+        drv.reset()
+        drv.negotiate()
+        drv.setup_queue(RX)
+        drv.setup_queue(TX)
+        drv.post_rx(16, kick=False)
+        rt = drv.driver_ok()
+        if i:
+            out.append(rt)
+    return out
+
+
+def floor_run(reps: int) -> int:
+    """DRIVER_OK round trips: null backend (C), shim, native, one after the other."""
+    from shim.session import OFFERED_PROTOCOL_FEATURES
+
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        print("--floor needs a C compiler (cc or gcc) to build bench/null_backend.c")
+        return 2
+    with scenario.fresh_netns(), Rig() as rig, contextlib.ExitStack() as stack:
+        binary = rig.workdir / "null_backend"
+        subprocess.run([compiler, "-O2", "-o", str(binary), str(REPO / "bench/null_backend.c")],
+                       check=True)
+        rig.port("kvs0")
+        shim = start_shim(stack, rig, "shim-f", "kvs0", None, verbose=False)
+        label = shim.served_version()
+        served = versions.by_name(label) if label is not None else None
+        assert served is not None, f"shim-f serves {label!r}"
+        offered = (versions.serve_features(served) | features.PROTOCOL_FEATURES
+                   | features.LOG_ALL)
+        sock = rig.workdir / "null.sock"
+        null = subprocess.Popen(
+            [str(binary), str(sock), f"{offered:x}", f"{int(OFFERED_PROTOCOL_FEATURES):x}"],
+            stderr=subprocess.PIPE,
+        )
+        stack.callback(null.kill)
+        assert null.stderr is not None
+        null.stderr.readline()  # "listening on ..."
+        m = rig.machine("qemu-null", MachineConfig(backend=VhostUserBackend(str(sock)),
+                                                   device_properties=PROPS))
+        null_rt = round_trip_loop(m, reps)
+        m.stop()
+        m = rig.qemu("qemu-s", shim, legacy=False, properties=PROPS)
+        shim_rt = round_trip_loop(m, reps)
+        m.stop()
+        native = rig.machine(
+            "qemu-n", MachineConfig(backend=TapBackend("kvq0", vhost=True), device_properties=PROPS)
+        )
+        netlink.set_up("kvq0")
+        native_rt = round_trip_loop(native, reps)
+        native.stop()
+    n = statistics.median(native_rt)
+    for name, values in (("null backend (C)", null_rt), ("shim", shim_rt), ("native", native_rt)):
+        print(f"floor: DRIVER_OK round trip ms {name:17s} {stats(values, 1e3)}  "
+              f"/ native {statistics.median(values) / n:.2f}")
+    return 0
 
 
 def migration_loop(
@@ -171,6 +261,8 @@ def trace_run(reps: int, verbose: bool) -> int:
         trace = rig.workdir / "shim.trace"
         port = rig.port("kvs0")
         shim = start_shim(stack, rig, "shim-t", "kvs0", None, verbose=verbose, trace=trace)
+        if os.environ.get("KVHOST_BENCH_PIN"):
+            os.sched_setaffinity(0, {0})
         m = rig.qemu("qemu-t", shim, legacy=False, properties=PROPS)
         drv = VirtioNetDriver.probe(m.qtest)
         windows = []
@@ -231,6 +323,9 @@ def main() -> int:
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--shim-verbose", action="store_true",
                         help="run the shims with -v (debug logging), as the tests do")
+    parser.add_argument("--floor", action="store_true",
+                        help="diagnose instead: DRIVER_OK round trips against a do-nothing "
+                             "C backend, the shim and native vhost")
     parser.add_argument("--trace", type=int, metavar="N", default=0,
                         help="diagnose instead: N DRIVER_OK writes, the last one traced")
     args = parser.parse_args()
@@ -238,6 +333,8 @@ def main() -> int:
         parser.error("--reps must be at least 1")
     if args.trace:
         return trace_run(args.trace, args.shim_verbose)
+    if args.floor:
+        return floor_run(args.reps)
     ok = True
     verbose = args.shim_verbose
     print(f"shims log at {'DEBUG (-v)' if verbose else 'INFO (the default)'}", flush=True)

@@ -186,21 +186,42 @@ def buffer(obj: Any, size: int | None = None) -> Any:
     return ffi.buffer(obj) if size is None else ffi.buffer(obj, size)
 
 
-# --- the two structs of the per-ring hot path, as struct formats -----------------------------
-# GET_VRING_BASE / SET_BACKEND run inside QEMU's stop and start; under TCG building a cffi
-# object per call costs more than the ioctl itself. Same layout, checked here at import
-# (and the cffi declarations against the kernel headers by tests/test_abi_headers.py).
+# --- the structs of QEMU's start and stop sequence, as struct formats ------------------------
+# GET_VRING_BASE / SET_BACKEND / SET_VRING_ADDR / SET_MEM_TABLE run inside QEMU's stop and
+# start; under TCG building a cffi object per call costs more than the ioctl itself. Same
+# layouts, checked here at import against the cffi declarations (which
+# tests/test_abi_headers.py checks against the kernel headers).
 VRING_STATE = struct.Struct("=II")  # struct vhost_vring_state { index; num; }
 VRING_FILE = struct.Struct("=Ii")  # struct vhost_vring_file { index; fd; }
+#: struct vhost_vring_addr { index; flags; desc, used, avail user addrs; log_guest_addr; }
+VRING_ADDR = struct.Struct("=IIQQQQ")
+#: struct vhost_memory's header { nregions; padding; } -- the regions follow it
+MEMORY_HEADER = struct.Struct("=II")
+#: struct vhost_memory_region { guest_phys_addr; memory_size; userspace_addr; flags_padding; }
+MEMORY_REGION = struct.Struct("=QQQQ")
 
 
 def _check_formats() -> None:
     for fmt, name, fields in (
         (VRING_STATE, "vhost_vring_state", ("index", "num")),
         (VRING_FILE, "vhost_vring_file", ("index", "fd")),
+        (
+            VRING_ADDR,
+            "vhost_vring_addr",
+            ("index", "flags", "desc_user_addr", "used_user_addr", "avail_user_addr",
+             "log_guest_addr"),
+        ),
+        (MEMORY_HEADER, "vhost_memory", ("nregions", "padding")),
+        (
+            MEMORY_REGION,
+            "vhost_memory_region",
+            ("guest_phys_addr", "memory_size", "userspace_addr", "flags_padding"),
+        ),
     ):
         offsets = [offsetof(name, f) for f in fields]
-        if fmt.size != sizeof(name) or offsets != [0, 4]:
+        sizes = [struct.calcsize("=" + c) for c in fmt.format.lstrip("=")]
+        packed = [sum(sizes[:i]) for i in range(len(sizes))]
+        if fmt.size != sizeof(name) or offsets != packed:
             raise AssertionError(f"struct format {fmt.format} does not match struct {name}")
 
 

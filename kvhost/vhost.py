@@ -38,6 +38,7 @@ DEFAULT_PATH = "/dev/vhost-net"
 
 _U64 = struct.Struct("=Q")
 _INT = struct.Struct("=i")
+_VRING_F_LOG = 1 << abi.VHOST_VRING_F_LOG
 
 # What an ioctl this kernel does not know returns on vhost-net. Unknown numbers fall
 # through vhost_dev_ioctl -- which first demands ownership (EPERM without SET_OWNER) -- into
@@ -189,21 +190,13 @@ class VhostNet:
 
         E2BIG above the vhost module's ``max_mem_regions``; EPERM before :meth:`set_owner`.
         """
-        table = abi.ffi.new(
-            "struct vhost_memory *",
-            {
-                "nregions": len(regions),
-                "regions": [
-                    {
-                        "guest_phys_addr": r.guest_phys_addr,
-                        "memory_size": r.memory_size,
-                        "userspace_addr": r.userspace_addr,
-                    }
-                    for r in regions
-                ],
-            },
-        )
-        self._ioctl(abi.VHOST_SET_MEM_TABLE, abi.buffer(table))
+        region = abi.MEMORY_REGION.pack
+        # a bytearray, not bytes: fcntl copies immutable arguments into a 1 KiB buffer and
+        # refuses longer ones, and a table of more than 31 regions is longer
+        table = bytearray(abi.MEMORY_HEADER.pack(len(regions), 0))
+        for r in regions:
+            table += region(r.guest_phys_addr, r.memory_size, r.userspace_addr, 0)
+        self._ioctl(abi.VHOST_SET_MEM_TABLE, table)
 
     def set_log_base(self, addr: int) -> None:
         """The dirty bitmap's address in this process (one bit per 4 KiB guest page)."""
@@ -228,16 +221,11 @@ class VhostNet:
         log: bool = False,
     ) -> None:
         """Ring addresses in this process; ``log_guest_addr`` is the used ring's gpa."""
-        addr = abi.new(
-            "vhost_vring_addr",
-            index=index,
-            flags=(1 << abi.VHOST_VRING_F_LOG) if log else 0,
-            desc_user_addr=desc,
-            used_user_addr=used,
-            avail_user_addr=avail,
-            log_guest_addr=log_guest_addr,
+        flags = _VRING_F_LOG if log else 0
+        self._ioctl(
+            abi.VHOST_SET_VRING_ADDR,
+            abi.VRING_ADDR.pack(index, flags, desc, used, avail, log_guest_addr),
         )
-        self._ioctl(abi.VHOST_SET_VRING_ADDR, abi.buffer(addr))
 
     def set_vring_base(self, index: int, num: int) -> None:
         """The next avail index the device will read (the migrated ring position)."""

@@ -332,9 +332,7 @@ def _run(args: argparse.Namespace) -> int:
     server = program.server
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
-        name = signal.Signals(signum).name
-        event("stopping", f"{name} received, stopping", result=name)
-        server.stop()
+        server.stop(reason=signal.Signals(signum).name)  # the loop logs it, not the handler
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)

@@ -1,15 +1,22 @@
-"""The shim's socket layer: a thin ``selectors`` loop around :class:`shim.session.Session`.
+"""The shim's socket layer: a thin ``epoll`` loop around :class:`shim.session.Session`.
 
-One thread, one ``select``; no timers and no polling, so a shim whose rings run in the
-kernel sleeps in ``select`` and is never woken by traffic. Each accepted connection gets its
+One thread, one ``epoll``; no timers and no polling, so a shim whose rings run in the
+kernel sleeps in ``epoll_wait`` and is never woken by traffic. Each accepted connection gets its
 own :class:`Session` and backend; whatever happens on one connection (malformed bytes, a
 kernel refusal, a bug) fails that connection only.
 
 Per read: ``recvmsg`` with room for the most fds a message may carry (SCM_RIGHTS, received
 close-on-exec) -> ``Session.receive(data, fds)`` -> the replies are sent -> if the session is
 done, the socket is closed. A read of zero bytes is the frontend hanging up: the session is
-closed (rings detached at once; the devices are closed by ``shim.closer.CLOSER`` off the
-loop, because closing a vhost-net fd takes tens of milliseconds).
+closed (rings detached at once; the devices are closed by the config's
+:class:`~shim.closer.Closer` off the loop, because closing a vhost-net fd takes tens of
+milliseconds).
+
+Syscalls per message are kept to the minimum -- under TCG each costs tens of microseconds and
+QEMU waits on some replies inside the guest's DRIVER_OK write: connection sockets are
+non-blocking (a socket with a timeout makes Python poll before every recvmsg and send), so a
+read is one ``recvmsg`` and a reply one ``send``; only a reply the kernel cannot take at once
+(the frontend stopped reading) falls back to waiting, at most ``SEND_TIMEOUT`` seconds.
 
 Access: the socket file is created with mode 0600 (0660 with a socket group), never wider
 for a moment (the umask is narrowed around ``bind``), and handed to its owner/group before
@@ -30,12 +37,14 @@ from __future__ import annotations
 
 import array
 import contextlib
+import errno
 import logging
 import os
-import selectors
+import select
 import socket
 import stat
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,7 +52,7 @@ from typing import Any
 from kvhost import versions
 from kvhost.errors import UsageError
 from kvhost.vhost_user.protocol import MAX_FDS, close_fds
-from shim.closer import CLOSER
+from shim.closer import CLOSER, Closer
 from shim.eventlog import event
 from shim.privileges import AllowList, PeerCred, peer_credentials
 from shim.session import Backend, Session
@@ -52,6 +61,13 @@ log = logging.getLogger("kvhost.shim")
 
 RECV_SIZE = 1 << 16
 SEND_TIMEOUT = 5.0
+_ANCILLARY_SIZE = socket.CMSG_SPACE(MAX_FDS * 4)
+# plain ints: ``int & MsgFlag`` would run enum code in Python on every read
+_MSG_CTRUNC = int(socket.MSG_CTRUNC)
+_MSG_CMSG_CLOEXEC = int(socket.MSG_CMSG_CLOEXEC)
+_SOL_SOCKET = int(socket.SOL_SOCKET)
+_SCM_RIGHTS = int(socket.SCM_RIGHTS)
+_EPOLLIN = select.EPOLLIN
 
 
 @dataclass
@@ -59,7 +75,8 @@ class ShimConfig:
     """What every connection is served with.
 
     ``make_backend(name)`` builds a fresh backend for the connection called ``name``;
-    ``allow`` decides which peers get one at all.
+    ``allow`` decides which peers get one at all. ``closer`` is where those backends hand
+    a dropped connection's kernel objects (the server waits for it when it closes).
     """
 
     version: versions.InterfaceVersion
@@ -67,6 +84,7 @@ class ShimConfig:
     supported: list[versions.InterfaceVersion] = field(default_factory=list)
     pinned: bool = False
     allow: AllowList = field(default_factory=AllowList)
+    closer: Closer = CLOSER
 
 
 @dataclass
@@ -102,19 +120,20 @@ class ShimServer:
         self.config = config
         self.path = path
         self._listener = listener
-        self._sel = selectors.DefaultSelector()
+        self._epoll = select.epoll()
         self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         # a signal handler runs in the loop's thread between bytecodes, never inside a
         # held lock's critical section of that same thread: an RLock keeps that case safe
         self._wake_lock = threading.RLock()
-        self._sel.register(self._wake, selectors.EVENT_READ, "wake")
+        self._epoll.register(self._wake, _EPOLLIN)
         self._stopping = False
+        self._stop_reason: str | None = None
         self._serial = 0
         self.connections: dict[int, Connection] = {}
         self._single = connected is not None
         if listener is not None:
             listener.setblocking(False)
-            self._sel.register(listener, selectors.EVENT_READ, "listen")
+            self._epoll.register(listener, _EPOLLIN)
         if connected is not None:
             self._add(connected)
 
@@ -204,21 +223,34 @@ class ShimServer:
             while not self._stopping:
                 if self._single and not self.connections:
                     break
-                for key, _ in self._sel.select():
-                    if key.data == "wake":
+                for fd, _ in self._epoll.poll():
+                    conn = self.connections.get(fd)
+                    if conn is not None:
+                        self._readable(conn)
+                    elif fd == self._wake:
                         with contextlib.suppress(BlockingIOError):
                             os.eventfd_read(self._wake)
-                    elif key.data == "listen":
+                    elif self._listener is not None and fd == self._listener.fileno():
                         self._accept()
-                    else:
-                        conn = self.connections.get(key.fd)
-                        if conn is not None:
-                            self._readable(conn)
         finally:
+            if self._stop_reason is not None:
+                event(
+                    "stopping",
+                    f"{self._stop_reason} received, stopping",
+                    result=self._stop_reason,
+                )
             self.close()
 
-    def stop(self) -> None:
-        """Ask :meth:`serve` to return; safe from signal handlers and other threads."""
+    def stop(self, reason: str | None = None) -> None:
+        """Ask :meth:`serve` to return; safe from signal handlers and other threads.
+
+        It only sets a flag and writes an eventfd. ``reason`` (a signal's name) is logged
+        as the ``stopping`` event by the loop's own thread: logging from a signal handler
+        can land inside a write to the same stream the loop was making, and that raises
+        in the handler (a reentrant call on the buffered stream).
+        """
+        if reason is not None:
+            self._stop_reason = reason
         self._stopping = True
         with self._wake_lock, contextlib.suppress(OSError):
             if self._wake >= 0:
@@ -227,14 +259,14 @@ class ShimServer:
     def close(self) -> None:
         """Close every connection (stopping its rings), the listener and the wake fd.
 
-        Dropped connections' kernel devices are closed by :data:`shim.closer.CLOSER` off
-        the loop; this waits for it, so every fd is closed when it returns.
+        Dropped connections' kernel devices are closed by the config's closer off the
+        loop; this waits for it, so every fd is closed when it returns.
         """
         for conn in list(self.connections.values()):
             self._drop(conn, "shim shutting down")
-        CLOSER.drain()
+        self.config.closer.drain()
         if self._listener is not None:
-            self._sel.unregister(self._listener)
+            self._epoll.unregister(self._listener)
             self._listener.close()
             self._listener = None
             if self.path is not None:
@@ -242,10 +274,10 @@ class ShimServer:
                     os.unlink(self.path)
         with self._wake_lock:
             if self._wake >= 0:
-                self._sel.unregister(self._wake)
+                self._epoll.unregister(self._wake)
                 os.close(self._wake)
                 self._wake = -1
-                self._sel.close()
+                self._epoll.close()
 
     # -- connections ---------------------------------------------------------------------
 
@@ -299,10 +331,10 @@ class ShimServer:
                 **self._fields(name, cred),
             )
             return
-        sock.settimeout(SEND_TIMEOUT)
+        sock.setblocking(False)
         conn = Connection(sock, session, name, peer, cred)
         self.connections[sock.fileno()] = conn
-        self._sel.register(sock, selectors.EVENT_READ, "conn")
+        self._epoll.register(sock, _EPOLLIN)
         event(
             "accepted",
             f"{name} from {peer} on {self._where}, interface version {self.config.version.label}",
@@ -313,6 +345,8 @@ class ShimServer:
     def _readable(self, conn: Connection) -> None:
         try:
             data, fds, truncated = _recv(conn.sock)
+        except BlockingIOError:
+            return  # woken with nothing to read after all
         except OSError as err:
             self._drop(conn, f"receive failed: {err}")
             return
@@ -328,7 +362,7 @@ class ShimServer:
         try:
             replies = conn.session.receive(data, fds)
             for reply in replies:
-                conn.sock.sendall(reply)
+                _send(conn.sock, reply)
         except OSError as err:
             self._drop(conn, f"send failed: {err}")
             return
@@ -342,8 +376,8 @@ class ShimServer:
             self._drop(conn, f"failed: {conn.session.error}")
 
     def _drop(self, conn: Connection, result: str) -> None:
-        with contextlib.suppress(KeyError, ValueError):
-            self._sel.unregister(conn.sock)
+        with contextlib.suppress(OSError, ValueError):
+            self._epoll.unregister(conn.sock)
         try:
             conn.session.close()
         except Exception:
@@ -352,7 +386,7 @@ class ShimServer:
         fd = conn.sock.fileno()
         conn.sock.close()
         # forgotten last, so "no connections" means every fd of every connection is closed
-        # or handed to shim.closer.CLOSER (CLOSER.drain() waits for those)
+        # or handed to the config's closer (close() waits for that)
         self.connections.pop(fd, None)
         event(
             "closed",
@@ -392,13 +426,45 @@ class ShimServer:
 
 
 def _recv(sock: socket.socket) -> tuple[bytes, list[int], bool]:
-    """One recvmsg: data, fds (close-on-exec), and whether ancillary data was truncated."""
-    data, ancdata, flags, _ = sock.recvmsg(
-        RECV_SIZE, socket.CMSG_SPACE(MAX_FDS * 4), socket.MSG_CMSG_CLOEXEC
-    )
+    """One recvmsg: data, fds (close-on-exec), and whether ancillary data was truncated.
+
+    The socket is non-blocking: with nothing to read (a spurious wakeup) this raises
+    BlockingIOError.
+    """
+    data, ancdata, flags, _ = sock.recvmsg(RECV_SIZE, _ANCILLARY_SIZE, _MSG_CMSG_CLOEXEC)
+    if not ancdata:
+        return data, [], bool(flags & _MSG_CTRUNC)
     fds = array.array("i")
     for level, kind, cdata in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+        if level == _SOL_SOCKET and kind == _SCM_RIGHTS:
             usable = len(cdata) - len(cdata) % fds.itemsize
             fds.frombytes(cdata[:usable])
-    return data, list(fds), bool(flags & socket.MSG_CTRUNC)
+    return data, list(fds), bool(flags & _MSG_CTRUNC)
+
+
+def _send(sock: socket.socket, data: bytes) -> None:
+    """Send all of ``data`` on the non-blocking ``sock``; waits (poll) only while the
+    kernel's buffer is full, at most SEND_TIMEOUT seconds in all, then raises
+    ``TimeoutError``: a frontend that stops reading its replies loses its connection
+    instead of stalling every other one."""
+    try:
+        sent = sock.send(data)
+    except BlockingIOError:
+        sent = 0
+    if sent == len(data):
+        return
+    view = memoryview(data)[sent:]
+    deadline = time.monotonic() + SEND_TIMEOUT
+    poller = select.poll()
+    poller.register(sock, select.POLLOUT)
+    while view:
+        left = deadline - time.monotonic()
+        if left <= 0 or not poller.poll(left * 1000):
+            raise TimeoutError(
+                errno.ETIMEDOUT,
+                f"the frontend has not read its replies for {SEND_TIMEOUT:.0f} s",
+            )
+        try:
+            view = view[sock.send(view):]
+        except BlockingIOError:
+            continue

@@ -352,6 +352,8 @@ BAD_REQUESTS: list[tuple[str, bytes, int, str]] = [
     ("kick no-fd flag with fd", raw_message(12, 0x1, h("0001000000000000")), 1,
      "came with 1 fds; it needs 0"),
     ("kick reserved bits", raw_message(12, 0x1, h("0002000000000000")), 0, "reserved bits"),
+    ("call reserved bits, with its fd", raw_message(13, 0x1, h("0000000001000000")), 1,
+     "reserved bits"),
     ("log base without fd", raw_message(6, 0x1, bytes(16)), 0, "it needs 1"),
     ("log base as u64", raw_message(6, 0x1, bytes(8)), 1, "16 bytes"),
     ("set_features with fd", raw_message(2, 0x1, bytes(8)), 1, "it needs 0"),

@@ -230,3 +230,95 @@ def test_atheris_fuzz_target_smoke() -> None:
     last = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else proc.stderr[-2000:]
     assert proc.returncode == 0, last
     assert last.startswith("fuzz_protocol: 3000 inputs") and last.endswith("result: ok"), last
+
+
+# --- the backend's fast paths decide exactly as the general path does
+
+
+class GeneralPathCodec(BackendCodec):
+    """BackendCodec with every fast path turned off: the reference the fast paths must
+    match, message for message and failure for failure."""
+
+    receive = Decoder.receive
+
+    def _whole_messages(self, data: bytes, new_fds: list[int], out: list[Message]) -> bool:
+        return False
+
+    def _decode_single(
+        self, request: int, flags: int, size: int, data: bytes, fds: list[int]
+    ) -> Message:
+        self._check_header(request, flags, size)
+        return self._decode(request, flags, data[HEADER.size:], fds)
+
+
+def outcome(codec: BackendCodec, data: bytes, nfds: int) -> object:
+    fds = [os.eventfd(0) for _ in range(nfds)]
+    try:
+        msgs = codec.receive(data, fds)
+    except RemoteProtocolError as err:
+        assert_not_a_bug(err)
+        return "failed"
+    for msg in msgs:
+        close_fds(msg.fds)
+    return [(m.request, m.flags, m.payload, len(m.fds)) for m in msgs]
+
+
+def encoded(msg: tuple[Request, Payload]) -> bytes:
+    request, payload = msg
+    return FrontendCodec().request(request, payload, [-1] * fd_count(payload))[0]
+
+
+# Valid messages with one byte possibly changed and any fd count: the inputs on which a fast
+# path could plausibly disagree with the general one (right sizes, nearly right contents).
+near_valid_chunks = st.lists(
+    st.tuples(
+        st.builds(
+            lambda raw, where, value: raw if where is None else (
+                raw[: where % len(raw)] + bytes([value]) + raw[where % len(raw) + 1 :]
+            ),
+            messages.map(encoded),
+            st.none() | st.integers(0, 300),
+            st.integers(0, 255),
+        ),
+        st.integers(0, 3),
+    ),
+    min_size=1,
+    max_size=6,
+)
+
+
+@SETTINGS
+@given(plausible_chunks | near_valid_chunks)
+def test_backend_fast_paths_agree_with_the_general_path(parts: list[tuple[bytes, int]]) -> None:
+    before = open_fds()
+    fast, general = BackendCodec(), GeneralPathCodec()
+    try:
+        for data, nfds in parts:
+            got = outcome(fast, data, nfds)
+            assert got == outcome(general, data, nfds)
+            if got == "failed":
+                break
+    finally:
+        fast.close()
+        general.close()
+    assert open_fds() == before
+
+
+@SETTINGS
+@given(st.lists(messages, min_size=2, max_size=5))
+def test_backend_decodes_a_burst_of_messages_in_one_read(
+    msgs: list[tuple[Request, Payload]]
+) -> None:
+    """QEMU sends without waiting, so one read can hold several whole messages. Only the
+    last may carry fds: the kernel ends a read after the sendmsg that carried fds."""
+    msgs = [m for m in msgs[:-1] if fd_count(m[1]) == 0] + msgs[-1:]
+    before = open_fds()
+    front = FrontendCodec()
+    stream = b"".join(front.request(r, p, [-1] * fd_count(p))[0] for r, p in msgs)
+    nfds = fd_count(msgs[-1][1])
+    got = BackendCodec().receive(stream, [os.eventfd(0) for _ in range(nfds)])
+    assert [(m.request, m.payload) for m in got] == msgs
+    assert [len(m.fds) for m in got] == [0] * (len(msgs) - 1) + [nfds]
+    for m in got:
+        close_fds(m.fds)
+    assert open_fds() == before

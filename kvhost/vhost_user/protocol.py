@@ -810,7 +810,23 @@ _REPLY_FLAGS = int(HeaderFlag.VERSION | HeaderFlag.REPLY)
 _NEED_REPLY_BIT = int(HeaderFlag.NEED_REPLY)
 _REPLY_BIT = int(HeaderFlag.REPLY)
 _SET_LOG_BASE = int(Request.SET_LOG_BASE)
+_SET_MEM_TABLE = int(Request.SET_MEM_TABLE)
 _INHERENT_IDS: dict[int, _Layout] = {int(r): layout for r, layout in INHERENT_REPLIES.items()}
+
+
+#: request id -> (request, plain payloads by size, allowed fd counts): the requests
+#: BackendCodec.receive decodes without the general path
+_FAST_REQUESTS: dict[int, tuple[Request, dict[int, tuple[Callable[..., Payload], struct.Struct]],
+                                tuple[int, ...]]] = {
+    int(r): (r, layout._plain, layout.fds)
+    for r, layout in REQUEST_LAYOUTS.items()
+    if layout._plain and layout.fds is not None and not layout.close_fds
+}
+_VRING_FILE_IDS = frozenset(
+    int(r) for r, layout in REQUEST_LAYOUTS.items() if VringFile in layout.types
+)
+_VRING_FILE_RESERVED = ~(VringFile.INDEX_MASK | VringFile.NOFD_MASK) & 0xFFFF_FFFF_FFFF_FFFF
+_U64 = struct.Struct("=Q")
 
 
 def request_layout(request: int) -> _Layout:
@@ -963,6 +979,8 @@ class _Decoder:
                     close_fds(own)
                     raise
                 return
+            if self._whole_messages(data, new_fds, out):
+                return
         old_len = len(self._buf)
         self._buf += data
         # Walk the headers to find where messages start; a header is validated as soon as
@@ -1011,6 +1029,37 @@ class _Decoder:
         if new_fds:
             # The owner is the trailing incomplete message: hold its fds until it completes.
             self._pending_fds, new_fds[:] = list(new_fds), []
+
+    def _whole_messages(self, data: bytes, new_fds: list[int], out: list[Message]) -> bool:
+        """The next most common case: several whole messages in one chunk (QEMU sends
+        without waiting, so a busy reader gets them together) and nothing buffered.
+
+        Decodes them one by one as single messages and returns True; returns False, having
+        taken nothing, when the chunk ends inside a message (the general path handles
+        that, validating each header before buffering its payload). The fds belong to the
+        last message: the kernel ends a read after the first part of the stream that
+        carried fds, so they came with the last message's sendmsg.
+        """
+        headers: list[tuple[int, int, int, int]] = []  # (start, request, flags, size)
+        off, end = 0, len(data)
+        unpack = HEADER.unpack_from
+        while off + HEADER_SIZE <= end:
+            request, flags, size = unpack(data, off)
+            headers.append((off, request, flags, size))
+            off += HEADER_SIZE + size
+        if off != end:
+            return False
+        own, new_fds[:] = list(new_fds), []
+        last = headers[-1][0]
+        try:
+            for start, request, flags, size in headers:
+                fds = own if start == last else []
+                one = data[start : start + HEADER_SIZE + size]
+                out.append(self._decode_single(request, flags, size, one, fds))
+        except BaseException:
+            close_fds(own)  # only the last message takes them, and it was not decoded
+            raise
+        return True
 
     def _check_header(self, request: int, flags: int, size: int) -> None:
         raise NotImplementedError
@@ -1067,6 +1116,55 @@ class BackendCodec(_Decoder):
         {VHOST_USER_VERSION, VHOST_USER_VERSION | _NEED_REPLY_BIT}
     )
 
+    def receive(self, data: bytes, fds: Sequence[int] = ()) -> list[Message]:
+        # The hottest path, ahead of reassembly: nothing buffered and the chunk is exactly
+        # one message that _fast decodes.
+        if not self._buf and self._failed is None and len(data) >= HEADER_SIZE:
+            request, flags, size = HEADER.unpack_from(data)
+            if HEADER_SIZE + size == len(data):
+                msg = self._fast(request, flags, size, data, fds)
+                if msg is not None:
+                    return [msg]
+        return super().receive(data, fds)
+
+    def _fast(
+        self, request: int, flags: int, size: int, data: bytes, fds: Sequence[int]
+    ) -> Message | None:
+        """``data`` (exactly one message, header included) decoded when it is a well-formed
+        request of the kinds QEMU sends at every ring start and stop -- one struct, a vring
+        file, a memory table -- with the right fd count; else None, and the general path
+        decides (it also words every error). Takes no fds: the Message holds them."""
+        if flags not in self._GOOD_FLAGS:
+            return None
+        fast = _FAST_REQUESTS.get(request)
+        if fast is not None:
+            req, plain, want = fast
+            entry = plain.get(size)
+            if entry is None or len(fds) not in want:
+                return None
+            make, st = entry
+            return Message(
+                req, _FLAGS_BY_VALUE[flags], make(*st.unpack_from(data, HEADER_SIZE)), tuple(fds)
+            )
+        if request in _VRING_FILE_IDS:
+            if size != VringFile.SIZE:
+                return None
+            (value,) = _U64.unpack_from(data, HEADER_SIZE)
+            no_fd = bool(value & VringFile.NOFD_MASK)
+            if value & _VRING_FILE_RESERVED or len(fds) != (not no_fd):
+                return None
+            payload: Payload = VringFile(value & VringFile.INDEX_MASK, no_fd)
+        elif request == _SET_MEM_TABLE:
+            try:
+                payload = MemTable.unpack(data[HEADER_SIZE:])
+            except RemoteProtocolError:
+                return None
+            if len(fds) != payload.fd_count:
+                return None
+        else:
+            return None
+        return Message(_REQUEST_BY_ID[request], _FLAGS_BY_VALUE[flags], payload, tuple(fds))
+
     def _check_header(self, request: int, flags: int, size: int) -> None:
         if flags not in self._GOOD_FLAGS:
             self._check_common_flags("frontend", request, flags)
@@ -1084,21 +1182,9 @@ class BackendCodec(_Decoder):
     def _decode_single(
         self, request: int, flags: int, size: int, data: bytes, fds: list[int]
     ) -> Message:
-        # The hot path: _check_header and _decode in one, for the usual well-formed request
-        # of a plain fixed-size payload with the right fd count; anything else goes the
-        # long way, which also builds the error messages.
-        if flags in self._GOOD_FLAGS:
-            layout = _LAYOUT_BY_ID.get(request, _RAW)
-            plain = layout._plain.get(size)
-            want = layout.fds
-            if plain is not None and want is not None and len(fds) in want and not layout.close_fds:
-                make, st = plain
-                return Message(
-                    _REQUEST_BY_ID.get(request, request),
-                    _FLAGS_BY_VALUE[flags],
-                    make(*st.unpack_from(data, HEADER_SIZE)),
-                    tuple(fds),
-                )
+        msg = self._fast(request, flags, size, data, fds)
+        if msg is not None:
+            return msg
         return super()._decode_single(request, flags, size, data, fds)
 
     def _decode(self, request: int, flags: int, payload: bytes, fds: list[int]) -> Message:
