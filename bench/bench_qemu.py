@@ -4,10 +4,12 @@
 
 Inside the test VM (needs /dev/vhost-net and root), in a fresh network namespace, with the
 same ``virtio-net-pci`` device and the same qtest guest driver for both backends, each
-measurement repeated ``--reps`` times (default 10), medians compared side by side:
+measurement repeated ``--reps`` times (default 10), medians compared side by side. The
+repetitions of the two backends alternate (shim, native, native, shim, ...): the TCG
+machine's speed drifts over minutes, and both sides must see the same drift.
 
 * DRIVER_OK round trip: the status write inside which QEMU starts vhost (driver reset and
-  re-initialised each repetition on one QEMU); shim / native, target <= 1.5;
+  re-initialised each repetition on one QEMU per backend); shim / native, target <= 1.5;
 * DRIVER_OK -> first TX frame on the tap: a frame is in the TX ring before DRIVER_OK and
   kicked right after; its arrival on the tap (AF_PACKET) is timed; shim / native <= 1.5;
 * live migration (unix socket, return-path on) to a second QEMU (a second shim): total time
@@ -36,6 +38,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import contextlib
+import functools
 import os
 import shutil
 import statistics
@@ -44,7 +47,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -140,49 +143,60 @@ def traced_shim_main(argv: list[str]) -> int:
     return cli.main(argv)
 
 
-def restart_loop(machine: Machine, port: TapPort, reps: int) -> tuple[list[float], list[float]]:
-    """(DRIVER_OK round trips, DRIVER_OK -> first TX frame), seconds, ``reps`` each."""
-    drv = VirtioNetDriver.probe(machine.qtest)
-    round_trips, first_tx = [], []
-    for i in range(reps + 1):  # the first round warms QEMU up and is not counted
-        drv.reset()
-        drv.negotiate()
-        drv.setup_queue(RX)
-        drv.setup_queue(TX)
-        drv.post_rx(16, kick=False)
-        out = frame(GUEST_MAC, PEER_MAC, f"first{i}")
-        drv.send(out, kick=False)
-        t0 = time.perf_counter()
-        rt = drv.driver_ok()
-        drv.notify(TX)
-        _, arrived = port.expect(out)
-        drv.wait_used(TX, 1)
-        drv.pop_used(TX)
-        if i:
-            round_trips.append(rt)
-            first_tx.append(arrived - t0)
-    return round_trips, first_tx
+T = TypeVar("T")
 
 
-def round_trip_loop(machine: Machine, reps: int) -> list[float]:
-    """DRIVER_OK round trips only (no frame), seconds: works against a backend that moves
-    no packets. The first round warms QEMU up and is not counted."""
-    drv = VirtioNetDriver.probe(machine.qtest)
-    out = []
-    for i in range(reps + 1):
-        drv.reset()
-        drv.negotiate()
-        drv.setup_queue(RX)
-        drv.setup_queue(TX)
-        drv.post_rx(16, kick=False)
-        rt = drv.driver_ok()
-        if i:
-            out.append(rt)
+def interleaved(runs: dict[str, Callable[[int], T]], reps: int, *, warm_up: bool) -> dict[
+    str, list[T]
+]:
+    """Repetition i of every configuration, then repetition i + 1 of every one, in an order
+    reversed each round: a TCG machine's speed drifts by tens of percent over minutes, and
+    side-by-side configurations must see the same drift. With ``warm_up`` an extra first
+    round is run and dropped (QEMU's first start of a device is slower)."""
+    out: dict[str, list[T]] = {name: [] for name in runs}
+    items = list(runs.items())
+    for i in range(reps + 1 if warm_up else reps):
+        for name, run in items if i % 2 == 0 else items[::-1]:
+            value = run(i)
+            if i or not warm_up:
+                out[name].append(value)
     return out
 
 
+def restart(drv: VirtioNetDriver, port: TapPort, i: int) -> tuple[float, float]:
+    """(DRIVER_OK round trip, DRIVER_OK -> first TX frame on the tap), seconds: the driver
+    resets the device and starts it again with a frame already in the TX ring."""
+    drv.reset()
+    drv.negotiate()
+    drv.setup_queue(RX)
+    drv.setup_queue(TX)
+    drv.post_rx(16, kick=False)
+    out = frame(GUEST_MAC, PEER_MAC, f"first{i}")
+    drv.send(out, kick=False)
+    t0 = time.perf_counter()
+    rt = drv.driver_ok()
+    drv.notify(TX)
+    _, arrived = port.expect(out)
+    drv.wait_used(TX, 1)
+    drv.pop_used(TX)
+    return rt, arrived - t0
+
+
+def round_trip(drv: VirtioNetDriver, i: int) -> float:
+    """The DRIVER_OK round trip alone (no frame), seconds: works against a backend that
+    moves no packets."""
+    drv.reset()
+    drv.negotiate()
+    drv.setup_queue(RX)
+    drv.setup_queue(TX)
+    drv.post_rx(16, kick=False)
+    return drv.driver_ok()
+
+
 def floor_run(reps: int) -> int:
-    """DRIVER_OK round trips: null backend (C), shim, native, one after the other."""
+    """DRIVER_OK round trips, then migration downtimes, of the same idle device: null
+    backend (C), shim, native, one after the other (no frame moves: the null backend has
+    no datapath)."""
     from shim.session import OFFERED_PROTOCOL_FEATURES
 
     compiler = shutil.which("cc") or shutil.which("gcc")
@@ -200,59 +214,101 @@ def floor_run(reps: int) -> int:
         assert served is not None, f"shim-f serves {label!r}"
         offered = (versions.serve_features(served) | features.PROTOCOL_FEATURES
                    | features.LOG_ALL)
-        sock = rig.workdir / "null.sock"
-        null = subprocess.Popen(
-            [str(binary), str(sock), f"{offered:x}", f"{int(OFFERED_PROTOCOL_FEATURES):x}"],
-            stderr=subprocess.PIPE,
-        )
-        stack.callback(null.kill)
-        assert null.stderr is not None
-        null.stderr.readline()  # "listening on ..."
-        m = rig.machine("qemu-null", MachineConfig(backend=VhostUserBackend(str(sock)),
-                                                   device_properties=PROPS))
-        null_rt = round_trip_loop(m, reps)
-        m.stop()
-        m = rig.qemu("qemu-s", shim, legacy=False, properties=PROPS)
-        shim_rt = round_trip_loop(m, reps)
-        m.stop()
-        native = rig.machine(
-            "qemu-n", MachineConfig(backend=TapBackend("kvq0", vhost=True), device_properties=PROPS)
-        )
+        def null_backend(name: str) -> str:
+            sock = rig.workdir / f"{name}.sock"
+            proc = subprocess.Popen(
+                [str(binary), str(sock), f"{offered:x}", f"{int(OFFERED_PROTOCOL_FEATURES):x}"],
+                stderr=subprocess.PIPE,
+            )
+            stack.callback(proc.kill)
+            assert proc.stderr is not None
+            proc.stderr.readline()  # "listening on ...": it serves one frontend, then exits
+            return str(sock)
+
+        def null_qemu(name: str, incoming: str | None = None) -> Machine:
+            return rig.machine(name, MachineConfig(
+                backend=VhostUserBackend(null_backend(name)), device_properties=PROPS,
+                incoming=incoming))
+
+        machines = {
+            "null backend (C)": null_qemu("qemu-null"),
+            "shim": rig.qemu("qemu-s", shim, legacy=False, properties=PROPS),
+            "native": rig.machine("qemu-n", MachineConfig(
+                backend=TapBackend("kvq0", vhost=True), device_properties=PROPS)),
+        }
         netlink.set_up("kvq0")
-        native_rt = round_trip_loop(native, reps)
-        native.stop()
-    n = statistics.median(native_rt)
-    for name, values in (("null backend (C)", null_rt), ("shim", shim_rt), ("native", native_rt)):
+        drivers = {name: VirtioNetDriver.probe(m.qtest) for name, m in machines.items()}
+        rts = interleaved(
+            {name: functools.partial(round_trip, drv) for name, drv in drivers.items()},
+            reps, warm_up=True,
+        )
+        for m in machines.values():
+            m.stop()
+
+        rig.port("kvs1")
+        shim_b = start_shim(stack, rig, "shim-g", "kvs1", label, verbose=False)
+
+        def null_pair(i: int) -> tuple[Machine, Machine, str]:
+            uri = f"unix:{rig.workdir / f'mig-z{i}.sock'}"
+            return null_qemu(f"src-z{i}"), null_qemu(f"dst-z{i}", incoming=uri), uri
+
+        def shim_pair(i: int) -> tuple[Machine, Machine, str]:
+            uri = f"unix:{rig.workdir / f'mig-s{i}.sock'}"
+            src = rig.qemu(f"src-s{i}", shim, legacy=False, properties=PROPS)
+            dst = rig.qemu(f"dst-s{i}", shim_b, legacy=False, properties=PROPS, incoming=uri)
+            return src, dst, uri
+
+        def native_pair(i: int) -> tuple[Machine, Machine, str]:
+            uri = f"unix:{rig.workdir / f'mig-n{i}.sock'}"
+            src = rig.machine(f"src-n{i}", MachineConfig(
+                backend=TapBackend("kvq0", vhost=True), device_properties=PROPS))
+            dst = rig.machine(f"dst-n{i}", MachineConfig(
+                backend=TapBackend("kvq1", vhost=True), device_properties=PROPS, incoming=uri))
+            return src, dst, uri
+
+        migrations = interleaved(
+            {
+                name: functools.partial(migrate_once, pair, transmit=False)
+                for name, pair in (("null backend (C)", null_pair), ("shim", shim_pair),
+                                   ("native", native_pair))
+            },
+            reps, warm_up=False,
+        )
+        downs = {name: [down for _, down in runs] for name, runs in migrations.items()}
+    n = statistics.median(rts["native"])
+    for name, values in rts.items():
         print(f"floor: DRIVER_OK round trip ms {name:17s} {stats(values, 1e3)}  "
               f"/ native {statistics.median(values) / n:.2f}")
+    nd = statistics.median(downs["native"])
+    for name, ms in downs.items():
+        print(f"floor: migration downtime ms  {name:17s} {stats([float(x) for x in ms])}  "
+              f"median - native {statistics.median(ms) - nd:+.1f}")
     return 0
 
 
-def migration_loop(
-    make_pair: Callable[[int], tuple[Machine, Machine, str]], reps: int
-) -> tuple[list[int], list[int]]:
-    """(total ms, downtime ms) of ``reps`` migrations of a started, transmitting guest."""
-    totals, downs = [], []
-    for i in range(reps):
-        src, dst, uri = make_pair(i)
-        try:
-            drv = VirtioNetDriver.probe(src.qtest)
-            drv.start()
+def migrate_once(
+    make_pair: Callable[[int], tuple[Machine, Machine, str]], i: int, *, transmit: bool = True
+) -> tuple[int, int]:
+    """(total ms, downtime ms) of one migration of a started guest that has sent a frame
+    (``transmit``) or not, to a fresh destination QEMU."""
+    src, dst, uri = make_pair(i)
+    try:
+        drv = VirtioNetDriver.probe(src.qtest)
+        drv.start()
+        if transmit:
             drv.send(frame(GUEST_MAC, PEER_MAC, f"mig{i}"))
             drv.wait_used(TX, 1)
-            result = migrate(src, uri, destination=dst)
-            if result.status != "completed":
-                raise RuntimeError(
-                    f"migration {i} {result.status}: {result.error}\n{dst.stderr_text()}"
-                )
-            dst.wait_incoming(timeout=30)
-            assert result.total_ms is not None and result.downtime_ms is not None
-            totals.append(result.total_ms)
-            downs.append(result.downtime_ms)
-        finally:
-            dst.kill()
-            src.kill()
-    return totals, downs
+        result = migrate(src, uri, destination=dst)
+        if result.status != "completed":
+            raise RuntimeError(
+                f"migration {i} {result.status}: {result.error}\n{dst.stderr_text()}"
+            )
+        dst.wait_incoming(timeout=30)
+        assert result.total_ms is not None and result.downtime_ms is not None
+        return result.total_ms, result.downtime_ms
+    finally:
+        dst.kill()
+        src.kill()
 
 
 def trace_run(reps: int, verbose: bool) -> int:
@@ -339,22 +395,28 @@ def main() -> int:
     verbose = args.shim_verbose
     print(f"shims log at {'DEBUG (-v)' if verbose else 'INFO (the default)'}", flush=True)
     with scenario.fresh_netns(), Rig() as rig, contextlib.ExitStack() as stack:
-        # -- start: shim -----------------------------------------------------------------
+        # -- start: shim and native, repetitions interleaved --------------------------------
         port_s = rig.port("kvs0")
         shim_a = start_shim(stack, rig, "shim-a", "kvs0", None, verbose=verbose)
         print(f"shim serves {shim_a.served_version()}", flush=True)
-        m = rig.qemu("qemu-s", shim_a, legacy=False, properties=PROPS)
-        s_rt, s_tx = restart_loop(m, port_s, args.reps)
-        m.stop()
-        # -- start: native ---------------------------------------------------------------
-        native = rig.machine(
+        m_s = rig.qemu("qemu-s", shim_a, legacy=False, properties=PROPS)
+        m_n = rig.machine(
             "qemu-n", MachineConfig(backend=TapBackend("kvq0", vhost=True), device_properties=PROPS)
         )
         netlink.set_up("kvq0")
         port_n = TapPort("kvq0")
-        n_rt, n_tx = restart_loop(native, port_n, args.reps)
+        starts = interleaved(
+            {
+                "shim": functools.partial(restart, VirtioNetDriver.probe(m_s.qtest), port_s),
+                "native": functools.partial(restart, VirtioNetDriver.probe(m_n.qtest), port_n),
+            },
+            args.reps, warm_up=True,
+        )
         port_n.close()
-        native.stop()
+        m_s.stop()
+        m_n.stop()
+        s_rt, s_tx = ([run[k] for run in starts["shim"]] for k in (0, 1))
+        n_rt, n_tx = ([run[k] for run in starts["native"]] for k in (0, 1))
 
         # -- migration: shim -------------------------------------------------------------
         rig.port("kvs1")
@@ -381,8 +443,13 @@ def main() -> int:
             )
             return src, dst, uri
 
-        s_total, s_down = migration_loop(shim_pair, args.reps)
-        n_total, n_down = migration_loop(native_pair, args.reps)
+        migrations = interleaved(
+            {"shim": functools.partial(migrate_once, shim_pair),
+             "native": functools.partial(migrate_once, native_pair)},
+            args.reps, warm_up=False,
+        )
+        s_total, s_down = ([run[k] for run in migrations["shim"]] for k in (0, 1))
+        n_total, n_down = ([run[k] for run in migrations["native"]] for k in (0, 1))
 
     print(f"DRIVER_OK round trip ms    shim   {stats(s_rt, 1e3)}")
     print(f"DRIVER_OK round trip ms    native {stats(n_rt, 1e3)}")

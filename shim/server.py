@@ -462,7 +462,7 @@ def _send(sock: socket.socket, data: bytes) -> None:
         if left <= 0 or not poller.poll(left * 1000):
             raise TimeoutError(
                 errno.ETIMEDOUT,
-                f"the frontend has not read its replies for {SEND_TIMEOUT:.0f} s",
+                f"the frontend has not read its replies for {SEND_TIMEOUT:g} s",
             )
         try:
             view = view[sock.send(view):]
