@@ -59,7 +59,7 @@ class MemoryRegion:
         return self.guest_phys_addr <= gpa and gpa + length <= self.gpa_end
 
 
-def _address_of(mm: mmap.mmap) -> int:
+def address_of(mm: mmap.mmap) -> int:
     """The address of a mapping in this process, without keeping a buffer export alive."""
     ptr = abi.ffi.from_buffer(mm)
     try:
@@ -122,7 +122,7 @@ class GuestMemory:
                 os.ftruncate(fd, size)
                 mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
                 maps.append(mm)
-                out.append(MemoryRegion(gpa, size, _address_of(mm), fd, 0))
+                out.append(MemoryRegion(gpa, size, address_of(mm), fd, 0))
         except BaseException:
             for mm in maps:
                 mm.close()
@@ -299,7 +299,7 @@ class MappedTable:
             ) from exc
         finally:
             _close_quietly(r.fd)
-        return _Mapped(r, mm, _address_of(mm) + r.mmap_offset)
+        return _Mapped(r, mm, address_of(mm) + r.mmap_offset)
 
     def add(self, region: FrontendRegion) -> MemoryRegion:
         """Map one more region (vhost-user ADD_MEM_REG); takes ownership of its fd."""

@@ -60,7 +60,7 @@ from kvhost import abi, features
 from kvhost import netns as kvnetns
 from kvhost.errors import KernelError, KvhostError, RemoteProtocolError, UsageError
 from kvhost.ioctl import read_max_mem_regions
-from kvhost.memory import FrontendRegion, MappedTable
+from kvhost.memory import FrontendRegion, MappedTable, address_of
 from kvhost.tap import Tap, vnet_hdr_len
 from kvhost.vhost import VhostNet
 from kvhost.vhost_user.protocol import MEMORY_BASELINE_NREGIONS, close_fds
@@ -578,7 +578,7 @@ class KernelBackend:
                 raise RemoteProtocolError(f"SET_LOG_BASE: cannot map the log: {err}") from err
         finally:
             os.close(fd)
-        addr = _address_of(mm) + mmap_offset
+        addr = address_of(mm) + mmap_offset
         try:
             for dev in self._devs():
                 dev.set_log_base(addr)
@@ -837,11 +837,3 @@ def _teardown(
             finally:
                 if log_map is not None:
                     log_map.close()
-
-
-def _address_of(mm: mmap.mmap) -> int:
-    ptr = abi.ffi.from_buffer(mm)
-    try:
-        return int(abi.ffi.cast("uintptr_t", ptr))
-    finally:
-        abi.ffi.release(ptr)
