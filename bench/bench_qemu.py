@@ -60,7 +60,7 @@ from kvhost.qemu.machine import (  # noqa: E402
     VhostUserBackend,
     migrate,
 )
-from kvhost.qemu.virtio_pci import RX, TX, VirtioNetDriver  # noqa: E402
+from kvhost.qemu.virtio_pci import TX, VirtioNetDriver  # noqa: E402
 from kvhost.scenario import GUEST_MAC, PEER_MAC, Rig, ShimProcess, TapPort, frame  # noqa: E402
 
 PROPS = {"mac": GUEST_MAC.hex(":")}
@@ -95,8 +95,6 @@ def traced_shim_main(argv: list[str]) -> int:
 
     # Cheap stamps only (monotonic_ns is a vDSO call): (woken, received, handled, sent, bytes)
     records: list[tuple[int, int, int, int, bytes, bool]] = []
-    if os.environ.get("KVHOST_BENCH_PIN"):
-        os.sched_setaffinity(0, {1})
     def readable(self: server.ShimServer, conn: Any) -> None:
         # server.ShimServer._readable's happy path, stamped
         t0 = time.monotonic_ns()
@@ -166,11 +164,7 @@ def interleaved(runs: dict[str, Callable[[int], T]], reps: int, *, warm_up: bool
 def restart(drv: VirtioNetDriver, port: TapPort, i: int) -> tuple[float, float]:
     """(DRIVER_OK round trip, DRIVER_OK -> first TX frame on the tap), seconds: the driver
     resets the device and starts it again with a frame already in the TX ring."""
-    drv.reset()
-    drv.negotiate()
-    drv.setup_queue(RX)
-    drv.setup_queue(TX)
-    drv.post_rx(16, kick=False)
+    drv.prepare()
     out = frame(GUEST_MAC, PEER_MAC, f"first{i}")
     drv.send(out, kick=False)
     t0 = time.perf_counter()
@@ -185,11 +179,7 @@ def restart(drv: VirtioNetDriver, port: TapPort, i: int) -> tuple[float, float]:
 def round_trip(drv: VirtioNetDriver, i: int) -> float:
     """The DRIVER_OK round trip alone (no frame), seconds: works against a backend that
     moves no packets."""
-    drv.reset()
-    drv.negotiate()
-    drv.setup_queue(RX)
-    drv.setup_queue(TX)
-    drv.post_rx(16, kick=False)
+    drv.prepare()
     return drv.driver_ok()
 
 
@@ -252,25 +242,12 @@ def floor_run(reps: int) -> int:
             uri = f"unix:{rig.workdir / f'mig-z{i}.sock'}"
             return null_qemu(f"src-z{i}"), null_qemu(f"dst-z{i}", incoming=uri), uri
 
-        def shim_pair(i: int) -> tuple[Machine, Machine, str]:
-            uri = f"unix:{rig.workdir / f'mig-s{i}.sock'}"
-            src = rig.qemu(f"src-s{i}", shim, legacy=False, properties=PROPS)
-            dst = rig.qemu(f"dst-s{i}", shim_b, legacy=False, properties=PROPS, incoming=uri)
-            return src, dst, uri
-
-        def native_pair(i: int) -> tuple[Machine, Machine, str]:
-            uri = f"unix:{rig.workdir / f'mig-n{i}.sock'}"
-            src = rig.machine(f"src-n{i}", MachineConfig(
-                backend=TapBackend("kvq0", vhost=True), device_properties=PROPS))
-            dst = rig.machine(f"dst-n{i}", MachineConfig(
-                backend=TapBackend("kvq1", vhost=True), device_properties=PROPS, incoming=uri))
-            return src, dst, uri
-
         migrations = interleaved(
             {
                 name: functools.partial(migrate_once, pair, transmit=False)
-                for name, pair in (("null backend (C)", null_pair), ("shim", shim_pair),
-                                   ("native", native_pair))
+                for name, pair in (("null backend (C)", null_pair),
+                                   ("shim", shim_pairs(rig, shim, shim_b)),
+                                   ("native", native_pairs(rig)))
             },
             reps, warm_up=False,
         )
@@ -286,9 +263,40 @@ def floor_run(reps: int) -> int:
     return 0
 
 
-def migrate_once(
-    make_pair: Callable[[int], tuple[Machine, Machine, str]], i: int, *, transmit: bool = True
-) -> tuple[int, int]:
+Pair = Callable[[int], tuple[Machine, Machine, str]]
+
+
+def shim_pairs(rig: Rig, src: ShimProcess, dst: ShimProcess) -> Pair:
+    """Migration pair i: a QEMU on ``src``'s socket, an incoming one on ``dst``'s, the URI."""
+
+    def pair(i: int) -> tuple[Machine, Machine, str]:
+        uri = f"unix:{rig.workdir / f'mig-s{i}.sock'}"
+        return (
+            rig.qemu(f"src-s{i}", src, legacy=False, properties=PROPS),
+            rig.qemu(f"dst-s{i}", dst, legacy=False, properties=PROPS, incoming=uri),
+            uri,
+        )
+
+    return pair
+
+
+def native_pairs(rig: Rig) -> Pair:
+    """Migration pair i with QEMU's own vhost-net: taps kvq0 (source) and kvq1."""
+
+    def pair(i: int) -> tuple[Machine, Machine, str]:
+        uri = f"unix:{rig.workdir / f'mig-n{i}.sock'}"
+        return (
+            rig.machine(f"src-n{i}", MachineConfig(
+                backend=TapBackend("kvq0", vhost=True), device_properties=PROPS)),
+            rig.machine(f"dst-n{i}", MachineConfig(
+                backend=TapBackend("kvq1", vhost=True), device_properties=PROPS, incoming=uri)),
+            uri,
+        )
+
+    return pair
+
+
+def migrate_once(make_pair: Pair, i: int, *, transmit: bool = True) -> tuple[int, int]:
     """(total ms, downtime ms) of one migration of a started guest that has sent a frame
     (``transmit``) or not, to a fresh destination QEMU."""
     src, dst, uri = make_pair(i)
@@ -317,17 +325,11 @@ def trace_run(reps: int, verbose: bool) -> int:
         trace = rig.workdir / "shim.trace"
         port = rig.port("kvs0")
         shim = start_shim(stack, rig, "shim-t", "kvs0", None, verbose=verbose, trace=trace)
-        if os.environ.get("KVHOST_BENCH_PIN"):
-            os.sched_setaffinity(0, {0})
         m = rig.qemu("qemu-t", shim, legacy=False, properties=PROPS)
         drv = VirtioNetDriver.probe(m.qtest)
         windows = []
         for i in range(reps):
-            drv.reset()
-            drv.negotiate()
-            drv.setup_queue(RX)
-            drv.setup_queue(TX)
-            drv.post_rx(16, kick=False)
+            drv.prepare()
             out = frame(GUEST_MAC, PEER_MAC, f"trace{i}")
             drv.send(out, kick=False)
             t0 = time.monotonic_ns()
@@ -423,29 +425,9 @@ def main() -> int:
         shim_b = start_shim(stack, rig, "shim-b", "kvs1", shim_a.served_version(),
                             verbose=verbose)
 
-        def shim_pair(i: int) -> tuple[Machine, Machine, str]:
-            uri = f"unix:{rig.workdir / f'mig-s{i}.sock'}"
-            src = rig.qemu(f"src-s{i}", shim_a, legacy=False, properties=PROPS)
-            dst = rig.qemu(f"dst-s{i}", shim_b, legacy=False, properties=PROPS, incoming=uri)
-            return src, dst, uri
-
-        def native_pair(i: int) -> tuple[Machine, Machine, str]:
-            uri = f"unix:{rig.workdir / f'mig-n{i}.sock'}"
-            src = rig.machine(
-                f"src-n{i}",
-                MachineConfig(backend=TapBackend("kvq0", vhost=True), device_properties=PROPS),
-            )
-            dst = rig.machine(
-                f"dst-n{i}",
-                MachineConfig(
-                    backend=TapBackend("kvq1", vhost=True), device_properties=PROPS, incoming=uri
-                ),
-            )
-            return src, dst, uri
-
         migrations = interleaved(
-            {"shim": functools.partial(migrate_once, shim_pair),
-             "native": functools.partial(migrate_once, native_pair)},
+            {"shim": functools.partial(migrate_once, shim_pairs(rig, shim_a, shim_b)),
+             "native": functools.partial(migrate_once, native_pairs(rig))},
             args.reps, warm_up=False,
         )
         s_total, s_down = ([run[k] for run in migrations["shim"]] for k in (0, 1))

@@ -122,11 +122,7 @@ def test_native_traffic_both_directions(started: tuple[Machine, TapPort]) -> Non
     drv = VirtioNetDriver.probe(machine.qtest)
     round_trips, first_tx = [], []
     for round_ in range(5):  # reset + restart each time: vhost stops and starts again
-        drv.reset()
-        drv.negotiate()
-        drv.setup_queue(RX)
-        drv.setup_queue(TX)
-        drv.post_rx(16, kick=False)
+        drv.prepare()
         out = _frame(GUEST_MAC, PEER_MAC, f"tx{round_}")
         drv.send(out, kick=False)  # in the ring before DRIVER_OK; kicked right after it
         t0 = time.perf_counter()

@@ -369,15 +369,20 @@ class VirtioNetDriver:
                             "to start (see QEMU's stderr)")
         return elapsed
 
-    def start(self, wanted: int | None = None, queue_size: int | None = None,
-              rx_buffers: int = 16) -> float:
-        """reset, negotiate, RX+TX queues, ``rx_buffers`` RX buffers posted, DRIVER_OK;
-        returns the DRIVER_OK round trip."""
+    def prepare(self, wanted: int | None = None, queue_size: int | None = None,
+                rx_buffers: int = 16) -> None:
+        """Everything :meth:`start` does before DRIVER_OK: reset, negotiate, RX+TX queues,
+        ``rx_buffers`` RX buffers posted (not kicked: the device is not live yet)."""
         self.reset()
         self.negotiate(wanted)
         self.setup_queue(RX, queue_size)
         self.setup_queue(TX, queue_size)
-        self.post_rx(rx_buffers)
+        self.post_rx(rx_buffers, kick=False)
+
+    def start(self, wanted: int | None = None, queue_size: int | None = None,
+              rx_buffers: int = 16) -> float:
+        """:meth:`prepare`, then DRIVER_OK; returns the DRIVER_OK round trip."""
+        self.prepare(wanted, queue_size, rx_buffers)
         return self.driver_ok()
 
     def _queue(self, index: int) -> QueueState:
