@@ -365,6 +365,17 @@ SIOCBRADDIF = _s("SIOCBRADDIF", 0x89A2)
 #: enum net_device_flags in linux/if.h
 IFF_UP = 0x1
 
+# --- rtnetlink, just enough to read a tap's owner and group (kvhost.tap) -------------------
+# linux/netlink.h, linux/rtnetlink.h; the IFLA_* are enum members of linux/if_link.h
+NLMSG_ERROR = 2
+NLM_F_REQUEST = 1
+RTM_NEWLINK = 16
+RTM_GETLINK = 18
+IFLA_LINKINFO = 18
+IFLA_INFO_DATA = 2
+IFLA_TUN_OWNER = 1
+IFLA_TUN_GROUP = 2
+
 IFNAMSIZ = 16
 IFF_TUN = 0x0001
 IFF_TAP = 0x0002

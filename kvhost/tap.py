@@ -293,15 +293,9 @@ def _link_index(name: str, netns: str | None) -> int:
 _NLMSGHDR = struct.Struct("=IHHII")  # len, type, flags, seq, pid
 _IFINFOMSG = struct.Struct("=BxHiII")  # family, type, index, flags, change
 _NLATTR = struct.Struct("=HH")  # len, type
-_NLMSG_ERROR = 2
-_RTM_NEWLINK = 16
-_RTM_GETLINK = 18
-_NLM_F_REQUEST = 1
-_NLA_TYPE_MASK = 0x3FFF  # without NLA_F_NESTED / NLA_F_NET_BYTEORDER
-_IFLA_LINKINFO = 18
-_IFLA_INFO_DATA = 2
-_IFLA_TUN_OWNER = 1
-_IFLA_TUN_GROUP = 2
+#: an attribute's type without the NLA_F_NESTED / NLA_F_NET_BYTEORDER flag bits (the
+#: kernel's NLA_TYPE_MASK, as a u16)
+_NLA_TYPE_MASK = 0x3FFF
 
 
 def _attrs(data: bytes) -> dict[int, bytes]:
@@ -322,17 +316,19 @@ def _owner_and_group(name: str, netns: str | None) -> tuple[int | None, int | No
         sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, 0)
     with sock:
         body = _IFINFOMSG.pack(socket.AF_UNSPEC, 0, index, 0, 0)
-        sock.send(_NLMSGHDR.pack(_NLMSGHDR.size + len(body), _RTM_GETLINK, _NLM_F_REQUEST, 1, 0)
-                  + body)
+        head = _NLMSGHDR.pack(
+            _NLMSGHDR.size + len(body), abi.RTM_GETLINK, abi.NLM_F_REQUEST, 1, 0
+        )
+        sock.send(head + body)
         reply = sock.recv(65536)
     length, kind, _, _, _ = _NLMSGHDR.unpack_from(reply)
-    if kind == _NLMSG_ERROR:
+    if kind == abi.NLMSG_ERROR:
         err = -struct.unpack_from("=i", reply, _NLMSGHDR.size)[0]
         raise KernelError("RTM_GETLINK", f"tap {name}", err, "reading the tap's owner failed")
-    if kind != _RTM_NEWLINK:
+    if kind != abi.RTM_NEWLINK:
         raise KernelError("RTM_GETLINK", f"tap {name}", errno.EPROTO, f"reply type {kind}")
     attrs = _attrs(reply[_NLMSGHDR.size + _IFINFOMSG.size : length])
-    data = _attrs(attrs.get(_IFLA_LINKINFO, b"")).get(_IFLA_INFO_DATA)
+    data = _attrs(attrs.get(abi.IFLA_LINKINFO, b"")).get(abi.IFLA_INFO_DATA)
     if data is None:  # before Linux 4.15 tun reports nothing; sysfs does, for its namespace
         if netns is not None:
             raise UsageError(
@@ -343,7 +339,7 @@ def _owner_and_group(name: str, netns: str | None) -> tuple[int | None, int | No
         ids = [int(Path(f"/sys/class/net/{name}/{f}").read_text()) for f in ("owner", "group")]
         return (ids[0] if ids[0] >= 0 else None), (ids[1] if ids[1] >= 0 else None)
     tun = _attrs(data)
-    owner, group = tun.get(_IFLA_TUN_OWNER), tun.get(_IFLA_TUN_GROUP)
+    owner, group = tun.get(abi.IFLA_TUN_OWNER), tun.get(abi.IFLA_TUN_GROUP)
     return (
         None if owner is None else int(_UINT.unpack(owner[:4])[0]),
         None if group is None else int(_UINT.unpack(group[:4])[0]),

@@ -27,6 +27,9 @@ HEADERS = (
     "linux/virtio_net.h",
     "linux/virtio_config.h",
     "linux/virtio_ring.h",
+    "linux/netlink.h",
+    "linux/rtnetlink.h",
+    "linux/if_link.h",
 )
 REFERENCE = Path(__file__).resolve().parents[2] / "shared/reference/kernel-vhost-uapi.md"
 
@@ -37,7 +40,10 @@ _CONST_PREFIXES = ("IFF_", "TUN_F_", "VHOST_F_", "VHOST_NET_F_", "VHOST_VRING_F_
                    "VHOST_BACKEND_F_", "VHOST_PAGE_SIZE", "VHOST_FILE_UNBIND",
                    "VHOST_FORK_OWNER_", "VRING_DESC_F_", "VRING_USED_F_", "VRING_AVAIL_F_",
                    "VIRTIO_NET_HDR_F_NEEDS_CSUM", "VIRTIO_NET_HDR_GSO_NONE", "IFNAMSIZ",
-                   "VHOST_VIRTIO")
+                   "VHOST_VIRTIO", "NLMSG_ERROR", "NLM_F_REQUEST", "RTM_NEWLINK",
+                   "RTM_GETLINK", "IFLA_")
+#: constants the headers define as enum members, not macros: printed without #ifdef
+_ENUM_PREFIXES = ("IFLA_",)
 
 
 def _constants() -> dict[str, int]:
@@ -67,7 +73,11 @@ def _c_program() -> str:
         lines.append(f"#ifdef {req.name}\n printf(\"ioctl {req.name} %lu\\n\", "
                      f"(unsigned long){req.name});\n#endif")
     for name in list(_constants()) + list(_feature_macros()):
-        lines.append(f"#ifdef {name}\n printf(\"const {name} %ld\\n\", (long)({name}));\n#endif")
+        show = f' printf("const {name} %ld\\n", (long)({name}));'
+        if name.startswith(_ENUM_PREFIXES):
+            lines.append(show)
+        else:
+            lines.append(f"#ifdef {name}\n{show}\n#endif")
     for struct, fields in abi.STRUCT_FIELDS.items():
         guard = "VHOST_GET_FEATURES_ARRAY" if struct == "vhost_features_array" else None
         if guard:
