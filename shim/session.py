@@ -315,10 +315,7 @@ class Session:
             self._fail(f"malformed message: {err}")
             return []
         if len(messages) == 1:
-            msg = messages[0]
-            if not msg.fds:  # handle(), minus the fd bookkeeping a message without fds needs
-                return self._dispatch(msg, _NO_FDS)
-            return self.handle(msg)
+            return self.handle(messages[0])
         out: list[bytes] = []
         for i, msg in enumerate(messages):
             if self.state is _FAILED or self.state is _CLOSED:

@@ -810,7 +810,6 @@ _REPLY_FLAGS = int(HeaderFlag.VERSION | HeaderFlag.REPLY)
 _NEED_REPLY_BIT = int(HeaderFlag.NEED_REPLY)
 _REPLY_BIT = int(HeaderFlag.REPLY)
 _SET_LOG_BASE = int(Request.SET_LOG_BASE)
-_SET_MEM_TABLE = int(Request.SET_MEM_TABLE)
 _INHERENT_IDS: dict[int, _Layout] = {int(r): layout for r, layout in INHERENT_REPLIES.items()}
 
 
@@ -822,11 +821,13 @@ _FAST_REQUESTS: dict[int, tuple[Request, dict[int, tuple[Callable[..., Payload],
     for r, layout in REQUEST_LAYOUTS.items()
     if layout._plain and layout.fds is not None and not layout.close_fds
 }
-_VRING_FILE_IDS = frozenset(
-    int(r) for r, layout in REQUEST_LAYOUTS.items() if VringFile in layout.types
-)
-_VRING_FILE_RESERVED = ~(VringFile.INDEX_MASK | VringFile.NOFD_MASK) & 0xFFFF_FFFF_FFFF_FFFF
-_U64 = struct.Struct("=Q")
+#: request id -> (request, payload type) for the one-type layouts whose payload says how
+#: many fds come with it (memory tables, vring files)
+_PAYLOAD_COUNTS_FDS: dict[int, tuple[Request, _PayloadType]] = {
+    int(r): (r, layout.types[0])
+    for r, layout in REQUEST_LAYOUTS.items()
+    if layout.fds is None and len(layout.types) == 1
+}
 
 
 def request_layout(request: int) -> _Layout:
@@ -1133,7 +1134,8 @@ class BackendCodec(_Decoder):
         """``data`` (exactly one message, header included) decoded when it is a well-formed
         request of the kinds QEMU sends at every ring start and stop -- one struct, a vring
         file, a memory table -- with the right fd count; else None, and the general path
-        decides (it also words every error). Takes no fds: the Message holds them."""
+        decides (it also words every error). The payload types do their own checks.
+        Takes no fds: the Message holds them."""
         if flags not in self._GOOD_FLAGS:
             return None
         fast = _FAST_REQUESTS.get(request)
@@ -1146,24 +1148,17 @@ class BackendCodec(_Decoder):
             return Message(
                 req, _FLAGS_BY_VALUE[flags], make(*st.unpack_from(data, HEADER_SIZE)), tuple(fds)
             )
-        if request in _VRING_FILE_IDS:
-            if size != VringFile.SIZE:
-                return None
-            (value,) = _U64.unpack_from(data, HEADER_SIZE)
-            no_fd = bool(value & VringFile.NOFD_MASK)
-            if value & _VRING_FILE_RESERVED or len(fds) != (not no_fd):
-                return None
-            payload: Payload = VringFile(value & VringFile.INDEX_MASK, no_fd)
-        elif request == _SET_MEM_TABLE:
-            try:
-                payload = MemTable.unpack(data[HEADER_SIZE:])
-            except RemoteProtocolError:
-                return None
-            if len(fds) != payload.fd_count:
-                return None
-        else:
+        counted = _PAYLOAD_COUNTS_FDS.get(request)
+        if counted is None:
             return None
-        return Message(_REQUEST_BY_ID[request], _FLAGS_BY_VALUE[flags], payload, tuple(fds))
+        req, kind = counted
+        try:
+            payload = kind.unpack(data[HEADER_SIZE:])
+        except RemoteProtocolError:
+            return None
+        if len(fds) != _payload_fds(payload):
+            return None
+        return Message(req, _FLAGS_BY_VALUE[flags], payload, tuple(fds))
 
     def _check_header(self, request: int, flags: int, size: int) -> None:
         if flags not in self._GOOD_FLAGS:
