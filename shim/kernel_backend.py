@@ -263,6 +263,11 @@ def _give(tap: Tap, uid: int, gid: int) -> _Ownership:
     owner, group = tap.owner_and_group()
     if (owner == uid and group in (None, gid)) or (owner is None and group == gid):
         return _Ownership(None, None)
+    if owner is None and group is not None:
+        # only a group is set: handing the group over is enough under both rules, and it
+        # can be put back exactly (an owner, once set, cannot be cleared)
+        tap.set_group(gid)
+        return _Ownership(None, group)
     tap.set_owner(uid)
     restore = _Ownership(0 if owner is None else owner, None, had_owner=owner is not None)
     if group is not None and group != gid:
@@ -532,13 +537,11 @@ class KernelBackend:
         The same regions of the same files as the current table (QEMU resends its table at
         every DRIVER_OK) change nothing: their fds are closed and the mapping kept.
         """
-        key, stats = _table_key(regions)
+        key = _table_key(regions)
         if key is not None and key == self._table_key and self.table is not None:
             close_fds(r.fd for r in regions)
             return
-        new = MappedTable(
-            regions, max_regions=self._max_regions, error=RemoteProtocolError, stats=stats
-        )
+        new = MappedTable(regions, max_regions=self._max_regions, error=RemoteProtocolError)
         try:
             if self._log is not None:
                 self._check_log_covers(new, self._log_size)
@@ -793,26 +796,21 @@ def _tap_settings(virtio_features: int) -> tuple[int, int]:
     return features.tun_flags_for(virtio_features), vnet_hdr_len(virtio_features)
 
 
-def _table_key(
-    regions: Sequence[FrontendRegion],
-) -> tuple[tuple[tuple[int, ...], ...] | None, list[os.stat_result] | None]:
+def _table_key(regions: Sequence[FrontendRegion]) -> tuple[tuple[int, ...], ...] | None:
     """What identifies a table's contents: each region's values and its file (device and
     inode; the shim's mapping keeps that file alive, so the pair cannot be reused while
-    the table exists); and each fd's fstat, which mapping needs too. (None, None) when an
-    fd cannot be inspected (the mapping then reports it)."""
+    the table exists). None when an fd cannot be inspected (the mapping then reports it)."""
     key = []
-    stats = []
     for r in regions:
         try:
             st = os.fstat(r.fd)
         except OSError:
-            return None, None
-        stats.append(st)
+            return None
         key.append(
             (r.guest_phys_addr, r.memory_size, r.userspace_addr, r.mmap_offset, st.st_dev,
              st.st_ino)
         )
-    return tuple(key), stats
+    return tuple(key)
 
 
 def _teardown(

@@ -138,6 +138,8 @@ def test_a_failed_release_is_logged_not_raised(
         ([], (NOBODY, None), (0, None)),
         # someone else's: owner and group back as they were
         (["user", "1234", "group", "4321"], (NOBODY, NOBODY), (1234, 4321)),
+        # another group's and no owner: only the group changes, and comes back exactly
+        (["group", "4321"], (None, NOBODY), (None, 4321)),
         # already the shim user's, by owner or by group: left alone
         (["user", str(NOBODY)], (NOBODY, None), (NOBODY, None)),
         (["group", str(NOBODY)], (None, NOBODY), (None, NOBODY)),
@@ -176,6 +178,8 @@ def test_an_operators_tap_gets_its_owner_back_and_stays(
     if during == before:
         assert released["message"] == "tap kvop0 left as it was"
         return
-    assert released["message"].startswith("tap kvop0 released: owner uid ")
+    assert released["message"].startswith("tap kvop0 released: ")
+    assert ("owner uid " in released["message"]) == (during[0] != before[0])
+    assert ("group gid " in released["message"]) == (during[1] != before[1])
     refused = attach_as_shim_user(ns, "kvop0")
     assert "TUNSETIFF" in refused["error"] and errno.errorcode[errno.EPERM] in refused["error"]
