@@ -227,7 +227,6 @@ class MappedTable:
         *,
         max_regions: int = DEFAULT_MAX_REGIONS,
         error: type[Exception] = ValueError,
-        stats: Sequence[os.stat_result] | None = None,
     ) -> None:
         self._error = error
         self._max = max_regions
@@ -238,15 +237,13 @@ class MappedTable:
             for r in regions:
                 _close_quietly(r.fd)
             raise
-        # ``stats``: the caller's fstat of each region's fd, when it already has them
-        known: Sequence[os.stat_result | None] = stats or [None] * len(regions)
-        pending = list(zip(regions, known, strict=True))
+        pending = list(regions)
         try:
             while pending:
                 # popped first: _map owns (and closes) the fd from here on
-                self._mapped.append(self._map(*pending.pop(0)))
+                self._mapped.append(self._map(pending.pop(0)))
         except BaseException:
-            for r, _ in pending:
+            for r in pending:
                 _close_quietly(r.fd)
             self.close()
             raise
@@ -278,12 +275,11 @@ class MappedTable:
             err,
         )
 
-    def _map(self, r: FrontendRegion, st: os.stat_result | None = None) -> _Mapped:
+    def _map(self, r: FrontendRegion) -> _Mapped:
         # Map from file offset 0 so an mmap_offset that is not page aligned still works.
         length = r.mmap_offset + r.memory_size
         try:
-            if st is None:
-                st = os.fstat(r.fd)
+            st = os.fstat(r.fd)
             # Touching a page past the end of a file raises SIGBUS and kills the process:
             # refuse a region its file cannot back.
             if stat.S_ISREG(st.st_mode) and st.st_size < length:

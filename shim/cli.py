@@ -31,6 +31,7 @@ from kvhost import probe, versions
 from kvhost.errors import KvhostError, UsageError, VersionError
 from kvhost.tap import TUN_PATH, Tap
 from shim import eventlog, privileges
+from shim.closer import CLOSER
 from shim.eventlog import event
 from shim.kernel_backend import KernelBackend, PreparedTap, TapSpec
 from shim.privileges import VHOST_NET_PATH, AllowList, Identity
@@ -202,9 +203,10 @@ def build_server(args: argparse.Namespace) -> Program:
 
     def config(open_tap: Callable[[], Tap]) -> ShimConfig:
         def make_backend(name: str) -> Backend:
-            return KernelBackend(open_tap, args.queues, name=name)
+            # the closer the server waits for at exit (ShimConfig.closer's default)
+            return KernelBackend(open_tap, args.queues, name=name, closer=CLOSER)
 
-        return ShimConfig(version, make_backend, supported, pinned, allow)
+        return ShimConfig(version, make_backend, supported, pinned, allow, closer=CLOSER)
 
     return set_up(args, config, who, socket_gid)
 

@@ -413,15 +413,13 @@ class Session:
     # -- helpers ---------------------------------------------------------------------
 
     def _vring(self, index: int, msg: p.Message) -> Vring:
-        if 0 <= index < self._ring_limit:
-            return self.vrings[index]
         limit = self._ring_limit
-        if not 0 <= index < limit:
-            raise RemoteProtocolError(
-                f"{msg.name} for vring {index}: this backend serves vrings 0-{limit - 1} "
-                f"({self.queue_pairs} queue pair(s))"
-            )
-        return self.vrings[index]
+        if 0 <= index < limit:
+            return self.vrings[index]
+        raise RemoteProtocolError(
+            f"{msg.name} for vring {index}: this backend serves vrings 0-{limit - 1} "
+            f"({self.queue_pairs} queue pair(s))"
+        )
 
     def _sync(self, ring: Vring) -> None:
         """Attach or detach the ring's tap queue to match its state."""

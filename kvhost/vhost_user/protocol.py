@@ -1117,17 +1117,6 @@ class BackendCodec(_Decoder):
         {VHOST_USER_VERSION, VHOST_USER_VERSION | _NEED_REPLY_BIT}
     )
 
-    def receive(self, data: bytes, fds: Sequence[int] = ()) -> list[Message]:
-        # The hottest path, ahead of reassembly: nothing buffered and the chunk is exactly
-        # one message that _fast decodes.
-        if not self._buf and self._failed is None and len(data) >= HEADER_SIZE:
-            request, flags, size = HEADER.unpack_from(data)
-            if HEADER_SIZE + size == len(data):
-                msg = self._fast(request, flags, size, data, fds)
-                if msg is not None:
-                    return [msg]
-        return super().receive(data, fds)
-
     def _fast(
         self, request: int, flags: int, size: int, data: bytes, fds: Sequence[int]
     ) -> Message | None:
