@@ -4,8 +4,9 @@
 
 One ``kvhost-shim`` process (no ``--tap``: it creates a tap per connection) in a fresh
 network namespace. N of kvhost's Python frontends: threads of a few forked worker processes
-(64 each: a frontend holds 7 fds, and the frontend's ``select`` cannot wait on an fd above
-1023), all released together by a barrier. Each connects (a blocking connect, as QEMU's),
+(64 each; written when the frontend still used ``select``, which cannot wait on an fd above
+1023 -- it polls now, so one process could hold them all, as tests/test_kernel_load.py does
+for 64), all released together by a barrier. Each connects (a blocking connect, as QEMU's),
 does QEMU's handshake (SET_OWNER: the shim opens a kernel vhost-net device and creates a
 tap) and starts one queue pair; then each passes ``--frames`` frames out through its own
 device and tap and as many in, checked byte for byte (:func:`kvhost.scenario.load_traffic`).

@@ -52,7 +52,8 @@ from typing import Any, TypeVar
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from kvhost import features, netlink, scenario, versions  # noqa: E402
+from kvhost import features, netlink, netns, versions  # noqa: E402
+from kvhost.netns import TapPort  # noqa: E402
 from kvhost.qemu.machine import (  # noqa: E402
     Machine,
     MachineConfig,
@@ -61,7 +62,7 @@ from kvhost.qemu.machine import (  # noqa: E402
     migrate,
 )
 from kvhost.qemu.virtio_pci import TX, VirtioNetDriver  # noqa: E402
-from kvhost.scenario import GUEST_MAC, PEER_MAC, Rig, ShimProcess, TapPort, frame  # noqa: E402
+from kvhost.scenario import GUEST_MAC, PEER_MAC, Rig, ShimProcess, frame  # noqa: E402
 
 PROPS = {"mac": GUEST_MAC.hex(":")}
 TRACE_ENV = "KVHOST_BENCH_TRACE"
@@ -193,7 +194,7 @@ def floor_run(reps: int) -> int:
     if compiler is None:
         print("--floor needs a C compiler (cc or gcc) to build bench/null_backend.c")
         return 2
-    with scenario.fresh_netns(), Rig() as rig, contextlib.ExitStack() as stack:
+    with netns.fresh("kvbench"), Rig() as rig, contextlib.ExitStack() as stack:
         binary = rig.workdir / "null_backend"
         subprocess.run([compiler, "-O2", "-o", str(binary), str(REPO / "bench/null_backend.c")],
                        check=True)
@@ -321,7 +322,7 @@ def migrate_once(make_pair: Pair, i: int, *, transmit: bool = True) -> tuple[int
 
 def trace_run(reps: int, verbose: bool) -> int:
     """Time the shim's part of the DRIVER_OK round trip message by message (see --trace)."""
-    with scenario.fresh_netns(), Rig() as rig, contextlib.ExitStack() as stack:
+    with netns.fresh("kvbench"), Rig() as rig, contextlib.ExitStack() as stack:
         trace = rig.workdir / "shim.trace"
         port = rig.port("kvs0")
         shim = start_shim(stack, rig, "shim-t", "kvs0", None, verbose=verbose, trace=trace)
@@ -396,7 +397,7 @@ def main() -> int:
     ok = True
     verbose = args.shim_verbose
     print(f"shims log at {'DEBUG (-v)' if verbose else 'INFO (the default)'}", flush=True)
-    with scenario.fresh_netns(), Rig() as rig, contextlib.ExitStack() as stack:
+    with netns.fresh("kvbench"), Rig() as rig, contextlib.ExitStack() as stack:
         # -- start: shim and native, repetitions interleaved --------------------------------
         port_s = rig.port("kvs0")
         shim_a = start_shim(stack, rig, "shim-a", "kvs0", None, verbose=verbose)

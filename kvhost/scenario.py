@@ -111,15 +111,6 @@ def frame(src: bytes, dst: bytes, tag: str) -> bytes:
     return dst + src + TEST_ETHERTYPE.to_bytes(2, "big") + payload
 
 
-# kept for bench/bench_qemu.py, which names them here; everything else uses kvhost.netns
-TapPort = netns.TapPort
-
-
-def fresh_netns() -> contextlib.AbstractContextManager[str]:
-    """``kvhost.netns.fresh("kvscen")``, for bench/bench_qemu.py."""
-    return netns.fresh("kvscen")
-
-
 # --- the shim as a process ------------------------------------------------------------------
 
 
@@ -623,21 +614,6 @@ def receive_exact(drv: VirtioNetDriver, wanted: bytes, timeout: float = 10.0) ->
                         f"{[g[12:14].hex() for g in got]}")
 
 
-@dataclass(frozen=True, slots=True)
-class ReconnectingVhostUser(VhostUserBackend):
-    """A vhost-user backend QEMU reconnects to every ``reconnect`` seconds after it went
-    away (``-chardev socket,...,reconnect=N``): what survives a backend restart."""
-
-    reconnect: int = 1
-
-    def args(self) -> list[str]:
-        if self.reconnect < 1:
-            raise UsageError(f"reconnect interval {self.reconnect} s must be at least 1")
-        argv = VhostUserBackend.args(self)
-        argv[argv.index("-chardev") + 1] += f",reconnect={self.reconnect}"
-        return argv
-
-
 # --- many Python frontends at once (load tests, bench/bench_load.py) ------------------------
 
 #: one frontend's guest memory: a QEMU-like low region, then room for two 256-entry rings
@@ -993,12 +969,10 @@ __all__ = [
     "Rig",
     "ScenarioResult",
     "ShimProcess",
-    "TapPort",
     "capped_manifest",
     "capped_offer",
     "exchange",
     "frame",
-    "fresh_netns",
     "kvhost_compat",
     "run",
 ]

@@ -35,7 +35,7 @@ import pytest
 from kvhost import netns, versions
 from kvhost.memory import GuestMemory
 from kvhost.probe import probe
-from kvhost.qemu.machine import MachineConfig
+from kvhost.qemu.machine import MachineConfig, VhostUserBackend
 from kvhost.scenario import (
     GUEST_MAC,
     LOAD_BASE_GPA,
@@ -44,9 +44,7 @@ from kvhost.scenario import (
     RX,
     TX,
     Footprint,
-    ReconnectingVhostUser,
     Rig,
-    ShimProcess,
     connect_like_qemu,
     driver_for,
     exchange,
@@ -212,8 +210,7 @@ class Sniffer:
         self.sock.close()
 
 
-def _wait_for(what: str, check: Callable[[], bool], shim: ShimProcess, rig: Rig,
-              timeout: float = 60.0) -> None:
+def _wait_for(what: str, check: Callable[[], bool], rig: Rig, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while not check():
         if time.monotonic() > deadline:
@@ -228,14 +225,14 @@ def test_shim_killed_mid_traffic_qemu_reconnects_and_resumes(netns_quiet: str) -
         port = rig.port("kvr0")  # persistent: it outlives the shim, as an operator's tap does
         path = str(rig.workdir / "vm.sock")
         first = rig.shim("shim-1", "kvr0", version, socket_path=path, timeout=SHIM_START)
-        qemu = rig.machine("qemu", MachineConfig(backend=ReconnectingVhostUser(path, 1),
+        qemu = rig.machine("qemu", MachineConfig(backend=VhostUserBackend(path, reconnect=1),
                                                  device_properties={"mac": GUEST_MAC.hex(":")}))
         drv = driver_for(qemu, legacy=False)
         drv.start()
         sniffer = Sniffer("kvr0")
         try:
             sent, received = exchange(drv, port, 4, "before")
-            _wait_for("SET_FEATURES logged", lambda: bool(first.acked_features()), first, rig)
+            _wait_for("SET_FEATURES logged", lambda: bool(first.acked_features()), rig)
             # mid-traffic: half of the burst kicked (the kernel sends it at once), half
             # only made available, as a guest whose kick has not landed yet
             burst = [frame(GUEST_MAC, PEER_MAC, f"burst{i}") for i in range(TX_BURST)]
@@ -253,7 +250,7 @@ def test_shim_killed_mid_traffic_qemu_reconnects_and_resumes(netns_quiet: str) -
                 text = second.log_text()
                 return "vring 0 running" in text and "vring 1 running" in text
 
-            _wait_for("QEMU reconnected and restarted both rings", rings_running, second, rig)
+            _wait_for("QEMU reconnected and restarted both rings", rings_running, rig)
             running = time.perf_counter()
             bases = first_per_ring(second.ring_bases("SET_VRING_BASE"))
             probe_frame = frame(GUEST_MAC, PEER_MAC, "after-restart")

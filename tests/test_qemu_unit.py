@@ -63,6 +63,17 @@ def test_vhost_user_incoming_and_properties() -> None:
     assert argv[-1] == "-S"
 
 
+def test_vhost_user_reconnect() -> None:
+    argv = machine.build_command(
+        MachineConfig(backend=VhostUserBackend("/run/shim.sock", reconnect=1)), **PATHS
+    )
+    assert _opt(argv, "-chardev") == ["socket,id=vhu0,path=/run/shim.sock,reconnect=1"]
+    with pytest.raises(UsageError, match="at least 1"):
+        machine.build_command(
+            MachineConfig(backend=VhostUserBackend("/run/shim.sock", reconnect=0)), **PATHS
+        )
+
+
 def test_native_tap_without_vhost() -> None:
     argv = machine.build_command(MachineConfig(backend=TapBackend("t", vhost=False)), **PATHS)
     assert _opt(argv, "-netdev")[0].endswith("vhost=off")

@@ -77,15 +77,25 @@ class TapBackend:
 
 @dataclass(frozen=True, slots=True)
 class VhostUserBackend:
-    """A vhost-user backend listening on ``socket_path`` (QEMU is the client)."""
+    """A vhost-user backend listening on ``socket_path`` (QEMU is the client).
+
+    ``reconnect``: QEMU reconnects every that many seconds after the backend went away
+    (``-chardev socket,...,reconnect=N``), which is what survives a backend restart.
+    """
 
     socket_path: str
+    reconnect: int | None = None
 
     def args(self) -> list[str]:
         _check_option("vhost-user socket path", self.socket_path)
+        chardev = f"socket,id=vhu0,path={self.socket_path}"
+        if self.reconnect is not None:
+            if self.reconnect < 1:
+                raise UsageError(f"reconnect interval {self.reconnect} s must be at least 1")
+            chardev += f",reconnect={self.reconnect}"
         return [
             "-chardev",
-            f"socket,id=vhu0,path={self.socket_path}",
+            chardev,
             "-netdev",
             f"vhost-user,id={NETDEV_ID},chardev=vhu0",
         ]
