@@ -258,7 +258,7 @@ def test_shim_killed_mid_traffic_qemu_reconnects_and_resumes(netns_quiet: str) -
             port.expect(probe_frame)
             total_tx = sent + TX_BURST + 1
             _wait_for("every TX descriptor consumed", lambda: drv.used_idx(TX) == total_tx,
-                      second, rig, timeout=10)
+                      rig, timeout=10)
             drv.pop_used(TX)
             assert exchange(drv, port, 4, "after") == (4, 4)
             time.sleep(0.2)  # the sniffer thread catches up
