@@ -118,6 +118,25 @@ struct virtio_net_hdr_v1 {
 /* linux/virtio_ring.h */
 struct vring_desc { uint64_t addr; uint32_t len; uint16_t flags; uint16_t next; };
 struct vring_used_elem { uint32_t id; uint32_t len; };
+/* linux/netlink.h */
+struct nlmsghdr {
+    uint32_t nlmsg_len;
+    uint16_t nlmsg_type;
+    uint16_t nlmsg_flags;
+    uint32_t nlmsg_seq;
+    uint32_t nlmsg_pid;
+};
+struct nlmsgerr { int error; struct nlmsghdr msg; };
+struct nlattr { uint16_t nla_len; uint16_t nla_type; };
+/* linux/rtnetlink.h */
+struct ifinfomsg {
+    unsigned char ifi_family;
+    unsigned char __ifi_pad;
+    unsigned short ifi_type;
+    int ifi_index;
+    unsigned int ifi_flags;
+    unsigned int ifi_change;
+};
 """
 
 ffi = cffi.FFI()
@@ -151,6 +170,10 @@ STRUCT_FIELDS: dict[str, tuple[str, ...]] = {
     ),
     "vring_desc": ("addr", "len", "flags", "next"),
     "vring_used_elem": ("id", "len"),
+    "nlmsghdr": ("nlmsg_len", "nlmsg_type", "nlmsg_flags", "nlmsg_seq", "nlmsg_pid"),
+    "nlmsgerr": ("error", "msg"),
+    "nlattr": ("nla_len", "nla_type"),
+    "ifinfomsg": ("ifi_family", "__ifi_pad", "ifi_type", "ifi_index", "ifi_flags", "ifi_change"),
 }
 
 
@@ -189,8 +212,8 @@ def buffer(obj: Any, size: int | None = None) -> Any:
 # --- the structs of QEMU's start and stop sequence, as struct formats ------------------------
 # GET_VRING_BASE / SET_BACKEND / SET_VRING_ADDR / SET_MEM_TABLE run inside QEMU's stop and
 # start; under TCG building a cffi object per call costs more than the ioctl itself. Same
-# layouts, checked here at import against the cffi declarations (which
-# tests/test_abi_headers.py checks against the kernel headers).
+# layouts: tests/test_abi_headers.py checks each format, field by field, against the cffi
+# declaration named in STRUCT_FORMATS (which it checks against the kernel headers).
 VRING_STATE = struct.Struct("=II")  # struct vhost_vring_state { index; num; }
 VRING_FILE = struct.Struct("=Ii")  # struct vhost_vring_file { index; fd; }
 #: struct vhost_vring_addr { index; flags; desc, used, avail user addrs; log_guest_addr; }
@@ -200,32 +223,28 @@ MEMORY_HEADER = struct.Struct("=II")
 #: struct vhost_memory_region { guest_phys_addr; memory_size; userspace_addr; flags_padding; }
 MEMORY_REGION = struct.Struct("=QQQQ")
 
+# rtnetlink, just enough for kvhost.tap to read a tap's owner and group without pyroute2
+NLMSGHDR = struct.Struct("=IHHII")  # struct nlmsghdr { len; type; flags; seq; pid; }
+#: struct nlmsgerr { error; struct nlmsghdr msg; } -- the echoed request header is skipped
+NLMSGERR = struct.Struct("=i16x")
+NLATTR = struct.Struct("=HH")  # struct nlattr { nla_len; nla_type; }
+#: struct ifinfomsg { family; pad; type; index; flags; change; }
+IFINFOMSG = struct.Struct("=BxHiII")
 
-def _check_formats() -> None:
-    for fmt, name, fields in (
-        (VRING_STATE, "vhost_vring_state", ("index", "num")),
-        (VRING_FILE, "vhost_vring_file", ("index", "fd")),
-        (
-            VRING_ADDR,
-            "vhost_vring_addr",
-            ("index", "flags", "desc_user_addr", "used_user_addr", "avail_user_addr",
-             "log_guest_addr"),
-        ),
-        (MEMORY_HEADER, "vhost_memory", ("nregions", "padding")),
-        (
-            MEMORY_REGION,
-            "vhost_memory_region",
-            ("guest_phys_addr", "memory_size", "userspace_addr", "flags_padding"),
-        ),
-    ):
-        offsets = [offsetof(name, f) for f in fields]
-        sizes = [struct.calcsize("=" + c) for c in fmt.format.lstrip("=")]
-        packed = [sum(sizes[:i]) for i in range(len(sizes))]
-        if fmt.size != sizeof(name) or offsets != packed:
-            raise AssertionError(f"struct format {fmt.format} does not match struct {name}")
-
-
-_check_formats()
+#: C struct name -> the struct format that packs it: every member in declaration order (a
+#: byte run ``x`` stands for a member kvhost never reads, such as padding), a trailing
+#: flexible array left out
+STRUCT_FORMATS: dict[str, struct.Struct] = {
+    "vhost_vring_state": VRING_STATE,
+    "vhost_vring_file": VRING_FILE,
+    "vhost_vring_addr": VRING_ADDR,
+    "vhost_memory": MEMORY_HEADER,
+    "vhost_memory_region": MEMORY_REGION,
+    "nlmsghdr": NLMSGHDR,
+    "nlmsgerr": NLMSGERR,
+    "nlattr": NLATTR,
+    "ifinfomsg": IFINFOMSG,
+}
 
 
 # --- linux/vhost.h: type VHOST_VIRTIO ------------------------------------------------------
@@ -367,8 +386,16 @@ IFF_UP = 0x1
 
 # --- rtnetlink, just enough to read a tap's owner and group (kvhost.tap) -------------------
 # linux/netlink.h, linux/rtnetlink.h; the IFLA_* are enum members of linux/if_link.h
+NETLINK_ROUTE = 0
 NLMSG_ERROR = 2
 NLM_F_REQUEST = 1
+#: attribute lengths are padded to this many bytes (NLA_ALIGN)
+NLA_ALIGNTO = 4
+NLA_F_NESTED = 1 << 15
+NLA_F_NET_BYTEORDER = 1 << 14
+#: an attribute's type without the flag bits; negative as in C (an int), which masks a u16
+#: type exactly as 0x3FFF would
+NLA_TYPE_MASK = ~(NLA_F_NESTED | NLA_F_NET_BYTEORDER)
 RTM_NEWLINK = 16
 RTM_GETLINK = 18
 IFLA_LINKINFO = 18

@@ -5,8 +5,8 @@ Deliberately free of pyroute2 (kvhost.netlink): inside a TCG test VM importing i
 minute or more, and these helpers run at the start of every kernel-tier scenario. Namespaces
 are made with ``ip netns`` and entered with setns(2) through ctypes: :func:`enter` (for good)
 and :func:`inside` (for a ``with`` body) are the only places kvhost's own code calls setns --
-the shim's ``--netns``, :mod:`kvhost.tap` and the tests go through them (pyroute2, behind
-:mod:`kvhost.netlink`, has its own).
+the shim's ``--netns``, :mod:`kvhost.tap`, :mod:`kvhost.netlink` (instead of pyroute2's own
+namespace switching) and the tests go through them.
 
 setns moves only the calling thread, so a process must be single-threaded while it is inside
 a namespace it expects its children (QEMU, the shim) to inherit.

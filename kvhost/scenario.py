@@ -53,7 +53,7 @@ from types import TracebackType
 from typing import Any
 
 from kvhost import features, manifest, netns, versions
-from kvhost.errors import KvhostError, RemoteProtocolError, UsageError
+from kvhost.errors import KvhostError, UsageError
 from kvhost.memory import GuestMemory
 from kvhost.probe import probe
 from kvhost.qemu.legacy_pci import LegacyVirtioNet
@@ -640,20 +640,6 @@ def raise_nofile(frontends: int) -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (need, max(hard, need)))
 
 
-def connect_like_qemu(path: str) -> socket.socket:
-    """A connected unix socket to a vhost-user backend, made the way QEMU makes it: a
-    *blocking* connect, which waits while the backend's listen backlog is full. (A socket
-    with a timeout is non-blocking inside, and there a full backlog fails at once with
-    EAGAIN.) RemoteProtocolError when nobody listens at ``path``."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    try:
-        sock.connect(path)
-    except OSError as err:
-        sock.close()
-        raise RemoteProtocolError(f"cannot connect to {path}: {err.strerror}") from err
-    return sock
-
-
 def load_mac(index: int) -> bytes:
     """The source MAC of load frontend ``index`` (locally administered, unique)."""
     return bytes([0x02, 0x4B, 0x56]) + index.to_bytes(3, "big")
@@ -676,7 +662,10 @@ class LoadFrontend:
     def start(self, path: str, timeout: float) -> None:
         begin = time.perf_counter()
         try:
-            self.frontend = VhostUserFrontend(sock=connect_like_qemu(path), timeout=timeout)
+            # connect() waits out a full listen backlog as QEMU does: a storm must not fail
+            # where QEMU would wait
+            self.frontend = VhostUserFrontend(path, timeout=timeout)
+            self.frontend.connect()
             self.frontend.handshake()
             self.device = self.frontend.start_net(self.memory, base_gpa=LOAD_BASE_GPA)
         except (KvhostError, OSError) as err:

@@ -4,23 +4,32 @@ A :class:`Tap` is created (or attached to, by name) with
 ``IFF_TAP | IFF_NO_PI [| IFF_VNET_HDR] [| IFF_MULTI_QUEUE]``: with more than one queue, each
 queue is its own fd (one per vhost-net device / queue pair). tun ioctls and link settings
 (index, up, MTU, bridge: the classic SIOC* ioctls on a socket of the tap's namespace) go
-through :func:`kvhost.ioctl.ioctl`. Nothing here imports pyroute2 (kvhost.netlink): inside a
-TCG test VM that import alone costs over a minute, which the shim would pay at every start.
+through :func:`kvhost.ioctl.ioctl`; one method's ioctls share one socket, made in the tap's
+namespace with one :func:`kvhost.netns.inside` round trip. Nothing here imports pyroute2
+(kvhost.netlink): inside a TCG test VM that import alone costs over a minute, which the shim
+would pay at every start; the little rtnetlink it needs is spoken directly, with the structs
+of :mod:`kvhost.abi`.
 
 The vnet header the tap carries must match what vhost-net expects (reference section 3):
 without ``VHOST_NET_F_VIRTIO_NET_HDR`` vhost-net passes its header through, so the tap must
 use the same length -- 12 with MRG_RXBUF or VERSION_1, 10 otherwise, 24 with UDP-tunnel GSO.
 
 Ownership: the Tap owns its fds until :meth:`Tap.close`; a non-persistent tap disappears
-when its last fd closes.
+when its last fd closes. Using a closed Tap raises UsageError.
+
+Errors: KernelError when the kernel refuses (an ioctl, a socket, an rtnetlink query),
+UsageError when the caller names something that is not there or asks for something
+impossible (a missing interface or namespace, a bad queue count, a closed Tap).
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import socket
 import struct
+from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -56,7 +65,14 @@ class Tap:
 
     @classmethod
     def _attach(
-        cls, name: str, queues: int, vnet_hdr: bool, netns: str | None, multi_queue: bool | None
+        cls,
+        name: str,
+        queues: int,
+        vnet_hdr: bool,
+        netns: str | None,
+        multi_queue: bool | None,
+        *,
+        existing: bool = False,
     ) -> Tap:
         if not 1 <= queues <= MAX_QUEUES:
             raise UsageError(f"tap queue count {queues} must be from 1 to {MAX_QUEUES}")
@@ -73,6 +89,10 @@ class Tap:
         fds: list[int] = []
         try:
             with kvnetns.inside(netns):
+                if existing:
+                    # TUNSETIFF would create a missing tap instead of failing
+                    with _socket(socket.AF_UNIX, socket.SOCK_DGRAM, 0, f"tap {name}") as sock:
+                        _index_on(sock, name, netns)
                 for _ in range(queues):
                     fd = open_device(TUN_PATH)
                     fds.append(fd)
@@ -117,15 +137,17 @@ class Tap:
 
         Raises UsageError when no such interface exists.
         """
-        _link_index(name, netns)
-        return cls._attach(name, queues, vnet_hdr, netns, multi_queue)
+        return cls._attach(name, queues, vnet_hdr, netns, multi_queue, existing=True)
 
     # -- lifecycle -----------------------------------------------------------------------
     def fileno(self) -> int:
-        """Queue 0's fd."""
+        """Queue 0's fd; UsageError once closed."""
         if not self.fds:
-            raise ValueError(f"tap {self.name} is closed")
+            raise self._closed()
         return self.fds[0]
+
+    def _closed(self) -> UsageError:
+        return UsageError(f"tap {self.name} is closed: a Tap is usable only until its close()")
 
     @property
     def queues(self) -> int:
@@ -149,7 +171,7 @@ class Tap:
 
     def _ioctl(self, req: abi.Ioctl, arg: object = 0, queue: int = 0) -> int:
         if not self.fds:
-            raise ValueError(f"tap {self.name} is closed")
+            raise self._closed()
         return ioctl(self.fds[queue], req, arg, device=f"tap {self.name}")
 
     # -- tun ioctls (settings are per device; queue 0's fd is as good as any) -------------
@@ -214,27 +236,31 @@ class Tap:
     @property
     def index(self) -> int:
         """The interface index (in the tap's network namespace)."""
-        return _link_index(self.name, self.netns)
+        with self._link_socket() as sock:
+            return _index_on(sock, self.name, self.netns)
 
     def set_up(self) -> None:
         """Bring the link up (needs CAP_NET_ADMIN)."""
-        ifr = self._ifreq()
-        self._link_ioctl(abi.SIOCGIFFLAGS, ifr)
-        ifr.ifr_ifru.ifr_flags |= abi.IFF_UP
-        self._link_ioctl(abi.SIOCSIFFLAGS, ifr)
+        ifr = _ifreq(self.name)
+        with self._link_socket() as sock:
+            self._link_ioctl(sock, abi.SIOCGIFFLAGS, ifr)
+            ifr.ifr_ifru.ifr_flags |= abi.IFF_UP
+            self._link_ioctl(sock, abi.SIOCSIFFLAGS, ifr)
 
     def get_mtu(self) -> int:
-        ifr = self._ifreq()
-        self._link_ioctl(abi.SIOCGIFMTU, ifr)
+        ifr = _ifreq(self.name)
+        with self._link_socket() as sock:
+            self._link_ioctl(sock, abi.SIOCGIFMTU, ifr)
         return int(ifr.ifr_ifru.ifr_mtu)
 
     def set_mtu(self, n: int) -> None:
         """Set the MTU (needs CAP_NET_ADMIN; EINVAL outside 68 .. the device maximum)."""
         if n <= 0:
             raise UsageError(f"MTU {n} must be a positive number of bytes")
-        ifr = self._ifreq()
+        ifr = _ifreq(self.name)
         ifr.ifr_ifru.ifr_mtu = n
-        self._link_ioctl(abi.SIOCSIFMTU, ifr)
+        with self._link_socket() as sock:
+            self._link_ioctl(sock, abi.SIOCSIFMTU, ifr)
 
     def set_mac(self, mac: str) -> None:
         """Set the MAC address (``aa:bb:cc:dd:ee:ff``) through rtnetlink: tests use it, the
@@ -245,17 +271,18 @@ class Tap:
 
     def attach_bridge(self, bridge: str) -> None:
         """Enslave the tap to the existing bridge ``bridge`` (UsageError if it is missing)."""
-        index = self.index
-        _link_index(bridge, self.netns)
-        ifr = _ifreq(bridge)
-        ifr.ifr_ifru.ifr_ifindex = index
-        _socket_ioctl(abi.SIOCBRADDIF, ifr, self.netns, f"bridge {bridge}")
+        with self._link_socket() as sock:
+            index = _index_on(sock, self.name, self.netns)
+            _index_on(sock, bridge, self.netns)
+            ifr = _ifreq(bridge)
+            ifr.ifr_ifru.ifr_ifindex = index
+            ioctl(sock.fileno(), abi.SIOCBRADDIF, abi.buffer(ifr), device=f"bridge {bridge}")
 
-    def _ifreq(self) -> Any:
-        return _ifreq(self.name)
+    def _link_socket(self) -> contextlib.AbstractContextManager[socket.socket]:
+        return _link_socket(self.netns, f"tap {self.name}")
 
-    def _link_ioctl(self, req: abi.Ioctl, ifr: Any) -> None:
-        _socket_ioctl(req, ifr, self.netns, f"tap {self.name}")
+    def _link_ioctl(self, sock: socket.socket, req: abi.Ioctl, ifr: Any) -> None:
+        ioctl(sock.fileno(), req, abi.buffer(ifr), device=f"tap {self.name}")
 
 
 def _ifreq(name: str) -> Any:
@@ -266,19 +293,31 @@ def _ifreq(name: str) -> Any:
     return ifr
 
 
-def _socket_ioctl(req: abi.Ioctl, ifr: Any, netns: str | None, device: str) -> None:
+def _socket(family: int, kind: int, proto: int, device: str) -> socket.socket:
+    """A close-on-exec socket in the calling thread's namespace; KernelError if refused."""
+    try:
+        return socket.socket(family, kind | socket.SOCK_CLOEXEC, proto)
+    except OSError as err:
+        code = err.errno or 0
+        raise KernelError("socket", device, code, "needed to configure the link") from err
+
+
+@contextlib.contextmanager
+def _link_socket(netns: str | None, device: str) -> Iterator[socket.socket]:
+    """A socket for SIOC* ioctls on links of ``netns``. Any socket will do: the ioctls act on
+    the namespace the socket was made in, whatever the thread's, so one socket serves a whole
+    call sequence after a single setns round trip."""
     with kvnetns.inside(netns):
-        # any socket will do: the ioctl acts on the namespace the socket was created in
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        sock = _socket(socket.AF_UNIX, socket.SOCK_DGRAM, 0, device)
     with sock:
-        ioctl(sock.fileno(), req, abi.buffer(ifr), device=device)
+        yield sock
 
 
-def _link_index(name: str, netns: str | None) -> int:
-    """The ifindex of ``name``; UsageError if there is no such interface."""
+def _index_on(sock: socket.socket, name: str, netns: str | None) -> int:
+    """The ifindex of ``name`` in ``sock``'s namespace; UsageError if there is none."""
     ifr = _ifreq(name)
     try:
-        _socket_ioctl(abi.SIOCGIFINDEX, ifr, netns, name)
+        ioctl(sock.fileno(), abi.SIOCGIFINDEX, abi.buffer(ifr), device=name)
     except KernelError as err:
         if err.errno != errno.ENODEV:
             raise
@@ -287,47 +326,58 @@ def _link_index(name: str, netns: str | None) -> int:
     return int(ifr.ifr_ifru.ifr_ifindex)
 
 
-# rtnetlink, just enough to read a tap's owner and group (linux/netlink.h, linux/rtnetlink.h,
-# linux/if_link.h): RTM_GETLINK by index, then IFLA_LINKINFO > IFLA_INFO_DATA >
-# IFLA_TUN_OWNER / IFLA_TUN_GROUP, each present only when set (drivers/net/tun.c)
-_NLMSGHDR = struct.Struct("=IHHII")  # len, type, flags, seq, pid
-_IFINFOMSG = struct.Struct("=BxHiII")  # family, type, index, flags, change
-_NLATTR = struct.Struct("=HH")  # len, type
-#: an attribute's type without the NLA_F_NESTED / NLA_F_NET_BYTEORDER flag bits (the
-#: kernel's NLA_TYPE_MASK, as a u16)
-_NLA_TYPE_MASK = 0x3FFF
+# rtnetlink, just enough to read a tap's owner and group: RTM_GETLINK by index, then
+# IFLA_LINKINFO > IFLA_INFO_DATA > IFLA_TUN_OWNER / IFLA_TUN_GROUP, each present only when
+# set (drivers/net/tun.c)
 
 
 def _attrs(data: bytes) -> dict[int, bytes]:
     out: dict[int, bytes] = {}
     off = 0
-    while off + _NLATTR.size <= len(data):
-        length, kind = _NLATTR.unpack_from(data, off)
-        if length < _NLATTR.size:
+    while off + abi.NLATTR.size <= len(data):
+        length, kind = abi.NLATTR.unpack_from(data, off)
+        if length < abi.NLATTR.size:
             break
-        out[kind & _NLA_TYPE_MASK] = data[off + _NLATTR.size : off + length]
-        off += (length + 3) & ~3
+        out[kind & abi.NLA_TYPE_MASK] = data[off + abi.NLATTR.size : off + length]
+        off += -(-length // abi.NLA_ALIGNTO) * abi.NLA_ALIGNTO
     return out
 
 
-def _owner_and_group(name: str, netns: str | None) -> tuple[int | None, int | None]:
-    index = _link_index(name, netns)
-    with kvnetns.inside(netns):
-        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, 0)
-    with sock:
-        body = _IFINFOMSG.pack(socket.AF_UNSPEC, 0, index, 0, 0)
-        head = _NLMSGHDR.pack(
-            _NLMSGHDR.size + len(body), abi.RTM_GETLINK, abi.NLM_F_REQUEST, 1, 0
-        )
+def _getlink(sock: socket.socket, index: int, device: str) -> bytes:
+    """The attributes of link ``index`` (RTM_GETLINK on the rtnetlink socket ``sock``);
+    KernelError when the kernel refuses or answers something else."""
+    body = abi.IFINFOMSG.pack(socket.AF_UNSPEC, 0, index, 0, 0)
+    size = abi.NLMSGHDR.size + len(body)
+    head = abi.NLMSGHDR.pack(size, abi.RTM_GETLINK, abi.NLM_F_REQUEST, 1, 0)
+    try:
         sock.send(head + body)
         reply = sock.recv(65536)
-    length, kind, _, _, _ = _NLMSGHDR.unpack_from(reply)
-    if kind == abi.NLMSG_ERROR:
-        err = -struct.unpack_from("=i", reply, _NLMSGHDR.size)[0]
-        raise KernelError("RTM_GETLINK", f"tap {name}", err, "reading the tap's owner failed")
-    if kind != abi.RTM_NEWLINK:
-        raise KernelError("RTM_GETLINK", f"tap {name}", errno.EPROTO, f"reply type {kind}")
-    attrs = _attrs(reply[_NLMSGHDR.size + _IFINFOMSG.size : length])
+    except OSError as err:
+        code = err.errno or 0
+        raise KernelError("RTM_GETLINK", device, code, "the rtnetlink query failed") from err
+    if len(reply) < abi.NLMSGHDR.size:
+        raise KernelError("RTM_GETLINK", device, errno.EPROTO, f"a {len(reply)}-byte reply")
+    length, kind, _, _, _ = abi.NLMSGHDR.unpack_from(reply)
+    if kind == abi.NLMSG_ERROR and len(reply) >= abi.NLMSGHDR.size + abi.NLMSGERR.size:
+        (error,) = abi.NLMSGERR.unpack_from(reply, abi.NLMSGHDR.size)
+        # error 0 is an acknowledgement, which was not asked for: as wrong as any other type
+        code = -error or errno.EPROTO
+        raise KernelError("RTM_GETLINK", device, code, "reading the tap's owner failed")
+    if kind != abi.RTM_NEWLINK or length > len(reply):
+        raise KernelError("RTM_GETLINK", device, errno.EPROTO, f"reply type {kind}")
+    return reply[abi.NLMSGHDR.size + abi.IFINFOMSG.size : length]
+
+
+def _owner_and_group(name: str, netns: str | None) -> tuple[int | None, int | None]:
+    device = f"tap {name}"
+    with contextlib.ExitStack() as sockets:
+        # both sockets made in one namespace entry; each keeps acting there afterwards
+        with kvnetns.inside(netns):
+            link = sockets.enter_context(_socket(socket.AF_UNIX, socket.SOCK_DGRAM, 0, device))
+            rtnl = sockets.enter_context(
+                _socket(socket.AF_NETLINK, socket.SOCK_RAW, abi.NETLINK_ROUTE, device)
+            )
+        attrs = _attrs(_getlink(rtnl, _index_on(link, name, netns), device))
     data = _attrs(attrs.get(abi.IFLA_LINKINFO, b"")).get(abi.IFLA_INFO_DATA)
     if data is None:  # before Linux 4.15 tun reports nothing; sysfs does, for its namespace
         if netns is not None:
@@ -336,14 +386,24 @@ def _owner_and_group(name: str, netns: str | None) -> tuple[int | None, int | No
                 f"{netns!r}; create the tap owned by the shim's user ('ip tuntap add {name} "
                 "mode tap user USER') so the shim need not change it"
             )
-        ids = [int(Path(f"/sys/class/net/{name}/{f}").read_text()) for f in ("owner", "group")]
-        return (ids[0] if ids[0] >= 0 else None), (ids[1] if ids[1] >= 0 else None)
+        return _sysfs_owner_and_group(name)
     tun = _attrs(data)
     owner, group = tun.get(abi.IFLA_TUN_OWNER), tun.get(abi.IFLA_TUN_GROUP)
     return (
         None if owner is None else int(_UINT.unpack(owner[:4])[0]),
         None if group is None else int(_UINT.unpack(group[:4])[0]),
     )
+
+
+def _sysfs_owner_and_group(name: str) -> tuple[int | None, int | None]:
+    ids: list[int] = []
+    for item in ("owner", "group"):
+        path = Path(f"/sys/class/net/{name}/{item}")
+        try:
+            ids.append(int(path.read_text()))
+        except OSError as err:
+            raise KernelError("read", str(path), err.errno or 0, "the tap's owner") from err
+    return (ids[0] if ids[0] >= 0 else None), (ids[1] if ids[1] >= 0 else None)
 
 
 def vnet_hdr_len(negotiated: int) -> int:

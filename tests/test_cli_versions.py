@@ -21,6 +21,7 @@ from kvhost import qemu_args
 from kvhost import versions as ver
 from kvhost.cli import main
 from kvhost.commands import versions as cmd
+from kvhost.errors import VersionError
 from kvhost.probe import Probe
 
 REPO = Path(__file__).resolve().parent.parent
@@ -213,7 +214,7 @@ def test_properties_follow_the_version_and_what_qemu_knows() -> None:
     no_mtu = ver.parse(ver.parse(V[5]).spec().replace("mtu=on", "mtu=off"))
     assert "host_mtu=0" in qemu_args.device_properties(no_mtu, all_props)
     small = ver.parse(ver.parse(V[5]).spec().replace("queue-size=1024", "queue-size=128"))
-    with pytest.raises(ver.VersionError, match="rings are 256 to 1024"):
+    with pytest.raises(VersionError, match="rings are 256 to 1024"):
         qemu_args.device_properties(small, all_props)
 
 

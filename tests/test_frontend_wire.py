@@ -11,6 +11,7 @@ import os
 import socket
 import stat
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -330,6 +331,48 @@ def test_connect_to_missing_socket_says_so(tmp_path: os.PathLike[str]) -> None:
     with pytest.raises(RemoteProtocolError, match="is the backend running"):
         front.connect()
     front.close()
+
+
+def test_connect_waits_out_a_full_backlog_then_applies_the_timeout(
+    tmp_path: os.PathLike[str],
+) -> None:
+    """Like QEMU, connect() blocks while the backend's listen backlog is full, instead of
+    failing with EAGAIN as a socket with a timeout would; the timeout bounds replies."""
+    path = os.path.join(tmp_path, "busy.sock")
+    with (
+        socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener,
+        socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as first,
+    ):
+        listener.bind(path)
+        listener.listen(0)
+        first.connect(path)  # backlog 0 still queues one: the next connect finds it full
+        front = VhostUserFrontend(path, timeout=0.2)
+        outcome: list[BaseException | None] = []
+
+        def connect() -> None:
+            try:
+                front.connect()
+                outcome.append(None)
+            except BaseException as err:
+                outcome.append(err)
+
+        waiter = threading.Thread(target=connect, daemon=True)
+        waiter.start()
+        waiter.join(1.0)  # five timeouts: a non-blocking connect would have failed by now
+        assert outcome == [] and waiter.is_alive()
+        accepted = [listener.accept()[0]]  # room in the queue: the waiting connect gets in
+        waiter.join(5)
+        assert outcome == [None]
+        accepted.append(listener.accept()[0])
+        try:
+            start = time.monotonic()
+            with pytest.raises(RemoteProtocolError, match=r"GET_FEATURES within 0\.2 s"):
+                front.get_features()  # the backend never answers
+            assert time.monotonic() - start < 3
+        finally:
+            front.close()
+            for conn in accepted:
+                conn.close()
 
 
 def test_wait_closed_and_send_raw(pair: tuple[VhostUserFrontend, FakePeer]) -> None:

@@ -45,7 +45,6 @@ from kvhost.scenario import (
     TX,
     Footprint,
     Rig,
-    connect_like_qemu,
     driver_for,
     exchange,
     first_per_ring,
@@ -307,7 +306,7 @@ def test_shim_killed_mid_traffic_qemu_reconnects_and_resumes(netns_quiet: str) -
 def _cycle(path: str, memory: GuestMemory, stop_rings: bool) -> None:
     """What a frontend does up to rings started, then hang up (half of the time after
     stopping the rings with GET_VRING_BASE, as QEMU's quit does)."""
-    with VhostUserFrontend(sock=connect_like_qemu(path), timeout=120) as fe:
+    with VhostUserFrontend(path, timeout=120) as fe:
         fe.handshake()
         dev = fe.start_net(memory, base_gpa=LOAD_BASE_GPA, ring_size=64)
         if stop_rings:
@@ -315,7 +314,7 @@ def _cycle(path: str, memory: GuestMemory, stop_rings: bool) -> None:
 
 
 def _negotiation_only(path: str, memory: GuestMemory, stop_rings: bool) -> None:
-    with VhostUserFrontend(sock=connect_like_qemu(path), timeout=120) as fe:
+    with VhostUserFrontend(path, timeout=120) as fe:
         fe.get_features()
         fe.set_protocol_features(fe.get_protocol_features() & FRONTEND_PROTOCOL_FEATURES)
         fe.get_queue_num()

@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Protocol
 
 import pytest
 
@@ -34,9 +35,8 @@ from shim.session import Backend
 
 pytestmark = pytest.mark.kernel
 
-V1 = versions.by_name("org.kernel.vhost-net.v1")
-V5 = versions.by_name("org.kernel.vhost-net.v5")
-assert V1 is not None and V5 is not None
+V1 = versions.parse("org.kernel.vhost-net.v1")
+V5 = versions.parse("org.kernel.vhost-net.v5")
 
 ETH_P_ALL = 0x0003
 ETH_P_TEST = 0x88B5  # IEEE 802 local experimental ethertype: nothing else sends it
@@ -97,18 +97,36 @@ def no_ipv6(netns: str) -> None:
         Path(f"/proc/sys/net/ipv6/conf/{knob}/disable_ipv6").write_text("1")
 
 
+class ShimFactory(Protocol):
+    """What the ``make_shim`` fixture yields: Shim's arguments minus the socket path."""
+
+    def __call__(
+        self,
+        version: versions.InterfaceVersion = ...,
+        queues: int = ...,
+        *,
+        pinned: bool = ...,
+        supported: list[versions.InterfaceVersion] | None = ...,
+    ) -> Shim: ...
+
+
 @pytest.fixture
-def make_shim(tmp_path: Path, no_ipv6: None) -> Iterator[type[Shim]]:
+def make_shim(tmp_path: Path, no_ipv6: None) -> Iterator[ShimFactory]:
     started: list[Shim] = []
 
-    class _Shim(Shim):
-        def __init__(
-            self, version: versions.InterfaceVersion = V5, queues: int = 1, **kw: object
-        ) -> None:
-            super().__init__(str(tmp_path / f"shim{len(started)}.sock"), version, queues, **kw)  # type: ignore[arg-type]
-            started.append(self)
+    def make(
+        version: versions.InterfaceVersion = V5,
+        queues: int = 1,
+        *,
+        pinned: bool = False,
+        supported: list[versions.InterfaceVersion] | None = None,
+    ) -> Shim:
+        path = str(tmp_path / f"shim{len(started)}.sock")
+        shim = Shim(path, version, queues, pinned=pinned, supported=supported)
+        started.append(shim)
+        return shim
 
-    yield _Shim
+    yield make
     for shim in started:
         shim.stop()
 
@@ -150,8 +168,8 @@ def captured(sock: socket.socket, want: int, timeout: float = 5.0) -> list[bytes
     return out
 
 
-def start(fe: VhostUserFrontend, mem: GuestMemory, queue_pairs: int = 1, **kw: object) -> NetDevice:
-    fe.handshake(**kw)  # type: ignore[arg-type]
+def start(fe: VhostUserFrontend, mem: GuestMemory, queue_pairs: int = 1) -> NetDevice:
+    fe.handshake()
     return fe.start_net(mem, queue_pairs=queue_pairs, base_gpa=BASE_GPA)
 
 
@@ -166,7 +184,7 @@ def assert_alive(fe: VhostUserFrontend, shim: Shim) -> None:
 
 @pytest.mark.parametrize("queue_pairs", [1, 4])
 def test_frames_pass_both_ways_byte_for_byte(
-    fd_leak_check: None, make_shim: type[Shim], queue_pairs: int
+    fd_leak_check: None, make_shim: ShimFactory, queue_pairs: int
 ) -> None:
     shim = make_shim(V5, queue_pairs)
     with GuestMemory.create(MEMORY) as mem, shim.frontend() as fe:
@@ -201,7 +219,7 @@ def test_frames_pass_both_ways_byte_for_byte(
     shim.wait_idle()
 
 
-def test_rarp_reaches_the_host_side_of_the_tap(fd_leak_check: None, make_shim: type[Shim]) -> None:
+def test_rarp_reaches_the_host_side_of_the_tap(fd_leak_check: None, make_shim: ShimFactory) -> None:
     shim = make_shim()
     with GuestMemory.create(MEMORY) as mem, shim.frontend() as fe:
         start(fe, mem)
@@ -223,7 +241,7 @@ def test_rarp_reaches_the_host_side_of_the_tap(fd_leak_check: None, make_shim: t
     shim.wait_idle()
 
 
-def test_net_set_mtu_sets_the_tap_mtu(fd_leak_check: None, make_shim: type[Shim]) -> None:
+def test_net_set_mtu_sets_the_tap_mtu(fd_leak_check: None, make_shim: ShimFactory) -> None:
     shim = make_shim()
     with GuestMemory.create(MEMORY) as mem, shim.frontend() as fe:
         fe.handshake()
@@ -233,7 +251,7 @@ def test_net_set_mtu_sets_the_tap_mtu(fd_leak_check: None, make_shim: type[Shim]
 
 
 def test_dirty_log_marks_pages_the_kernel_writes(
-    fd_leak_check: None, make_shim: type[Shim]
+    fd_leak_check: None, make_shim: ShimFactory
 ) -> None:
     """LOG_SHMFD end to end: log fd mapped by the shim and given to the kernel, LOG_ALL via
     SET_FEATURES, vring log addresses: an RX frame dirties its buffer's and the used
@@ -276,7 +294,7 @@ def test_dirty_log_marks_pages_the_kernel_writes(
 
 
 def test_pinned_low_version_refuses_a_newer_bit(
-    fd_leak_check: None, make_shim: type[Shim], caplog: pytest.LogCaptureFixture
+    fd_leak_check: None, make_shim: ShimFactory, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, "kvhost.shim")
     shim = make_shim(V1, pinned=True)
@@ -294,7 +312,7 @@ def test_pinned_low_version_refuses_a_newer_bit(
 
 
 def test_frontend_selects_a_version_and_a_pin_refuses_others(
-    fd_leak_check: None, make_shim: type[Shim]
+    fd_leak_check: None, make_shim: ShimFactory
 ) -> None:
     shim = make_shim(V5, supported=[V1, V5])
     with shim.frontend() as fe:
@@ -315,7 +333,7 @@ def test_frontend_selects_a_version_and_a_pin_refuses_others(
 
 
 @pytest.fixture
-def witness(make_shim: type[Shim]) -> Iterator[tuple[Shim, VhostUserFrontend, NetDevice]]:
+def witness(make_shim: ShimFactory) -> Iterator[tuple[Shim, VhostUserFrontend, NetDevice]]:
     """A shim with one healthy, running connection that must survive the bad one."""
     shim = make_shim()
     with GuestMemory.create(MEMORY) as mem, shim.frontend() as fe:
@@ -486,7 +504,7 @@ def test_frontend_disconnect_mid_setup(bad: BadPeer) -> None:
 
 
 def test_sigterm_like_stop_detaches_rings_and_closes_everything(
-    fd_leak_check: None, make_shim: type[Shim]
+    fd_leak_check: None, make_shim: ShimFactory
 ) -> None:
     shim = make_shim()
     with GuestMemory.create(MEMORY) as mem, shim.frontend() as fe:
@@ -500,7 +518,7 @@ def test_sigterm_like_stop_detaches_rings_and_closes_everything(
 
 
 def test_restart_on_one_connection_skips_only_what_the_kernel_already_has(
-    fd_leak_check: None, make_shim: type[Shim]
+    fd_leak_check: None, make_shim: ShimFactory
 ) -> None:
     """QEMU repeats its whole start sequence at every DRIVER_OK on one connection. The shim
     issues no ioctl for what the kernel already has (same features, the same regions of the

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
+import subprocess
+from collections.abc import Callable, Iterator
 
 import pytest
 
 from kvhost import abi, netlink
+from kvhost import netns as kvnetns
 from kvhost.errors import KernelError, UsageError
 from kvhost.features import TAP_OFFLOAD_BITS
 from kvhost.tap import Tap, probe_offloads
@@ -83,6 +87,63 @@ def test_link_settings(netns: str, fd_leak_check: None) -> None:
             tap.set_mtu(1 << 20)
         assert err.value.errno == errno.EINVAL
         netlink.delete_link("kvbr0")
+
+
+def test_a_closed_tap_is_a_usage_error(netns: str, fd_leak_check: None) -> None:
+    tap = Tap.create("kvshut0")
+    tap.close()
+    with pytest.raises(UsageError, match="tap kvshut0 is closed"):
+        tap.fileno()
+    with pytest.raises(UsageError, match="tap kvshut0 is closed"):
+        tap.get_vnet_hdr_size()
+
+
+@pytest.fixture
+def other_netns(netns: str) -> Iterator[str]:
+    """A second namespace, which the test process is not in."""
+    name = f"kvfar-{os.getpid()}-{os.urandom(3).hex()}"
+    kvnetns.run(["ip", "netns", "add", name], "creating a network namespace")
+    try:
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], capture_output=True, check=False)
+
+
+def test_link_settings_in_another_namespace_enter_it_once_per_call(
+    other_netns: str, fd_leak_check: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    entered: list[str | None] = []
+    real_inside = kvnetns.inside
+
+    def counting_inside(name: str | None) -> contextlib.AbstractContextManager[None]:
+        entered.append(name)
+        return real_inside(name)
+
+    def once(call: Callable[[], object]) -> object:
+        entered.clear()
+        result = call()
+        assert entered == [other_netns], call
+        return result
+
+    with Tap.create("kvfar0", netns=other_netns) as tap:
+        netlink.create_bridge("kvfarbr0", other_netns)
+        monkeypatch.setattr(kvnetns, "inside", counting_inside)
+        once(tap.set_up)
+        once(lambda: tap.set_mtu(1400))
+        assert once(tap.get_mtu) == 1400
+        once(lambda: tap.attach_bridge("kvfarbr0"))
+        assert once(tap.owner_and_group) == (None, None)
+        index = once(lambda: tap.index)
+        with pytest.raises(UsageError, match=f"'kvfarbr1' in network namespace '{other_netns}'"):
+            once(lambda: tap.attach_bridge("kvfarbr1"))
+        with pytest.raises(UsageError, match=f"'kvnope' in network namespace '{other_netns}'"):
+            once(lambda: Tap.open("kvnope", netns=other_netns))
+        monkeypatch.undo()
+        info = netlink.link_info("kvfar0", other_netns)
+        assert (info["index"], info["up"], info["mtu"]) == (index, True, 1400)
+        assert info["master"] == netlink.link_index("kvfarbr0", other_netns)
+        with pytest.raises(UsageError):  # it is there, not here
+            netlink.link_index("kvfar0")
 
 
 def test_probe_offloads_agrees_with_the_kernel(netns: str, fd_leak_check: None) -> None:

@@ -8,6 +8,7 @@ import os
 import stat
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -236,7 +237,7 @@ def test_read_errors_name_the_file(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match=r"bad\.json is not valid JSON"):
         mf.read(bad)
     good = mf.build(probe_61())
-    for mutate, fragment in [
+    cases: list[tuple[Callable[[dict[str, Any]], object], str]] = [
         (lambda d: d.update(schema=99), "has schema 99"),
         (lambda d: d.update(backend="dpdk"), "is for backend 'dpdk'"),
         (lambda d: d.pop("supported"), r"is malformed \(KeyError"),
@@ -244,7 +245,8 @@ def test_read_errors_name_the_file(tmp_path: Path) -> None:
             lambda d: d["versions"].update({V[1]: ver.parse(V[2]).spec()}),
             f"defines {V[1]} as .* but the registry says",
         ),
-    ]:
+    ]
+    for mutate, fragment in cases:
         doc = json.loads(json.dumps(good))
         mutate(doc)
         bad.write_text(json.dumps(doc))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import pytest
 
 from kvhost.errors import UsageError
 from kvhost.qemu import machine, qmp, qtest, virtio_pci
-from kvhost.qemu.errors import QemuExited, QmpError, QtestError
+from kvhost.qemu.errors import QemuError, QemuExited, QmpError, QtestError
 from kvhost.qemu.machine import MachineConfig, TapBackend, VhostUserBackend
 from kvhost.qemu.virtio_pci import DriverState, QueueState
 
@@ -316,26 +317,50 @@ def test_exec_migration_has_no_return_path() -> None:
         machine.migrate(idle, "exec:cat > /run/x")
 
 
+class _FakeQmp:
+    """The two QMP queries _settled_stats makes, answering run states from a script."""
+
+    def __init__(self, states: list[str]) -> None:
+        self.states = states
+        self.migrate_queries = 0
+
+    def query_status(self) -> str:
+        return self.states.pop(0) if len(self.states) > 1 else self.states[0]
+
+    def query_migrate(self) -> dict[str, object]:
+        self.migrate_queries += 1
+        return {"status": "completed", "total-time": 812, "downtime": 37}
+
+
+class _FakeSource:
+    """What _settled_stats uses of a Machine: its name, QMP client and stderr."""
+
+    name = "qemu-src"
+
+    def __init__(self, states: list[str]) -> None:
+        self.qmp = _FakeQmp(states)
+
+    def stderr_text(self) -> str:
+        return "qemu: the last thing it said\n"
+
+
 def test_completed_migration_stats_wait_for_postmigrate() -> None:
     """QEMU answers ``completed`` with total-time/downtime 0 until its migration thread has
     computed them (it then sets the run state to postmigrate): the stats are re-read then."""
-
-    class FakeQmp:
-        def __init__(self) -> None:
-            self.states = ["finish-migrate", "finish-migrate", "postmigrate"]
-            self.migrate_queries = 0
-
-        def query_status(self) -> str:
-            return self.states.pop(0)
-
-        def query_migrate(self) -> dict[str, object]:
-            self.migrate_queries += 1
-            return {"status": "completed", "total-time": 812, "downtime": 37}
-
-    class FakeSource:
-        qmp = FakeQmp()
-
-    early = {"status": "completed", "total-time": 0, "downtime": 0}
-    settled = machine._settled_stats(FakeSource(), early, timeout=5)  # type: ignore[arg-type]
+    source = _FakeSource(["finish-migrate", "finish-migrate", "postmigrate"])
+    settled = machine._settled_stats(source, timeout=5)  # type: ignore[arg-type]
     assert settled["total-time"] == 812 and settled["downtime"] == 37
-    assert FakeSource.qmp.states == [] and FakeSource.qmp.migrate_queries == 1
+    assert source.qmp.states == ["postmigrate"] and source.qmp.migrate_queries == 1
+
+
+def test_migration_stats_that_never_settle_are_an_error_not_zeros() -> None:
+    source = _FakeSource(["finish-migrate"])
+    start = time.monotonic()
+    with pytest.raises(QemuError) as err:
+        machine._settled_stats(source, timeout=0.2)  # type: ignore[arg-type]
+    assert time.monotonic() - start >= 0.2
+    text = str(err.value)
+    assert "qemu-src: migration completed, but the run state is still 'finish-migrate'" in text
+    assert "not 'postmigrate', after 0.2 s" in text
+    assert err.value.stderr == "qemu: the last thing it said\n"
+    assert source.qmp.migrate_queries == 0

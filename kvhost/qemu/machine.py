@@ -406,18 +406,27 @@ class MigrationResult:
     raw: Mapping[str, object]
 
 
-def _settled_stats(source: Machine, info: dict[str, Any], timeout: float) -> dict[str, Any]:
+def _settled_stats(source: Machine, timeout: float) -> dict[str, Any]:
     """The final ``query-migrate`` answer once QEMU has filled in its times.
 
     QEMU's migration thread sets the status to ``completed`` first and computes
     ``total-time`` and ``downtime`` afterwards, once it gets the big QEMU lock, in the step
     that also sets the run state to ``postmigrate``. A query in between answers
     ``completed`` with both times 0. So: wait for ``postmigrate``, then ask again.
+
+    Raises QemuError naming the machine, the run state it stayed in and ``timeout`` when
+    ``postmigrate`` does not come in time: the zeros QEMU reports until then are not
+    measurements, and a result carrying them would pass for a zero-downtime migration.
     """
     deadline = time.monotonic() + timeout
-    while source.qmp.query_status() != "postmigrate":
+    while (state := source.qmp.query_status()) != "postmigrate":
         if time.monotonic() > deadline:
-            return info
+            raise QemuError(
+                f"{source.name}: migration completed, but the run state is still {state!r}, "
+                f"not 'postmigrate', after {timeout} s: QEMU has not filled in its total-time "
+                "and downtime",
+                stderr=source.stderr_text(),
+            )
         time.sleep(0.005)
     return source.qmp.query_migrate()
 
@@ -437,6 +446,10 @@ def migrate(
     ``destination`` (must be started with ``incoming``): then a destination that refuses
     the stream makes the source report ``failed`` instead of ``completed``. For ``exec:``
     URIs there is no destination machine and no return path.
+
+    Raises QemuError when the migration reaches no final status in ``timeout`` seconds, or
+    completes but its times are not settled within another ``timeout`` (see
+    ``_settled_stats``).
     """
     if return_path and uri.startswith("exec:"):
         raise UsageError("the return-path capability needs a socket URI, not exec:; pass "
@@ -450,7 +463,7 @@ def migrate(
     info = source.qmp.wait_migration(timeout=timeout)
     wall = (time.perf_counter() - start) * 1e3
     if info.get("status") == "completed":
-        info = _settled_stats(source, info, timeout)
+        info = _settled_stats(source, timeout)
 
     def ms(key: str) -> int | None:
         value = info.get(key)

@@ -140,11 +140,14 @@ class VhostUserFrontend:
     # --- connection --------------------------------------------------------------------
 
     def connect(self) -> None:
-        """Connect to ``path``. Raises RemoteProtocolError when nobody listens there."""
+        """Connect to ``path`` the way QEMU does: a *blocking* connect, which waits while the
+        backend's listen backlog is full; ``timeout`` applies from then on. (A socket with a
+        timeout is non-blocking inside, and there a full backlog fails at once with EAGAIN:
+        a connect storm would fail where QEMU waits.) Raises RemoteProtocolError when nobody
+        listens there."""
         self._need(FrontendState.NEW)
         assert self.path is not None
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        sock.settimeout(self.timeout)
         try:
             sock.connect(self.path)
         except OSError as err:
@@ -153,6 +156,7 @@ class VhostUserFrontend:
                 f"cannot connect to vhost-user backend at {self.path}: {err.strerror}; "
                 "is the backend running and listening there?"
             ) from err
+        sock.settimeout(self.timeout)
         self._sock = sock
         self.state = FrontendState.CONNECTED
 

@@ -1,0 +1,55 @@
+"""Host tier: kvhost.netlink's namespace handling, on the host's own kernel (bridges need
+neither /dev/vhost-net nor /dev/net/tun), in a namespace the test process is not in."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Iterator
+
+import pytest
+
+from kvhost import netlink
+from kvhost import netns as kvnetns
+from kvhost.errors import UsageError
+
+
+@pytest.fixture
+def ns() -> Iterator[str]:
+    name = f"kvnl-{os.getpid()}-{os.urandom(3).hex()}"
+    kvnetns.run(["ip", "netns", "add", name], "creating a network namespace")
+    try:
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], capture_output=True, check=False)
+
+
+def _own_netns() -> int:
+    return os.stat("/proc/thread-self/ns/net").st_ino
+
+
+def test_link_verbs_act_in_the_named_namespace_and_come_back(
+    ns: str, fd_leak_check: None
+) -> None:
+    home = _own_netns()
+    index = netlink.create_bridge("kvnlbr0", ns)
+    assert _own_netns() == home
+    with pytest.raises(UsageError, match="no network interface named 'kvnlbr0'"):
+        netlink.link_index("kvnlbr0")  # not here: only in ns
+    assert netlink.link_index("kvnlbr0", ns) == index
+    netlink.set_mac("kvnlbr0", "02:00:00:00:00:07", ns)
+    info = netlink.link_info("kvnlbr0", ns)
+    assert (info["index"], info["up"], info["address"]) == (index, True, "02:00:00:00:00:07")
+    listed = kvnetns.run(["ip", "-n", ns, "-o", "link", "show", "kvnlbr0"], "ip link").stdout
+    assert "02:00:00:00:00:07" in listed
+    netlink.delete_link("kvnlbr0", ns)
+    with pytest.raises(UsageError, match=f"'kvnlbr0' in network namespace '{ns}'"):
+        netlink.link_index("kvnlbr0", ns)
+    assert _own_netns() == home
+
+
+def test_a_missing_namespace_is_a_usage_error_saying_how_to_make_it() -> None:
+    home = _own_netns()
+    with pytest.raises(UsageError, match="'kvnl-none' does not exist: create it with 'ip netns"):
+        netlink.link_info("lo", "kvnl-none")
+    assert _own_netns() == home
