@@ -20,7 +20,6 @@ mapping keeps the memory alive) and closes it on every error path too.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import mmap
 import os
@@ -29,10 +28,29 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 
+import cffi
+
 from kvhost import abi
 
 #: the kernel's default ``max_mem_regions`` (vhost module parameter, since 4.2)
 DEFAULT_MAX_REGIONS = abi.VHOST_DEFAULT_MAX_MEM_REGIONS
+
+# A region received from a frontend is mapped with libc's mmap directly: Python's
+# mmap.mmap() adds an fstat and a dup of the fd to every mapping, and under TCG each
+# syscall costs tens of microseconds inside the DRIVER_OK that QEMU is waiting on.
+_libc_ffi = cffi.FFI()
+# Addresses are declared as integers, passed like void * on every LP64 ABI: kvhost only
+# hands them to the kernel as numbers, and a cast per call would cost as much as the
+# arithmetic around it.
+_libc_ffi.cdef(
+    """
+    intptr_t mmap(intptr_t addr, size_t length, int prot, int flags, int fd, long offset);
+    int munmap(intptr_t addr, size_t length);
+    """
+)
+_libc = _libc_ffi.dlopen(None)
+_MAP_FAILED = -1
+_PROT_RW = mmap.PROT_READ | mmap.PROT_WRITE
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,10 +97,13 @@ def _check_disjoint(ranges: Iterable[tuple[int, int]], what: str, error: type[Ex
             )
 
 
+_ADDRESS_SPACE = 1 << 64
+
+
 def _check_range(start: int, size: int, what: str, error: type[Exception]) -> None:
     if start < 0 or size <= 0:
         raise error(f"{what} 0x{start:x}+0x{size:x} is empty or negative; sizes must be > 0")
-    if start + size > 1 << 64:
+    if start + size > _ADDRESS_SPACE:
         raise error(f"{what} 0x{start:x}+0x{size:x} wraps past the 64-bit address space")
 
 
@@ -204,11 +225,24 @@ class FrontendRegion:
     fd: int
 
 
-@dataclass(slots=True)
 class _Mapped:
-    front: FrontendRegion
-    mm: mmap.mmap
-    local_addr: int  # address of gpa == front.guest_phys_addr in this process
+    """One frontend region mapped shared into this process; :meth:`close` unmaps it."""
+
+    __slots__ = ("base", "front", "ident", "length", "local_addr")
+
+    def __init__(self, front: FrontendRegion, ident: tuple[int, int], base: int, length: int):
+        self.front = front
+        #: (st_dev, st_ino) of the file behind the region
+        self.ident = ident
+        self.base = base
+        self.length = length
+        #: address of gpa == front.guest_phys_addr in this process
+        self.local_addr = base + front.mmap_offset
+
+    def close(self) -> None:
+        if self.length:
+            _libc.munmap(self.base, self.length)
+            self.length = 0
 
 
 class MappedTable:
@@ -257,12 +291,20 @@ class MappedTable:
                 "parameter max_mem_regions)"
             )
         for r in new:
-            _check_range(r.guest_phys_addr, r.memory_size, "memory region gpa", err)
-            _check_range(r.userspace_addr, r.memory_size, "memory region address", err)
+            size = r.memory_size
+            if (
+                size > 0
+                and 0 <= r.guest_phys_addr <= _ADDRESS_SPACE - size
+                and 0 <= r.userspace_addr <= _ADDRESS_SPACE - size
+                and r.mmap_offset >= 0
+                and r.fd >= 0
+            ):
+                continue  # the usual case; the checks below word what is wrong
+            _check_range(r.guest_phys_addr, size, "memory region gpa", err)
+            _check_range(r.userspace_addr, size, "memory region address", err)
             if r.mmap_offset < 0:
                 raise err(f"memory region mmap_offset {r.mmap_offset} is negative")
-            if r.fd < 0:
-                raise err(f"memory region at gpa 0x{r.guest_phys_addr:x} has no fd")
+            raise err(f"memory region at gpa 0x{r.guest_phys_addr:x} has no fd")
         everything = [m.front for m in self._mapped] + new
         _check_disjoint(
             ((r.guest_phys_addr, r.memory_size) for r in everything),
@@ -287,15 +329,42 @@ class MappedTable:
                     f"memory region gpa 0x{r.guest_phys_addr:x}: its file has 0x{st.st_size:x} "
                     f"bytes, the region needs 0x{length:x} (mmap_offset + size)"
                 )
-            mm = mmap.mmap(r.fd, length, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        except (OSError, ValueError) as exc:
+            base = _libc.mmap(0, length, _PROT_RW, mmap.MAP_SHARED, r.fd, 0)
+            if base == _MAP_FAILED:
+                err = _libc_ffi.errno
+                raise OSError(err, os.strerror(err))
+        except (OSError, OverflowError) as exc:
             raise self._error(
                 f"cannot map memory region gpa 0x{r.guest_phys_addr:x} size "
                 f"0x{r.memory_size:x} offset 0x{r.mmap_offset:x}: {exc}"
             ) from exc
         finally:
             _close_quietly(r.fd)
-        return _Mapped(r, mm, address_of(mm) + r.mmap_offset)
+        return _Mapped(r, (st.st_dev, st.st_ino), base, length)
+
+    def same_as(self, regions: Sequence[FrontendRegion]) -> bool:
+        """True when ``regions`` describe exactly this table: the same values, in the same
+        order, of the same files (device and inode; this table's mappings keep its files
+        alive, so neither can be reused while it exists). Does not take the fds."""
+        if len(regions) != len(self._mapped):
+            return False
+        for m, r in zip(self._mapped, regions, strict=True):
+            f = m.front
+            if (f.guest_phys_addr, f.memory_size, f.userspace_addr, f.mmap_offset) != (
+                r.guest_phys_addr,
+                r.memory_size,
+                r.userspace_addr,
+                r.mmap_offset,
+            ):
+                return False
+        for m, r in zip(self._mapped, regions, strict=True):
+            try:
+                st = os.fstat(r.fd)
+            except OSError:
+                return False
+            if (st.st_dev, st.st_ino) != m.ident:
+                return False
+        return True
 
     def add(self, region: FrontendRegion) -> MemoryRegion:
         """Map one more region (vhost-user ADD_MEM_REG); takes ownership of its fd."""
@@ -317,7 +386,7 @@ class MappedTable:
                 memory_size,
                 userspace_addr,
             ):
-                m.mm.close()
+                m.close()
                 del self._mapped[i]
                 return
         raise self._error(
@@ -366,7 +435,7 @@ class MappedTable:
     def close(self) -> None:
         """Unmap everything; idempotent."""
         while self._mapped:
-            self._mapped.pop().mm.close()
+            self._mapped.pop().close()
 
     def __enter__(self) -> MappedTable:
         return self
@@ -381,5 +450,8 @@ class MappedTable:
 
 
 def _close_quietly(fd: int) -> None:
-    with contextlib.suppress(OSError):
+    # not contextlib.suppress: this runs per region inside QEMU's DRIVER_OK wait
+    try:  # noqa: SIM105
         os.close(fd)
+    except OSError:
+        pass

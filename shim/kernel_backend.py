@@ -5,9 +5,11 @@ One :class:`KernelBackend` serves one connection::
     vhost-user (QEMU's view)              kernel (the shim's view)
     ------------------------              --------------------------------------------------
     vring i                               /dev/vhost-net fd i // 2, ring i % 2 (0 RX, 1 TX)
-    SET_OWNER                             open tap + one vhost-net per pair, VHOST_SET_OWNER
+    SET_OWNER                             open tap (no offloads, 12-byte vnet header) + one
+                                          vhost-net per pair, VHOST_SET_OWNER
     SET_FEATURES f                        VHOST_SET_FEATURES f & kernel's bits, bit 27 clear;
-                                          TUNSETOFFLOAD tun_flags_for(f); TUNSETVNETHDRSZ
+                                          TUNSETOFFLOAD tun_flags_for(f), TUNSETVNETHDRSZ,
+                                          each only when the tap has another value
     SET_MEM_TABLE (fds, QEMU's VAs)       mmap each fd; VHOST_SET_MEM_TABLE gpa -> shim VA
     SET_VRING_ADDR (QEMU's VAs)           translated to shim VAs, checked inside the regions
     SET_LOG_BASE (fd)                     mmap; VHOST_SET_LOG_BASE shim VA
@@ -20,7 +22,9 @@ Feature translation follows DPDK virtio-user's vhost-kernel backend: the tap off
 are not vhost-net's business (the kernel would refuse them) and are applied to the tap with
 TUNSETOFFLOAD instead; VHOST_NET_F_VIRTIO_NET_HDR (bit 27) is never set, so vhost-net passes
 the guest's virtio-net header through and the tap, opened with IFF_VNET_HDR, parses it -- the
-tap's header length is set to the guest's (12 with MRG_RXBUF or VERSION_1, else 10).
+tap's header length is set to the guest's (12 with MRG_RXBUF or VERSION_1, else 10). The
+tap gets 12 at SET_OWNER, when QEMU connects: every modern driver negotiates it, so the
+SET_FEATURES that QEMU sends inside the guest's DRIVER_OK write has one ioctl less to wait for.
 
 Safety: the kernel writes the dirty log and the used rings through *this* process's
 addresses, so every address handed to it is checked first -- rings inside a mapped region
@@ -430,10 +434,10 @@ class KernelBackend:
         self._checked: dict[int, int] = {}
         self._attached: set[int] = set()
         self._closer = closer
+        #: (TUNSETOFFLOAD flags, vnet header length) the tap has; None: unknown
+        self._tap_state: tuple[int, int] | None = None
         #: features applied to the devices and the tap, None until the first SET_FEATURES
         self._applied_features: int | None = None
-        #: (gpa, size, frontend address, offset, st_dev, st_ino) per region of self.table
-        self._table_key: tuple[tuple[int, ...], ...] = ()
         #: ring -> (desc, used, avail, log_guest_addr, log) the kernel has
         self._kernel_addrs: dict[int, tuple[int, int, int, int, bool]] = {}
 
@@ -476,8 +480,11 @@ class KernelBackend:
                     f"the tap has {len(tap.fds)} queue(s) for {self._pairs} queue pair(s)",
                 )
             tap.set_sndbuf(SNDBUF_UNLIMITED)
+            # No offloads until the driver acks them. The 12-byte header is what every
+            # VERSION_1 or MRG_RXBUF driver negotiates: set now, at connect, SET_FEATURES
+            # inside DRIVER_OK usually finds it in place and skips the ioctl.
             tap.set_offload(0)
-            tap.set_vnet_hdr_size(abi.VNET_HDR_LEN)
+            tap.set_vnet_hdr_size(abi.VNET_HDR_MRG_LEN)
             for _ in range(self._pairs):
                 dev = VhostNet(self._path)
                 devices.append(dev)
@@ -489,6 +496,7 @@ class KernelBackend:
             tap.close()
             raise
         self.tap, self.devices = tap, devices
+        self._tap_state = (0, abi.VNET_HDR_MRG_LEN)
         log.info(
             "%s: tap %s, %d vhost-net device(s), kernel features 0x%x",
             self.name,
@@ -526,8 +534,12 @@ class KernelBackend:
         for dev in devices:
             dev.set_features(kernel)
         offload, hdr_len = _tap_settings(virtio_features)
-        tap.set_offload(offload)
-        tap.set_vnet_hdr_size(hdr_len)
+        known, self._tap_state = self._tap_state, None  # unknown until both calls succeed
+        if known is None or known[0] != offload:
+            tap.set_offload(offload)
+        if known is None or known[1] != hdr_len:
+            tap.set_vnet_hdr_size(hdr_len)
+        self._tap_state = (offload, hdr_len)
         self._acked = self._applied_features = virtio_features
 
     def set_mem_table(self, regions: Sequence[FrontendRegion]) -> None:
@@ -537,8 +549,7 @@ class KernelBackend:
         The same regions of the same files as the current table (QEMU resends its table at
         every DRIVER_OK) change nothing: their fds are closed and the mapping kept.
         """
-        key = _table_key(regions)
-        if key is not None and key == self._table_key and self.table is not None:
+        if self.table is not None and self.table.same_as(regions):
             close_fds(r.fd for r in regions)
             return
         new = MappedTable(regions, max_regions=self._max_regions, error=RemoteProtocolError)
@@ -546,7 +557,6 @@ class KernelBackend:
             if self._log is not None:
                 self._check_log_covers(new, self._log_size)
             vhost_regions = new.vhost_regions()
-            self._table_key = ()
             for dev in self._devs():
                 dev.set_mem_table(vhost_regions)
             old, self.table = self.table, new
@@ -557,7 +567,6 @@ class KernelBackend:
                 self.table = None
             new.close()
             raise
-        self._table_key = key or ()
         if old is not None:
             old.close()
 
@@ -693,7 +702,7 @@ class KernelBackend:
         devices, self.devices = self.devices, []
         table, self.table = self.table, None
         log_map, self._log = self._log, None
-        self._table_key = ()
+        self._tap_state = None
         self._kernel_addrs.clear()
         self._applied_features = None
         if tap is None and not devices and table is None and log_map is None:
@@ -780,7 +789,6 @@ class KernelBackend:
             self.stop_vring(ring)
 
     def _drop_memory(self) -> None:
-        self._table_key = ()
         if self.table is not None:
             self.table.close()
             self.table = None
@@ -794,23 +802,6 @@ def _tap_settings(virtio_features: int) -> tuple[int, int]:
     """(TUNSETOFFLOAD flags, vnet header length) for negotiated features; cached because
     QEMU repeats SET_FEATURES per queue pair and these derive bits from names."""
     return features.tun_flags_for(virtio_features), vnet_hdr_len(virtio_features)
-
-
-def _table_key(regions: Sequence[FrontendRegion]) -> tuple[tuple[int, ...], ...] | None:
-    """What identifies a table's contents: each region's values and its file (device and
-    inode; the shim's mapping keeps that file alive, so the pair cannot be reused while
-    the table exists). None when an fd cannot be inspected (the mapping then reports it)."""
-    key = []
-    for r in regions:
-        try:
-            st = os.fstat(r.fd)
-        except OSError:
-            return None
-        key.append(
-            (r.guest_phys_addr, r.memory_size, r.userspace_addr, r.mmap_offset, st.st_dev,
-             st.st_ino)
-        )
-    return tuple(key)
 
 
 def _teardown(

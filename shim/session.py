@@ -330,28 +330,10 @@ class Session:
         # Most messages carry no fd: they share one empty _Pending (taking from it raises
         # without changing it), which saves an allocation per message.
         pending = _Pending(list(msg.fds)) if msg.fds else _NO_FDS
+        entry = _HANDLERS.get(int(msg.request))
         try:
             if self.state is _FAILED or self.state is _CLOSED:
                 return []
-            return self._dispatch(msg, pending)
-        finally:
-            if pending.fds:
-                pending.close()
-
-    def close(self) -> None:
-        """Stop the rings and close everything (frontend hung up, or shutdown)."""
-        if self.done:
-            return
-        self._stop_all()
-        self.backend.close()
-        self.state = ConnectionState.CLOSED
-
-    # -- dispatch --------------------------------------------------------------------
-
-    def _dispatch(self, msg: p.Message, pending: _Pending) -> list[bytes]:
-        request = msg.request
-        entry = _HANDLERS.get(int(request))
-        try:
             if entry is None:
                 raise RemoteProtocolError(f"{msg.name} is not supported by this backend")
             needs_owner, handler = entry
@@ -374,6 +356,9 @@ class Session:
             log.exception("%s: internal error handling %s", self.name, msg.name)
             self._fail(f"{msg.name} hit an internal error: {err!r}")
             return []
+        finally:
+            if pending.fds:
+                pending.close()
         if payload is not None:
             return [self.codec.reply(msg, payload)]
         if self._wants_ack(msg):
@@ -382,6 +367,16 @@ class Session:
                 ok = _ACK_OK[int(msg.request)] = self._ack(msg, REPLY_OK)
             return [ok]
         return []
+
+    def close(self) -> None:
+        """Stop the rings and close everything (frontend hung up, or shutdown)."""
+        if self.done:
+            return
+        self._stop_all()
+        self.backend.close()
+        self.state = ConnectionState.CLOSED
+
+    # -- dispatch --------------------------------------------------------------------
 
     def _wants_ack(self, msg: p.Message) -> bool:
         """NEED_REPLY on a request without a reply of its own, with REPLY_ACK negotiated."""

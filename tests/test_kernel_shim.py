@@ -10,6 +10,7 @@ frames sent out of the tap from the host side must land in RX buffers byte for b
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import mmap
 import os
@@ -19,11 +20,12 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Protocol
+from typing import ClassVar, Protocol
 
 import pytest
 
-from kvhost import features, netlink, versions
+from kvhost import abi, features, netlink, versions
+from kvhost import ioctl as kv_ioctl
 from kvhost.errors import RemoteProtocolError
 from kvhost.memory import GuestMemory, MemoryRegion
 from kvhost.vhost_user import protocol as p
@@ -129,6 +131,28 @@ def make_shim(tmp_path: Path, no_ipv6: None) -> Iterator[ShimFactory]:
     yield make
     for shim in started:
         shim.stop()
+
+
+class IoctlLog:
+    """Stands in for ``fcntl`` inside kvhost.ioctl (the one place ioctls are issued) and
+    records each request's name; the shim serves from a thread of this process."""
+
+    NAMES: ClassVar[dict[int, str]] = {i.number: i.name for i in abi.ALL_IOCTLS}
+
+    def __init__(self) -> None:
+        self.names: list[str] = []
+
+    def ioctl(self, fd: int, request: int, arg: object = 0, mutate: bool = True) -> object:
+        self.names.append(self.NAMES.get(request, hex(request)))
+        return fcntl.ioctl(fd, request, arg, mutate)  # type: ignore[call-overload]
+
+
+@contextlib.contextmanager
+def ioctls_issued(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
+    log = IoctlLog()
+    with monkeypatch.context() as m:
+        m.setattr(kv_ioctl, "fcntl", log)
+        yield log.names
 
 
 def packet_socket(ifname: str) -> socket.socket:
@@ -518,7 +542,7 @@ def test_sigterm_like_stop_detaches_rings_and_closes_everything(
 
 
 def test_restart_on_one_connection_skips_only_what_the_kernel_already_has(
-    fd_leak_check: None, make_shim: ShimFactory
+    fd_leak_check: None, make_shim: ShimFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """QEMU repeats its whole start sequence at every DRIVER_OK on one connection. The shim
     issues no ioctl for what the kernel already has (same features, the same regions of the
@@ -542,7 +566,15 @@ def test_restart_on_one_connection_skips_only_what_the_kernel_already_has(
             first_table = backend.table
             traffic(dev, "first")
             assert fe.stop(dev)[1] == 3
-            again = fe.start_net(mem, base_gpa=BASE_GPA)
+            with ioctls_issued(monkeypatch) as issued:
+                again = fe.start_net(mem, base_gpa=BASE_GPA)
+            # what a ring start needs every time, and nothing the kernel already has
+            assert sorted(set(issued)) == [
+                "VHOST_NET_SET_BACKEND",
+                "VHOST_SET_VRING_BASE",
+                "VHOST_SET_VRING_CALL",
+                "VHOST_SET_VRING_KICK",
+            ], issued
             assert backend.table is first_table  # the same memfds: the mapping was kept
             traffic(again, "again")
             assert fe.stop(again)[1] == 3
@@ -551,4 +583,35 @@ def test_restart_on_one_connection_skips_only_what_the_kernel_already_has(
             assert backend.table is not first_table  # new memfds: a new table
             traffic(moved, "moved")
             assert fe.stop(moved)[1] == 3
+    shim.wait_idle()
+
+
+def test_tap_header_is_set_at_connect_and_changed_only_for_a_legacy_driver(
+    fd_leak_check: None, make_shim: ShimFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SET_OWNER gives the tap the 12-byte header every VERSION_1 or MRG_RXBUF driver uses,
+    so SET_FEATURES (inside QEMU's DRIVER_OK) need not set it; a driver without either gets
+    the 10-byte header, and frames pass with each."""
+    shim = make_shim()
+    modern = features.mask(["VERSION_1", "MRG_RXBUF", "GUEST_CSUM"])
+    legacy = features.mask(["CSUM"])
+    with GuestMemory.create(MEMORY) as mem, shim.frontend() as fe:
+        fe.handshake()
+        (conn,) = shim.server.connections.values()
+        backend = conn.session.backend
+        assert isinstance(backend, KernelBackend) and backend.tap is not None
+        tap = backend.tap
+        for wanted, hdr_len in ((modern, abi.VNET_HDR_MRG_LEN), (legacy, abi.VNET_HDR_LEN)):
+            with ioctls_issued(monkeypatch) as issued:
+                dev = fe.start_net(mem, base_gpa=BASE_GPA, features=wanted)
+            assert ("TUNSETVNETHDRSZ" in issued) == (hdr_len != abi.VNET_HDR_MRG_LEN), issued
+            # tap offloads: none at connect, TUN_F_CSUM for GUEST_CSUM, none again for legacy
+            assert "TUNSETOFFLOAD" in issued, issued
+            assert tap.get_vnet_hdr_size() == hdr_len
+            with packet_socket(tap.name) as cap:
+                frames = test_frames(3, f"hdr {hdr_len}")
+                assert dev.send(frames) == len(frames)
+                assert dev.wait_tx_done(timeout=5)
+                assert sorted(captured(cap, len(frames))) == sorted(frames)
+            fe.stop(dev)
     shim.wait_idle()

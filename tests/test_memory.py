@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+from pathlib import Path
 
 import pytest
 
@@ -119,3 +120,43 @@ def test_mapped_table_add_checks_against_existing(fd_leak_check: None) -> None:
             table.add(FrontendRegion(0x20000, 0x1000, 0x10000800, 0, os.dup(mem.fds[0])))
         with pytest.raises(ValueError, match="no memory region"):
             table.remove(0x20000, 0x1000, 0x10000800)
+
+
+def _mapped_ranges() -> set[int]:
+    starts = set()
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        starts.add(int(line.split("-", 1)[0], 16))
+    return starts
+
+
+def test_mapped_table_same_as_compares_values_and_files(fd_leak_check: None) -> None:
+    with (
+        GuestMemory.create([(0, MiB)]) as mem,
+        GuestMemory.create([(0, MiB)]) as other,
+        MappedTable([_frontend_region(mem, 0, 0x7F0000000000)]) as table,
+    ):
+        same = [_frontend_region(mem, 0, 0x7F0000000000)]
+        moved = [_frontend_region(mem, 0, 0x7F2000000000)]
+        # same values, but another memfd: QEMU restarted with new RAM
+        other_file = [_frontend_region(other, 0, 0x7F0000000000)]
+        assert table.same_as(same)
+        assert not table.same_as(moved)
+        assert not table.same_as(other_file)
+        assert not table.same_as(same + moved)
+        # same_as never takes the fds: the caller still owns (and closes) them
+        for r in same + moved + other_file:
+            os.close(r.fd)
+
+
+def test_mapped_table_close_unmaps(fd_leak_check: None) -> None:
+    with GuestMemory.create([(0, MiB), (0x200000, MiB)]) as mem:
+        table = MappedTable(
+            [_frontend_region(mem, 0, 0x10000000), _frontend_region(mem, 1, 0x20000000)]
+        )
+        bases = {r.userspace_addr for r in table.vhost_regions()}
+        assert bases <= _mapped_ranges()
+        table.remove(0x200000, MiB, 0x20000000)
+        assert len(bases & _mapped_ranges()) == 1
+        table.close()
+        table.close()  # idempotent
+        assert not bases & _mapped_ranges()

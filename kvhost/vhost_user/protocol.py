@@ -861,9 +861,14 @@ def raw_message(request: int, flags: int, payload: bytes, *, size: int | None = 
     return HEADER.pack(request, flags, len(payload) if size is None else size) + payload
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, eq=True)
 class Message:
-    """One decoded message. The receiver owns ``fds`` (close them, or hand them on)."""
+    """One decoded message. The receiver owns ``fds`` (close them, or hand them on).
+
+    Not frozen, unlike the payloads: a frozen dataclass is built field by field through
+    object.__setattr__, which tripled the cost of the object the codec builds for every
+    message. Treat it as read-only all the same.
+    """
 
     request: Request | int
     flags: HeaderFlag
@@ -940,6 +945,13 @@ class _Decoder:
             close_fds(new_fds)
             raise RemoteProtocolError(f"connection already failed: {self._failed}")
         try:
+            if not self._buf and len(data) >= HEADER_SIZE and len(new_fds) <= MAX_FDS:
+                # The common case: nothing buffered and the chunk is exactly one message
+                # (every frontend sends one message per sendmsg); its fds are all its own.
+                # On an error new_fds still lists them, and _fail closes them.
+                request, flags, size = HEADER.unpack_from(data)
+                if HEADER_SIZE + size == len(data):
+                    return [self._decode_single(request, flags, size, bytes(data), new_fds)]
             self._feed(bytes(data), new_fds, out)
         except RemoteProtocolError as err:
             self._fail(str(err), new_fds, out)
@@ -968,20 +980,8 @@ class _Decoder:
             if new_fds:
                 raise RemoteProtocolError(f"{self._side} sent fds without any message bytes")
             return
-        if not self._buf and len(data) >= HEADER_SIZE:
-            # The common case: nothing buffered and the chunk is exactly one message (every
-            # frontend sends one message per sendmsg). Its fds are all its own.
-            request, flags, size = HEADER.unpack_from(data)
-            if HEADER_SIZE + size == len(data):
-                own, new_fds[:] = list(new_fds), []
-                try:
-                    out.append(self._decode_single(request, flags, size, data, own))
-                except BaseException:
-                    close_fds(own)
-                    raise
-                return
-            if self._whole_messages(data, new_fds, out):
-                return
+        if not self._buf and len(data) >= HEADER_SIZE and self._whole_messages(data, new_fds, out):
+            return
         old_len = len(self._buf)
         self._buf += data
         # Walk the headers to find where messages start; a header is validated as soon as
@@ -1117,38 +1117,6 @@ class BackendCodec(_Decoder):
         {VHOST_USER_VERSION, VHOST_USER_VERSION | _NEED_REPLY_BIT}
     )
 
-    def _fast(
-        self, request: int, flags: int, size: int, data: bytes, fds: Sequence[int]
-    ) -> Message | None:
-        """``data`` (exactly one message, header included) decoded when it is a well-formed
-        request of the kinds QEMU sends at every ring start and stop -- one struct, a vring
-        file, a memory table -- with the right fd count; else None, and the general path
-        decides (it also words every error). The payload types do their own checks.
-        Takes no fds: the Message holds them."""
-        if flags not in self._GOOD_FLAGS:
-            return None
-        fast = _FAST_REQUESTS.get(request)
-        if fast is not None:
-            req, plain, want = fast
-            entry = plain.get(size)
-            if entry is None or len(fds) not in want:
-                return None
-            make, st = entry
-            return Message(
-                req, _FLAGS_BY_VALUE[flags], make(*st.unpack_from(data, HEADER_SIZE)), tuple(fds)
-            )
-        counted = _PAYLOAD_COUNTS_FDS.get(request)
-        if counted is None:
-            return None
-        req, kind = counted
-        try:
-            payload = kind.unpack(data[HEADER_SIZE:])
-        except RemoteProtocolError:
-            return None
-        if len(fds) != _payload_fds(payload):
-            return None
-        return Message(req, _FLAGS_BY_VALUE[flags], payload, tuple(fds))
-
     def _check_header(self, request: int, flags: int, size: int) -> None:
         if flags not in self._GOOD_FLAGS:
             self._check_common_flags("frontend", request, flags)
@@ -1166,9 +1134,29 @@ class BackendCodec(_Decoder):
     def _decode_single(
         self, request: int, flags: int, size: int, data: bytes, fds: list[int]
     ) -> Message:
-        msg = self._fast(request, flags, size, data, fds)
-        if msg is not None:
-            return msg
+        """Well-formed requests of the kinds QEMU sends at every ring start and stop -- one
+        struct, a vring file, a memory table -- with the right fd count are decoded here;
+        anything else goes the general way, which also words every error. The payload
+        types do their own checks. The Message holds the fds."""
+        if flags in self._GOOD_FLAGS:
+            fast = _FAST_REQUESTS.get(request)
+            if fast is not None:
+                req, plain, want = fast
+                entry = plain.get(size)
+                if entry is not None and len(fds) in want:
+                    make, st = entry
+                    payload = make(*st.unpack_from(data, HEADER_SIZE))
+                    return Message(req, _FLAGS_BY_VALUE[flags], payload, tuple(fds))
+            else:
+                counted = _PAYLOAD_COUNTS_FDS.get(request)
+                if counted is not None:
+                    req, kind = counted
+                    try:
+                        payload = kind.unpack(data[HEADER_SIZE:])
+                    except RemoteProtocolError:
+                        payload = None
+                    if payload is not None and len(fds) == _payload_fds(payload):
+                        return Message(req, _FLAGS_BY_VALUE[flags], payload, tuple(fds))
         return super()._decode_single(request, flags, size, data, fds)
 
     def _decode(self, request: int, flags: int, payload: bytes, fds: list[int]) -> Message:
