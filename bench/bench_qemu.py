@@ -45,7 +45,8 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -62,63 +63,90 @@ from kvhost.qemu.machine import (  # noqa: E402
     migrate,
 )
 from kvhost.qemu.virtio_pci import TX, VirtioNetDriver  # noqa: E402
-from kvhost.scenario import GUEST_MAC, PEER_MAC, Rig, ShimProcess, frame  # noqa: E402
+from kvhost.scenario import (  # noqa: E402
+    GUEST_MAC,
+    PEER_MAC,
+    SHIM_PROGRAM,
+    Rig,
+    ShimProcess,
+    frame,
+)
 
 PROPS = {"mac": GUEST_MAC.hex(":")}
 TRACE_ENV = "KVHOST_BENCH_TRACE"
 
 
 def start_shim(
-    stack: contextlib.ExitStack, rig: Rig, name: str, tap: str, version: str | None, *,
-    verbose: bool, trace: Path | None = None,
+    rig: Rig, name: str, tap: str, version: str | None, *, verbose: bool,
+    trace: Path | None = None,
 ) -> ShimProcess:
-    """A shim on ``tap`` like Rig.shim, with the bench's choice of logging (and tracing)."""
-    shim = ShimProcess(str(rig.workdir / f"{name}.sock"), rig.workdir / f"{name}.log",
-                       version=version, tap=tap, verbose=verbose, name=name)
+    """:meth:`Rig.shim` on ``tap`` with the bench's choice of logging (and, with ``trace``,
+    the traced shim of :func:`traced_shim_main` writing to that file); prints how long the
+    shim took to listen."""
+    program = SHIM_PROGRAM
     if trace is not None:
-        shim.argv[1:3] = [str(Path(__file__).resolve()), "--as-traced-shim"]
+        program = (sys.executable, str(Path(__file__).resolve()), "--as-traced-shim")
         os.environ[TRACE_ENV] = str(trace)
-    stack.callback(shim.kill)
-    stack.callback(shim.stop)
     t0 = time.monotonic()
     # generous: Python start-up plus pyroute2's import take minutes on a loaded TCG machine
-    shim.start(timeout=600)
+    shim = rig.shim(name, tap, version, verbose=verbose, timeout=600, program=program)
     print(f"{name} listening after {time.monotonic() - t0:.0f} s", flush=True)
     return shim
 
 
+@dataclass
+class _Read:
+    """The socket read the traced shim is handling: monotonic ns stamps (woken, received,
+    handled, last reply sent), the bytes, the backend's mapped table before it."""
+
+    stamps: list[int]
+    table: object
+    data: bytes = b""
+    kept: bool = False
+
+
 def traced_shim_main(argv: list[str]) -> int:
     """``kvhost-shim`` with every socket read timestamped (monotonic ns) into the file named
-    by $KVHOST_BENCH_TRACE at exit: ``start end request[!],...`` per read (! = NEED_REPLY)."""
+    by $KVHOST_BENCH_TRACE at exit: ``start end request[!],...`` per read (! = NEED_REPLY).
+
+    The shim's own read path (``ShimServer._readable``) runs unchanged; the stamps come from
+    thin wrappers around the three steps it calls: ``_recv``, ``Session.receive``, ``_send``.
+    """
     from kvhost.vhost_user import protocol as p
     from shim import cli, server
-    from shim.server import _recv, _send
+    from shim.session import Session
 
     # Cheap stamps only (monotonic_ns is a vDSO call): (woken, received, handled, sent, bytes)
     records: list[tuple[int, int, int, int, bytes, bool]] = []
-    def readable(self: server.ShimServer, conn: Any) -> None:
-        # server.ShimServer._readable's happy path, stamped
-        t0 = time.monotonic_ns()
-        table = getattr(conn.session.backend, "table", None)
-        try:
-            data, fds, truncated = _recv(conn.sock)
-        except BlockingIOError:
-            return
-        t1 = time.monotonic_ns()
-        if not data or truncated:
-            conn.session.close()
-            return
-        replies = conn.session.receive(data, fds)
-        t2 = time.monotonic_ns()
-        for reply in replies:
-            _send(conn.sock, reply)
-        t3 = time.monotonic_ns()
-        kept = getattr(conn.session.backend, "table", None) is table
-        records.append((t0, t1, t2, t3, data, kept))
-        if not conn.version_logged and conn.session.acked_features is not None:
-            self._log_version(conn)
-        if conn.session.done:
-            self._drop(conn, f"failed: {conn.session.error}")
+    now: list[_Read] = []
+    readable, recv, receive, send = (server.ShimServer._readable, server._recv,
+                                     Session.receive, server._send)
+
+    def traced_readable(self: server.ShimServer, conn: Any) -> None:
+        read = _Read([time.monotonic_ns()], getattr(conn.session.backend, "table", None))
+        now[:] = [read]
+        readable(self, conn)
+        if len(read.stamps) >= 3:  # the session got bytes: the happy path
+            t0, t1, t2 = read.stamps[:3]
+            records.append((t0, t1, t2, read.stamps[-1], read.data, read.kept))
+
+    def traced_recv(sock: Any) -> tuple[bytes, list[int], bool]:
+        out = recv(sock)
+        now[0].stamps.append(time.monotonic_ns())
+        return out
+
+    def traced_receive(session: Session, data: bytes, fds: Sequence[int]) -> list[bytes]:
+        replies = receive(session, data, fds)
+        read = now[0]
+        read.stamps.append(time.monotonic_ns())
+        read.data = data
+        read.kept = getattr(session.backend, "table", None) is read.table
+        return replies
+
+    def traced_send(sock: Any, data: bytes) -> None:
+        send(sock, data)
+        read = now[0]
+        read.stamps[3:] = [time.monotonic_ns()]
 
     def describe(data: bytes, kept: bool) -> str:
         found, off = [], 0
@@ -137,7 +165,10 @@ def traced_shim_main(argv: list[str]) -> int:
                 out.write(f"{t0} {t3} recv {(t1 - t0) / 1e6:.2f} handle {(t2 - t1) / 1e6:.2f} "
                           f"send {(t3 - t2) / 1e6:.2f} {describe(data, kept)}\n")
 
-    server.ShimServer._readable = readable  # type: ignore[method-assign]
+    server.ShimServer._readable = traced_readable  # type: ignore[method-assign]
+    server._recv = traced_recv
+    server._send = traced_send
+    Session.receive = traced_receive  # type: ignore[method-assign,assignment]
     atexit.register(dump)
     return cli.main(argv)
 
@@ -199,7 +230,7 @@ def floor_run(reps: int) -> int:
         subprocess.run([compiler, "-O2", "-o", str(binary), str(REPO / "bench/null_backend.c")],
                        check=True)
         rig.port("kvs0")
-        shim = start_shim(stack, rig, "shim-f", "kvs0", None, verbose=False)
+        shim = start_shim(rig, "shim-f", "kvs0", None, verbose=False)
         label = shim.served_version()
         served = versions.by_name(label) if label is not None else None
         assert served is not None, f"shim-f serves {label!r}"
@@ -237,7 +268,7 @@ def floor_run(reps: int) -> int:
             m.stop()
 
         rig.port("kvs1")
-        shim_b = start_shim(stack, rig, "shim-g", "kvs1", label, verbose=False)
+        shim_b = start_shim(rig, "shim-g", "kvs1", label, verbose=False)
 
         def null_pair(i: int) -> tuple[Machine, Machine, str]:
             uri = f"unix:{rig.workdir / f'mig-z{i}.sock'}"
@@ -322,10 +353,10 @@ def migrate_once(make_pair: Pair, i: int, *, transmit: bool = True) -> tuple[int
 
 def trace_run(reps: int, verbose: bool) -> int:
     """Time the shim's part of the DRIVER_OK round trip message by message (see --trace)."""
-    with netns.fresh("kvbench"), Rig() as rig, contextlib.ExitStack() as stack:
+    with netns.fresh("kvbench"), Rig() as rig:
         trace = rig.workdir / "shim.trace"
         port = rig.port("kvs0")
-        shim = start_shim(stack, rig, "shim-t", "kvs0", None, verbose=verbose, trace=trace)
+        shim = start_shim(rig, "shim-t", "kvs0", None, verbose=verbose, trace=trace)
         m = rig.qemu("qemu-t", shim, legacy=False, properties=PROPS)
         drv = VirtioNetDriver.probe(m.qtest)
         windows = []
@@ -397,10 +428,10 @@ def main() -> int:
     ok = True
     verbose = args.shim_verbose
     print(f"shims log at {'DEBUG (-v)' if verbose else 'INFO (the default)'}", flush=True)
-    with netns.fresh("kvbench"), Rig() as rig, contextlib.ExitStack() as stack:
+    with netns.fresh("kvbench"), Rig() as rig:
         # -- start: shim and native, repetitions interleaved --------------------------------
         port_s = rig.port("kvs0")
-        shim_a = start_shim(stack, rig, "shim-a", "kvs0", None, verbose=verbose)
+        shim_a = start_shim(rig, "shim-a", "kvs0", None, verbose=verbose)
         print(f"shim serves {shim_a.served_version()}", flush=True)
         m_s = rig.qemu("qemu-s", shim_a, legacy=False, properties=PROPS)
         m_n = rig.machine(
@@ -423,7 +454,7 @@ def main() -> int:
 
         # -- migration: shim -------------------------------------------------------------
         rig.port("kvs1")
-        shim_b = start_shim(stack, rig, "shim-b", "kvs1", shim_a.served_version(),
+        shim_b = start_shim(rig, "shim-b", "kvs1", shim_a.served_version(),
                             verbose=verbose)
 
         migrations = interleaved(

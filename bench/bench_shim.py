@@ -34,22 +34,19 @@ import os
 import pstats
 import statistics
 import struct
-import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-
-from pyroute2 import netns as pr_netns
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from kvhost import features, versions  # noqa: E402
+from kvhost import features, netns, versions  # noqa: E402
 from kvhost import ioctl as kv_ioctl  # noqa: E402
 from kvhost.memory import GuestMemory  # noqa: E402
+from kvhost.scenario import Footprint, ShimProcess  # noqa: E402
 from kvhost.tap import Tap, vnet_hdr_len  # noqa: E402
 from kvhost.vhost import VhostNet  # noqa: E402
 from kvhost.vhost_user import protocol as p  # noqa: E402
@@ -70,20 +67,6 @@ _DESC = struct.Struct("<QIHH")
 _U16 = struct.Struct("<H")
 #: the driver's wanted features: what QEMU 7.2 would take of v5
 WANT = features.mask(["VERSION_1", "MRG_RXBUF", "EVENT_IDX", "CSUM", "GUEST_CSUM"])
-
-
-@contextmanager
-def fresh_netns() -> Iterator[None]:
-    name = f"kvbench-{os.getpid()}"
-    pr_netns.create(name)
-    pr_netns.pushns(name)
-    try:
-        for knob in ("all", "default"):
-            Path(f"/proc/sys/net/ipv6/conf/{knob}/disable_ipv6").write_text("1")
-        yield
-    finally:
-        pr_netns.popns()
-        pr_netns.remove(name)
 
 
 # --- one TX blaster for both setups -------------------------------------------------------
@@ -124,81 +107,48 @@ def blast(mem: GuestMemory, ring: SplitRing, kick_fd: int, buf_gpa: int, total: 
 # --- the shim as its own process ------------------------------------------------------------
 
 
-class ShimProcess:
-    def __init__(self, sock: str) -> None:
-        self.sock = sock
-        self.log = Path(sock + ".log")
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "shim.cli",
-                "--socket-path",
-                sock,
-                "--interface-version",
-                "org.kernel.vhost-net.v5",
-            ],
-            cwd=REPO,
-            stderr=self.log.open("w"),
-            text=True,
-        )
-        deadline = time.monotonic() + 600  # Python + pyroute2 start-up on a loaded TCG VM
-        while not os.path.exists(sock):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"kvhost-shim did not start: {self.log.read_text()}")
-            time.sleep(0.05)
+V5 = "org.kernel.vhost-net.v5"
 
-    def status(self, key: str) -> int:
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-        raise KeyError(key)
 
-    def switches(self) -> int:
-        """Voluntary + involuntary context switches of every thread of the shim that is not
-        a vhost worker (since 6.4 those are threads of the owner)."""
-        total = 0
-        for task in Path(f"/proc/{self.proc.pid}/task").iterdir():
-            text = (task / "status").read_text()
-            name = text.splitlines()[0].split()[1]
-            if name.startswith("vhost-"):
-                continue
-            for line in text.splitlines():
-                if line.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")):
-                    total += int(line.split()[1])
-        return total
+def start_shim(sock: str) -> ShimProcess:
+    """``kvhost-shim`` serving v5, a tap created per connection, logging at INFO to
+    ``SOCK.log``."""
+    shim = ShimProcess(sock, Path(sock + ".log"), version=V5, verbose=False)
+    # Python + imports start-up on a loaded TCG VM
+    return shim.start(timeout=600)
 
-    def rss_without_guest_memory(self) -> int:
-        """Resident bytes of every mapping but the guest memory and log memfds."""
-        total = 0
-        skip = False
-        for line in Path(f"/proc/{self.proc.pid}/smaps").read_text().splitlines():
-            first = line.split(maxsplit=1)[0]
-            if "-" in first and not first.endswith(":"):
-                skip = "/memfd:" in line
-            elif first == "Rss:" and not skip:
-                total += int(line.split()[1]) * 1024
-        return total
 
-    def stop(self) -> str:
-        self.proc.terminate()
-        self.proc.wait(timeout=60)
-        err = self.log.read_text()
-        if self.proc.returncode != 0:
-            raise RuntimeError(f"kvhost-shim exited {self.proc.returncode}: {err}")
-        return err
+def switches(shim: ShimProcess) -> int:
+    """Voluntary + involuntary context switches of every thread of the shim that is not
+    a vhost worker (since 6.4 those are threads of the owner)."""
+    total = 0
+    for task in Path(f"/proc/{shim.pid}/task").iterdir():
+        text = (task / "status").read_text()
+        name = text.splitlines()[0].split()[1]
+        if name.startswith("vhost-"):
+            continue
+        for line in text.splitlines():
+            if line.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")):
+                total += int(line.split()[1])
+    return total
+
+
+def stop_shim(shim: ShimProcess) -> None:
+    status = shim.stop(timeout=60)
+    if status != 0:
+        raise RuntimeError(f"kvhost-shim exited {status}: {shim.log_text()}")
 
 
 def shim_datapath(shim: ShimProcess, frames: int) -> tuple[float, int]:
-    with GuestMemory.create(MEMORY) as mem, VhostUserFrontend(shim.sock, timeout=60) as fe:
+    with GuestMemory.create(MEMORY) as mem, VhostUserFrontend(shim.socket_path, timeout=60) as fe:
         fe.handshake()
         dev = fe.start_net(mem, base_gpa=BASE, features=WANT)
         ring = dev.tx_ring(0)
         buf = BASE + (16 << 20)
         blast(mem, ring, dev.kick_fds[1], buf, 2 * BATCH)  # warm up
-        before = shim.switches()
+        before = switches(shim)
         rate = blast(mem, ring, dev.kick_fds[1], buf, frames)
-        switched = shim.switches() - before
+        switched = switches(shim) - before
         fe.stop(dev)
     return rate, switched
 
@@ -543,9 +493,9 @@ def breakdown(rounds: int) -> None:
 
 def rss_per_vm(shim: ShimProcess, vms: int) -> float:
     time.sleep(0.2)
-    base = shim.rss_without_guest_memory()
+    base = Footprint.of(shim.pid).rss_without_memfd
     mems = [GuestMemory.create(MEMORY) for _ in range(vms)]
-    fes = [VhostUserFrontend(shim.sock, timeout=60) for _ in range(vms)]
+    fes = [VhostUserFrontend(shim.socket_path, timeout=60) for _ in range(vms)]
     try:
         for fe, mem in zip(fes, mems, strict=True):
             fe.connect()
@@ -554,7 +504,7 @@ def rss_per_vm(shim: ShimProcess, vms: int) -> float:
             dev.send([FRAME] * 32)
             dev.wait_tx_done(timeout=5)
         time.sleep(0.2)
-        grown = shim.rss_without_guest_memory() - base
+        grown = Footprint.of(shim.pid).rss_without_memfd - base
     finally:
         for fe in fes:
             fe.close()
@@ -568,7 +518,7 @@ def main() -> int:
     ap.add_argument("--frames", type=int, default=100_000)
     ap.add_argument("--trials", type=int, default=3)
     ap.add_argument("--vms", type=int, default=4)
-    ap.add_argument("--control-trials", type=int, default=15)
+    ap.add_argument("--control-trials", type=int, default=40)
     ap.add_argument(
         "--profile", type=int, default=0, metavar="ROUNDS",
         help="after the measurements, ROUNDS instrumented rounds showing where the control "
@@ -577,7 +527,7 @@ def main() -> int:
     ap.add_argument("--control-only", action="store_true", help="skip datapath and memory")
     args = ap.parse_args()
     ok = True
-    with fresh_netns():
+    with netns.fresh("kvbench"):
         shim_s, bare_s, stop_s, bare_stop_s = control_path(args.control_trials)
         start_ratio = shim_s / bare_s
         print(
@@ -596,7 +546,7 @@ def main() -> int:
             return 0 if ok else 1
 
         sock = f"/run/kvbench-{os.getpid()}.sock"
-        shim = ShimProcess(sock)
+        shim = start_shim(sock)
         try:
             shim_rates, bare_rates, switches = [], [], []
             for _ in range(args.trials):
@@ -622,7 +572,7 @@ def main() -> int:
             )
             ok &= per_vm <= 4 << 20
         finally:
-            shim.stop()
+            stop_shim(shim)
     print("all targets met" if ok else "TARGET MISSED")
     return 0 if ok else 1
 

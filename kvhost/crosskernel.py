@@ -41,7 +41,6 @@ import json
 import os
 import re
 import shlex
-import signal
 import subprocess
 import sys
 import time
@@ -59,6 +58,7 @@ from kvhost.errors import KvhostError, UsageError
 from kvhost.qemu.errors import QemuError, QemuExited
 from kvhost.qemu.machine import Machine, MachineConfig, TapBackend, VhostUserBackend, migrate
 from kvhost.qemu.virtio_pci import RX, TX, DriverState, VirtioNetDriver
+from kvhost.scenario import ShimProcess
 
 SOURCE_KERNEL = "6.12"
 DESTINATION_KERNEL = "6.1"
@@ -188,64 +188,6 @@ def vhost_evidence(pid: int) -> dict[str, Any]:
     return {"pid": pid, "vhost_net_fds": fds, "worker_tid": worker}
 
 
-class ShimProcess:
-    """``kvhost-shim`` as a child process on an existing tap (``python -m shim.cli``)."""
-
-    def __init__(self, socket_path: Path, tap: str, version: str | None, log: Path) -> None:
-        self.socket_path = socket_path
-        self.argv = [sys.executable, "-m", "shim.cli", "--socket-path", str(socket_path),
-                     "--tap", tap]
-        if version is not None:
-            self.argv += ["--interface-version", version]
-        self.log = log
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self, timeout: float = START_TIMEOUT) -> ShimProcess:
-        with self.log.open("wb") as err:
-            self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=err,
-                                         stderr=err, close_fds=True)
-        deadline = time.monotonic() + timeout
-        while not self.socket_path.exists():
-            if self.proc.poll() is not None:
-                raise KvhostError(f"kvhost-shim exited {self.proc.returncode} before listening: "
-                                  f"{self.stderr().strip()}")
-            if time.monotonic() > deadline:
-                raise KvhostError(f"kvhost-shim did not listen on {self.socket_path} in "
-                                  f"{timeout} s: {self.stderr().strip()}")
-            time.sleep(0.05)
-        return self
-
-    @property
-    def pid(self) -> int:
-        if self.proc is None:
-            raise UsageError("shim not started")
-        return self.proc.pid
-
-    def stderr(self) -> str:
-        try:
-            return self.log.read_text(errors="replace")
-        except OSError:
-            return ""
-
-    def served_version(self) -> str | None:
-        """The version the shim announced it serves (its start-up log line)."""
-        m = re.search(r"interface version (\S+)", self.stderr())
-        return m.group(1) if m else None
-
-    def stop(self, timeout: float = 15.0) -> int | None:
-        """SIGTERM (the program convention), SIGKILL after ``timeout``; exit status."""
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
-
-
 def _tap_up_persistent(name: str) -> None:
     # The shim takes an existing tap (--tap), as an operator's setup would give it one.
     netns.create_tap(name)
@@ -286,11 +228,12 @@ def _backend(case: Case, pin: str | None, work: Path, log_dir: Path,
         yield MachineConfig(backend=TapBackend(TAP, vhost=True), device_properties=props), None
         return
     _tap_up_persistent(TAP)
-    shim = ShimProcess(work / "shim.sock", TAP, pin if case.pinned else None,
-                       log_dir / f"{side}-shim.log")
+    shim = ShimProcess(str(work / "shim.sock"), log_dir / f"{side}-shim.log",
+                       version=pin if case.pinned else None, tap=TAP, verbose=False,
+                       name=f"{side} shim")
     try:
-        shim.start()
-        yield MachineConfig(backend=VhostUserBackend(str(shim.socket_path)),
+        shim.start(START_TIMEOUT)
+        yield MachineConfig(backend=VhostUserBackend(shim.socket_path),
                             device_properties=props), shim
     finally:
         shim.stop()
@@ -420,7 +363,7 @@ def _source_case(case: Case, pin: str, case_dir: Path, r: dict[str, Any]) -> Non
         r["qemu_stderr"] = machine.stderr_text()
         if shim is not None:
             r["shim_exit"] = shim.stop()
-            r["shim_stderr"] = shim.stderr()
+            r["shim_stderr"] = shim.log_text()
 
 
 def run_destination(state: Path, cases: Sequence[Case], out: TextIO = sys.stdout) -> int:
@@ -497,7 +440,7 @@ def _destination_case(case: Case, pin: str, case_dir: Path, r: dict[str, Any]) -
             r["qemu_stderr"] = machine.stderr_text()
             if shim is not None:
                 r["shim_exit"] = shim.stop()
-                r["shim_stderr"] = shim.stderr()
+                r["shim_stderr"] = shim.log_text()
             return
         r["load_ms"] = round((time.monotonic() - t0) * 1e3, 1)
 
@@ -524,7 +467,7 @@ def _destination_case(case: Case, pin: str, case_dir: Path, r: dict[str, Any]) -
         r["qemu_stderr"] = machine.stderr_text()
         if shim is not None:
             r["shim_exit"] = shim.stop()
-            r["shim_stderr"] = shim.stderr()
+            r["shim_stderr"] = shim.log_text()
 
 
 def _plan(state: Path) -> dict[str, Any]:

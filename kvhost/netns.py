@@ -129,9 +129,13 @@ def fresh(tag: str = "kv", *, ipv6: bool = False) -> Iterator[str]:
         subprocess.run(["ip", "netns", "del", name], capture_output=True, check=False)
 
 
-def create_tap(name: str) -> None:
-    """A persistent tap ``name`` with a vnet header in the current namespace, up."""
-    run(["ip", "tuntap", "add", "dev", name, "mode", "tap", "vnet_hdr"], f"creating tap {name}")
+def create_tap(name: str, *, multi_queue: bool = False) -> None:
+    """A persistent tap ``name`` with a vnet header in the current namespace, up;
+    ``multi_queue``: created with IFF_MULTI_QUEUE (a shim attaching with that flag needs it)."""
+    argv = ["ip", "tuntap", "add", "dev", name, "mode", "tap", "vnet_hdr"]
+    if multi_queue:
+        argv.append("multi_queue")
+    run(argv, f"creating tap {name}")
     link_up(name)
 
 
@@ -153,21 +157,29 @@ class TapPort:
         """Out of the tap interface, i.e. into the guest's RX queue."""
         self.sock.send(frame)
 
+    def receive(self, timeout: float) -> tuple[bytes, float] | None:
+        """The next frame the tap received from the guest side (frames it sent out are
+        skipped) and when it arrived (perf_counter); None when none came in ``timeout`` s."""
+        deadline = time.monotonic() + timeout
+        while (remaining := deadline - time.monotonic()) > 0:
+            self.sock.settimeout(remaining)
+            try:
+                data, addr = self.sock.recvfrom(65536)
+            except TimeoutError:
+                return None
+            arrived = time.perf_counter()
+            if addr[2] != PACKET_OUTGOING:
+                return data, arrived
+        return None
+
     def expect(self, wanted: bytes | int, timeout: float = 10.0) -> tuple[bytes, float]:
         """The first frame the tap received from the guest side that equals ``wanted``
         (bytes) or has ethertype ``wanted`` (int), and when it arrived (perf_counter).
         FrameNotSeen naming the tap on timeout."""
         deadline = time.monotonic() + timeout
         seen = 0
-        while (remaining := deadline - time.monotonic()) > 0:
-            self.sock.settimeout(remaining)
-            try:
-                data, addr = self.sock.recvfrom(65536)
-            except TimeoutError:
-                break
-            arrived = time.perf_counter()
-            if addr[2] == PACKET_OUTGOING:
-                continue
+        while (got := self.receive(deadline - time.monotonic())) is not None:
+            data, arrived = got
             seen += 1
             if isinstance(wanted, bytes):
                 if data == wanted:

@@ -45,7 +45,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -161,6 +161,8 @@ _VRING_BASE = re.compile(r"((?:GET|SET)_VRING_BASE) vring (\d+) base (\d+)")
 _LOG_MAPPED = re.compile(r"dirty log mapped \((\d+) bytes\)")
 _RARP = re.compile(r"RARP announced for (\S+)")
 _LISTENING = re.compile(r"listening on \S+, interface version (\S+)")
+#: how :class:`ShimProcess` runs kvhost-shim: the installed package, with this interpreter
+SHIM_PROGRAM = (sys.executable, "-m", "shim.cli")
 
 
 class ShimProcess:
@@ -169,16 +171,21 @@ class ShimProcess:
     :meth:`start` returns once the socket listens and the shim logged so; ShimStartError
     (exit status and log) if the shim exits first. :meth:`stop` sends SIGTERM and returns
     the exit status.
+
+    ``program`` is the command before the shim's options (default :data:`SHIM_PROGRAM`,
+    ``python -m shim.cli``); a diagnostic wrapper around the same program (the benchmark's
+    traced shim) takes its place there and gets the same options.
     """
 
     def __init__(self, socket_path: str, log_path: Path, *, version: str | None = None,
-                 tap: str | None = None, verbose: bool = True, name: str = "shim") -> None:
+                 tap: str | None = None, verbose: bool = True, name: str = "shim",
+                 program: Sequence[str] = SHIM_PROGRAM) -> None:
         self.socket_path = socket_path
         self.log_path = log_path
         self.version = version
         self.tap = tap
         self.name = name
-        self.argv = [sys.executable, "-m", "shim.cli", "--socket-path", socket_path]
+        self.argv = [*program, "--socket-path", socket_path]
         if version is not None:
             self.argv += ["--interface-version", version]
         if tap is not None:
@@ -535,14 +542,14 @@ class Rig:
 
     def shim(self, name: str, tap: str | None, version: str | None, *,
              socket_path: str | None = None, verbose: bool = True,
-             timeout: float = 120.0) -> ShimProcess:
-        """Start a shim on the existing ``tap`` (None: the shim creates a tap per
-        connection) serving ``version`` (None: the host's latest, unpinned), listening on
-        ``socket_path`` (default: ``<name>.sock`` in the work directory); ShimStartError
-        if it does not listen within ``timeout`` s."""
+             timeout: float = 120.0, program: Sequence[str] = SHIM_PROGRAM) -> ShimProcess:
+        """Start a shim (``program``, see :class:`ShimProcess`) on the existing ``tap``
+        (None: the shim creates a tap per connection) serving ``version`` (None: the
+        host's latest, unpinned), listening on ``socket_path`` (default: ``<name>.sock`` in
+        the work directory); ShimStartError if it does not listen within ``timeout`` s."""
         path = socket_path or str(self.workdir / f"{name}.sock")
         shim = ShimProcess(path, self.workdir / f"{name}.log", version=version, tap=tap,
-                           name=name, verbose=verbose)
+                           name=name, verbose=verbose, program=program)
         self._stack.callback(shim.kill)
         self._stack.callback(shim.stop)
         self.shims.append(shim)

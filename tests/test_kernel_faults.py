@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import itertools
 import re
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -179,13 +178,11 @@ def test_qemu_killed_mid_traffic_releases_its_devices_only(netns_quiet: str) -> 
 
 class Sniffer:
     """Every frame tap ``ifname`` receives from the guest side, with its arrival time
-    (perf_counter), recorded by a thread until :meth:`close`."""
+    (perf_counter), recorded from a :class:`kvhost.netns.TapPort` by a thread until
+    :meth:`close`."""
 
     def __init__(self, ifname: str) -> None:
-        self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
-                                  socket.htons(netns.ETH_P_ALL))
-        self.sock.bind((ifname, 0))
-        self.sock.settimeout(0.1)
+        self.port = netns.TapPort(ifname)
         self.frames: list[tuple[float, bytes]] = []
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"sniff-{ifname}", daemon=True)
@@ -193,12 +190,10 @@ class Sniffer:
 
     def _run(self) -> None:
         while not self._done.is_set():
-            try:
-                data, addr = self.sock.recvfrom(65536)
-            except TimeoutError:
-                continue
-            if addr[2] != netns.PACKET_OUTGOING:
-                self.frames.append((time.perf_counter(), data))
+            got = self.port.receive(0.1)
+            if got is not None:
+                data, arrived = got
+                self.frames.append((arrived, data))
 
     def times(self, wanted: bytes) -> list[float]:
         return [t for t, data in list(self.frames) if data == wanted]
@@ -206,7 +201,7 @@ class Sniffer:
     def close(self) -> None:
         self._done.set()
         self._thread.join(5)
-        self.sock.close()
+        self.port.close()
 
 
 def _wait_for(what: str, check: Callable[[], bool], rig: Rig, timeout: float = 60.0) -> None:
@@ -353,9 +348,7 @@ def _run_cycles(path: str, count: int, memories: list[GuestMemory],
 
 
 def _churn(total: int, rounds: int) -> None:
-    netns.run(["ip", "tuntap", "add", "dev", "kvc0", "mode", "tap", "vnet_hdr",
-               "multi_queue"], "creating tap kvc0")
-    netns.link_up("kvc0")
+    netns.create_tap("kvc0", multi_queue=True)
     with Rig() as rig:
         shim = rig.shim("churn", "kvc0", None, verbose=False, timeout=SHIM_START)
         pid, path = shim.pid, shim.socket_path

@@ -148,11 +148,17 @@ class IoctlLog:
 
 
 @contextlib.contextmanager
-def ioctls_issued(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
+def ioctls_issued(
+    monkeypatch: pytest.MonkeyPatch, fe: VhostUserFrontend
+) -> Iterator[list[str]]:
+    """The ioctls the shim issues for what ``fe`` sends in the body. Most requests get no
+    reply, so a last request that does (the shim answers in order) makes sure the shim has
+    handled everything before the recording stops."""
     log = IoctlLog()
     with monkeypatch.context() as m:
         m.setattr(kv_ioctl, "fcntl", log)
         yield log.names
+        fe.get_queue_num()
 
 
 def packet_socket(ifname: str) -> socket.socket:
@@ -566,7 +572,7 @@ def test_restart_on_one_connection_skips_only_what_the_kernel_already_has(
             first_table = backend.table
             traffic(dev, "first")
             assert fe.stop(dev)[1] == 3
-            with ioctls_issued(monkeypatch) as issued:
+            with ioctls_issued(monkeypatch, fe) as issued:
                 again = fe.start_net(mem, base_gpa=BASE_GPA)
             # what a ring start needs every time, and nothing the kernel already has
             assert sorted(set(issued)) == [
@@ -602,7 +608,7 @@ def test_tap_header_is_set_at_connect_and_changed_only_for_a_legacy_driver(
         assert isinstance(backend, KernelBackend) and backend.tap is not None
         tap = backend.tap
         for wanted, hdr_len in ((modern, abi.VNET_HDR_MRG_LEN), (legacy, abi.VNET_HDR_LEN)):
-            with ioctls_issued(monkeypatch) as issued:
+            with ioctls_issued(monkeypatch, fe) as issued:
                 dev = fe.start_net(mem, base_gpa=BASE_GPA, features=wanted)
             assert ("TUNSETVNETHDRSZ" in issued) == (hdr_len != abi.VNET_HDR_MRG_LEN), issued
             # tap offloads: none at connect, TUN_F_CSUM for GUEST_CSUM, none again for legacy

@@ -4,6 +4,7 @@ layout, the demo report, and the shim log lines the scenario reads."""
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,9 @@ from kvhost.qemu.machine import MachineConfig, VhostUserBackend, build_command
 from kvhost.scenario import (
     LEGACY_ONLY,
     ProcUsage,
+    Rig,
     ShimProcess,
+    ShimStartError,
     capped_manifest,
     expected_device_bits,
     frame,
@@ -125,6 +128,59 @@ def test_shim_log_lines_the_scenario_reads(tmp_path: Path, caplog: pytest.LogCap
     assert shim.acked_features() == [acked]
     assert shim.ring_bases("SET_VRING_BASE") == [(1, 5)]
     assert shim.ring_bases("GET_VRING_BASE") == [(1, 9)]
+
+
+#: Stands in for kvhost-shim as ShimProcess's ``program`` (the real one needs
+#: /dev/vhost-net): takes the same options, listens, logs the shim's "listening" line, exits 0
+#: on SIGTERM; ``--tap refuse`` makes it exit 2 first, as the shim does on a bad tap.
+STAND_IN_SHIM = r"""
+import signal, socket, sys
+args = sys.argv[1:]
+def option(name, default=None):
+    return args[args.index(name) + 1] if name in args else default
+if option("--tap") == "refuse":
+    sys.exit("kvhost-shim: tap refuse does not exist")
+path = option("--socket-path")
+sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+sock.bind(path)
+sock.listen()
+version = option("--interface-version", "org.kernel.vhost-net.v9")
+print(f"kvhost-shim: listening on {path}, interface version {version} (mode 0755)",
+      file=sys.stderr, flush=True)
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+while True:
+    signal.pause()
+"""
+STAND_IN = (sys.executable, "-c", STAND_IN_SHIM)
+
+
+def test_shim_process_runs_its_program_with_the_shim_options(tmp_path: Path) -> None:
+    shim = ShimProcess(str(tmp_path / "s.sock"), tmp_path / "s.log", version=V[5], tap="kvs0",
+                       verbose=False, program=STAND_IN)
+    assert shim.argv == [*STAND_IN, "--socket-path", str(tmp_path / "s.sock"),
+                         "--interface-version", V[5], "--tap", "kvs0"]
+    assert shim.start(timeout=60) is shim
+    assert shim.served_version() == V[5]
+    assert shim.stop() == 0 == shim.exit_status
+
+
+def test_shim_process_that_exits_first_says_how_and_why(tmp_path: Path) -> None:
+    shim = ShimProcess(str(tmp_path / "s.sock"), tmp_path / "s.log", tap="refuse",
+                       program=STAND_IN, name="shim-x")
+    with pytest.raises(ShimStartError) as err:
+        shim.start(timeout=60)
+    assert err.value.exit_status == 1 == shim.exit_status
+    assert "tap refuse does not exist" in err.value.log
+    assert str(err.value).startswith("shim-x: kvhost-shim exited with status 1 before listening")
+
+
+def test_rig_starts_a_shim_program_and_stops_it_on_exit(tmp_path: Path) -> None:
+    with Rig(tmp_path) as rig:
+        shim = rig.shim("shim-r", None, None, program=STAND_IN, timeout=60)
+        assert shim.socket_path == str(tmp_path / "shim-r.sock")
+        assert shim.served_version() == "org.kernel.vhost-net.v9"
+        assert shim.exit_status is None
+    assert shim.exit_status == 0
 
 
 def test_demo_report_names_everything() -> None:
