@@ -114,19 +114,25 @@ def quiet_ipv6() -> None:
 
 
 @contextlib.contextmanager
-def fresh(tag: str = "kv", *, ipv6: bool = False) -> Iterator[str]:
-    """A new network namespace ``TAG-PID-RANDOM`` with ``lo`` up, the body run inside it,
-    removed afterwards. Children started in the body inherit it."""
+def created(tag: str = "kv") -> Iterator[str]:
+    """A new network namespace ``TAG-PID-RANDOM`` (not entered), removed afterwards."""
     name = f"{tag}-{os.getpid()}-{os.urandom(3).hex()}"
     run(["ip", "netns", "add", name], "creating a network namespace")
     try:
-        with inside(name):
-            link_up("lo")
-            if not ipv6:
-                quiet_ipv6()
-            yield name
+        yield name
     finally:
         subprocess.run(["ip", "netns", "del", name], capture_output=True, check=False)
+
+
+@contextlib.contextmanager
+def fresh(tag: str = "kv", *, ipv6: bool = False) -> Iterator[str]:
+    """A new network namespace ``TAG-PID-RANDOM`` with ``lo`` up, the body run inside it,
+    removed afterwards. Children started in the body inherit it."""
+    with created(tag) as name, inside(name):
+        link_up("lo")
+        if not ipv6:
+            quiet_ipv6()
+        yield name
 
 
 def create_tap(name: str, *, multi_queue: bool = False) -> None:

@@ -75,3 +75,11 @@ def netns_quiet() -> Iterator[str]:
     solicitations from the host side of new taps land in RX rings between a test's frames."""
     with kvnetns.fresh("kvtest", ipv6=False) as name:
         yield name
+
+
+@pytest.fixture
+def other_netns() -> Iterator[str]:
+    """A network namespace the test process is not in, removed afterwards: for code that
+    must act in a namespace it was given, not the one it runs in."""
+    with kvnetns.created("kvother") as name:
+        yield name

@@ -5,8 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 
@@ -98,19 +97,8 @@ def test_a_closed_tap_is_a_usage_error(netns: str, fd_leak_check: None) -> None:
         tap.get_vnet_hdr_size()
 
 
-@pytest.fixture
-def other_netns(netns: str) -> Iterator[str]:
-    """A second namespace, which the test process is not in."""
-    name = f"kvfar-{os.getpid()}-{os.urandom(3).hex()}"
-    kvnetns.run(["ip", "netns", "add", name], "creating a network namespace")
-    try:
-        yield name
-    finally:
-        subprocess.run(["ip", "netns", "del", name], capture_output=True, check=False)
-
-
 def test_link_settings_in_another_namespace_enter_it_once_per_call(
-    other_netns: str, fd_leak_check: None, monkeypatch: pytest.MonkeyPatch
+    netns: str, other_netns: str, fd_leak_check: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     entered: list[str | None] = []
     real_inside = kvnetns.inside
