@@ -351,6 +351,13 @@ def control_path(trials: int) -> tuple[float, float, float, float]:
             f"control: {what} ms min {min(values[1:]) * 1e3:.2f} median "
             f"{statistics.median(values[1:]) * 1e3:.2f}"
         )
+    # Each round runs the shim then the bare ioctls, so a round's two times share the
+    # machine's speed of the moment (it drifts by tens of percent over minutes).
+    paired = sorted(s / b for s, b in zip(shim_t[1:], bare_t[1:], strict=True))
+    print(
+        f"control: start ratio per round (shim / bare) min {paired[0]:.2f} median "
+        f"{statistics.median(paired):.2f} max {paired[-1]:.2f}"
+    )
     # A TCG vCPU on a shared host is descheduled for milliseconds at random: the minimum
     # over many rounds is the cost of the work itself.
     return min(shim_t[1:]), min(bare_t[1:]), min(stop_t[1:]), min(bare_stop_t[1:])
@@ -516,7 +523,7 @@ def rss_per_vm(shim: ShimProcess, vms: int) -> float:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--frames", type=int, default=100_000)
-    ap.add_argument("--trials", type=int, default=3)
+    ap.add_argument("--trials", type=int, default=10)
     ap.add_argument("--vms", type=int, default=4)
     ap.add_argument("--control-trials", type=int, default=40)
     ap.add_argument(
