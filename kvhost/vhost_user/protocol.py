@@ -1125,7 +1125,7 @@ class BackendCodec(_Decoder):
                 "backend sends replies"
             )
         layout = _LAYOUT_BY_ID.get(request, _RAW)
-        if size not in layout._by_size and size > layout._limit:  # layout.size_ok, inlined
+        if not layout.size_ok(size):
             raise RemoteProtocolError(
                 f"{_request_name(request)} announces a {size}-byte payload; it must be "
                 f"{layout.describe_size()}"
@@ -1161,11 +1161,8 @@ class BackendCodec(_Decoder):
 
     def _decode(self, request: int, flags: int, payload: bytes, fds: list[int]) -> Message:
         layout = _LAYOUT_BY_ID.get(request, _RAW)
-        kind = layout._by_size.get(len(payload), layout._variable)  # layout.decode, inlined
         try:
-            if kind is None:
-                layout.decode(payload)  # raises, describing the sizes
-            body = kind.unpack(payload)  # type: ignore[union-attr]
+            body = layout.decode(payload)
         except RemoteProtocolError as err:
             raise RemoteProtocolError(f"{_request_name(request)}: {err}") from None
         want = layout.fds
