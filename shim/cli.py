@@ -246,18 +246,18 @@ def set_up(
             + (f", in network namespace {args.netns}" if args.netns else ""),
             tap=prepared.name,
         )
-    open_tap = prepared.open if prepared is not None else spec.open
+    served = config(prepared.open if prepared is not None else spec.open)
     try:
         if args.socket_path is not None:
             server = ShimServer.listen(
                 args.socket_path,
-                config(open_tap),
+                served,
                 mode=0o600 if socket_gid is None else 0o660,
                 owner=None if who is None else who.uid,
                 group=socket_gid if socket_gid is not None else (None if who is None else who.gid),
             )
         else:
-            server = ShimServer.adopt(args.fd, config(open_tap))
+            server = ShimServer.adopt(args.fd, served)
     except BaseException:
         release_tap(prepared)
         raise
