@@ -53,7 +53,7 @@ from typing import Any, TypeVar
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from kvhost import features, netlink, netns, versions  # noqa: E402
+from kvhost import netns, versions  # noqa: E402
 from kvhost.netns import TapPort  # noqa: E402
 from kvhost.qemu.machine import (  # noqa: E402
     Machine,
@@ -219,7 +219,7 @@ def floor_run(reps: int) -> int:
     """DRIVER_OK round trips, then migration downtimes, of the same idle device: null
     backend (C), shim, native, one after the other (no frame moves: the null backend has
     no datapath)."""
-    from shim.session import OFFERED_PROTOCOL_FEATURES
+    from shim.session import OFFERED_PROTOCOL_FEATURES, offered_features
 
     compiler = shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
@@ -234,17 +234,21 @@ def floor_run(reps: int) -> int:
         label = shim.served_version()
         served = versions.by_name(label) if label is not None else None
         assert served is not None, f"shim-f serves {label!r}"
-        offered = (versions.serve_features(served) | features.PROTOCOL_FEATURES
-                   | features.LOG_ALL)
+        offered = offered_features(served)
         def null_backend(name: str) -> str:
             sock = rig.workdir / f"{name}.sock"
             proc = subprocess.Popen(
                 [str(binary), str(sock), f"{offered:x}", f"{int(OFFERED_PROTOCOL_FEATURES):x}"],
                 stderr=subprocess.PIPE,
             )
-            stack.callback(proc.kill)
             assert proc.stderr is not None
-            proc.stderr.readline()  # "listening on ...": it serves one frontend, then exits
+            stack.callback(proc.stderr.close)
+            stack.callback(proc.wait)
+            stack.callback(proc.kill)
+            # it serves one frontend, then exits
+            line = proc.stderr.readline().decode(errors="replace")
+            if not line.startswith("null_backend: listening"):
+                raise RuntimeError(f"null backend {name} did not start: {line.strip()!r}")
             return str(sock)
 
         def null_qemu(name: str, incoming: str | None = None) -> Machine:
@@ -258,7 +262,7 @@ def floor_run(reps: int) -> int:
             "native": rig.machine("qemu-n", MachineConfig(
                 backend=TapBackend("kvq0", vhost=True), device_properties=PROPS)),
         }
-        netlink.set_up("kvq0")
+        netns.link_up("kvq0")
         drivers = {name: VirtioNetDriver.probe(m.qtest) for name, m in machines.items()}
         rts = interleaved(
             {name: functools.partial(round_trip, drv) for name, drv in drivers.items()},
@@ -437,7 +441,7 @@ def main() -> int:
         m_n = rig.machine(
             "qemu-n", MachineConfig(backend=TapBackend("kvq0", vhost=True), device_properties=PROPS)
         )
-        netlink.set_up("kvq0")
+        netns.link_up("kvq0")
         port_n = TapPort("kvq0")
         starts = interleaved(
             {

@@ -188,11 +188,6 @@ def vhost_evidence(pid: int) -> dict[str, Any]:
     return {"pid": pid, "vhost_net_fds": fds, "worker_tid": worker}
 
 
-def _tap_up_persistent(name: str) -> None:
-    # The shim takes an existing tap (--tap), as an operator's setup would give it one.
-    netns.create_tap(name)
-
-
 #: Properties kvhost.qemu.machine sets itself: its device is modern-only, which is what
 #: ``kvhost qemu-args`` asks for (``disable-modern=off``) for every version with VERSION_1.
 MACHINE_FIXED = {"disable-modern": "off", "disable-legacy": "on"}
@@ -227,7 +222,8 @@ def _backend(case: Case, pin: str | None, work: Path, log_dir: Path,
     if case.backend == "native":
         yield MachineConfig(backend=TapBackend(TAP, vhost=True), device_properties=props), None
         return
-    _tap_up_persistent(TAP)
+    # the shim takes an existing tap (--tap), as an operator's setup would give it one
+    netns.create_tap(TAP)
     shim = ShimProcess(str(work / "shim.sock"), log_dir / f"{side}-shim.log",
                        version=pin if case.pinned else None, tap=TAP, verbose=False,
                        name=f"{side} shim")

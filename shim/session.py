@@ -245,6 +245,12 @@ _FAILED = ConnectionState.FAILED
 _CLOSED = ConnectionState.CLOSED
 
 
+def offered_features(version: versions.InterfaceVersion) -> int:
+    """What GET_FEATURES answers under ``version``: its bits plus PROTOCOL_FEATURES and
+    LOG_ALL (the shim always offers dirty logging: migration needs it)."""
+    return versions.serve_features(version) | features.PROTOCOL_FEATURES | features.LOG_ALL
+
+
 class Session:
     """The state machine of one connection; see the module docstring.
 
@@ -288,7 +294,7 @@ class Session:
     @property
     def offered_features(self) -> int:
         """GET_FEATURES: the pinned version's bits plus PROTOCOL_FEATURES and LOG_ALL."""
-        return versions.serve_features(self.version) | features.PROTOCOL_FEATURES | features.LOG_ALL
+        return offered_features(self.version)
 
     @property
     def queue_pairs(self) -> int:

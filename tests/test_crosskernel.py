@@ -255,6 +255,6 @@ def test_every_crosskernel_test_carries_the_long_timeout() -> None:
     tests = [f for name, f in globals().items() if name.startswith("test_") and callable(f)]
     marks = {f.__name__: {m.name: m.args for m in getattr(f, "pytestmark", [])} for f in tests}
     cross = {name: m for name, m in marks.items() if "crosskernel" in m}
-    assert len(cross) == 6, sorted(cross)
+    assert cross, "no crosskernel test found: the marker lookup is broken"
     for name, m in cross.items():
         assert m.get("timeout") == (CROSSKERNEL_TIMEOUT,), (name, m)

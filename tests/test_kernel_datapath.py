@@ -24,7 +24,6 @@ import time
 from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 
@@ -65,22 +64,15 @@ def _frame(tag: bytes, length: int = 96) -> bytes:
     return head + body
 
 
-def _disable_ipv6_autoconf() -> None:
-    # a tap coming up would send router solicitations / MLD reports, which land in the RX
-    # ring before the test's frame; new interfaces inherit "default"
-    knob = Path("/proc/sys/net/ipv6/conf/default/disable_ipv6")
-    if knob.exists():
-        knob.write_text("1\n")
-
-
 def _wait_readable(fd: int, timeout: float) -> bool:
     return bool(select.select([fd], [], [], timeout)[0])
 
 
 @pytest.fixture
-def datapath(netns: str) -> Iterator[Datapath]:
+def datapath(netns_quiet: str) -> Iterator[Datapath]:
+    # no IPv6: a tap coming up would send router solicitations and MLD reports, which land
+    # in the RX ring before the test's frame
     with ExitStack() as stack:
-        _disable_ipv6_autoconf()
         mem = stack.enter_context(GuestMemory.create([(0, 1 << 20), (BUF_GPA, 1 << 20)]))
         tap = stack.enter_context(Tap.create(TAP_NAME, vnet_hdr=True))
         dev = stack.enter_context(VhostNet())

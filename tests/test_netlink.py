@@ -12,32 +12,29 @@ from kvhost import netns as kvnetns
 from kvhost.errors import UsageError
 
 
-@pytest.fixture
-def ns(other_netns: str) -> str:
-    return other_netns
-
-
 def _own_netns() -> int:
     return os.stat("/proc/thread-self/ns/net").st_ino
 
 
 def test_link_verbs_act_in_the_named_namespace_and_come_back(
-    ns: str, fd_leak_check: None
+    other_netns: str, fd_leak_check: None
 ) -> None:
     home = _own_netns()
-    index = netlink.create_bridge("kvnlbr0", ns)
+    index = netlink.create_bridge("kvnlbr0", other_netns)
     assert _own_netns() == home
     with pytest.raises(UsageError, match="no network interface named 'kvnlbr0'"):
-        netlink.link_index("kvnlbr0")  # not here: only in ns
-    assert netlink.link_index("kvnlbr0", ns) == index
-    netlink.set_mac("kvnlbr0", "02:00:00:00:00:07", ns)
-    info = netlink.link_info("kvnlbr0", ns)
+        netlink.link_index("kvnlbr0")  # not here: only in other_netns
+    assert netlink.link_index("kvnlbr0", other_netns) == index
+    netlink.set_mac("kvnlbr0", "02:00:00:00:00:07", other_netns)
+    info = netlink.link_info("kvnlbr0", other_netns)
     assert (info["index"], info["up"], info["address"]) == (index, True, "02:00:00:00:00:07")
-    listed = kvnetns.run(["ip", "-n", ns, "-o", "link", "show", "kvnlbr0"], "ip link").stdout
+    listed = kvnetns.run(
+        ["ip", "-n", other_netns, "-o", "link", "show", "kvnlbr0"], "ip link"
+    ).stdout
     assert "02:00:00:00:00:07" in listed
-    netlink.delete_link("kvnlbr0", ns)
-    with pytest.raises(UsageError, match=f"'kvnlbr0' in network namespace '{ns}'"):
-        netlink.link_index("kvnlbr0", ns)
+    netlink.delete_link("kvnlbr0", other_netns)
+    with pytest.raises(UsageError, match=f"'kvnlbr0' in network namespace '{other_netns}'"):
+        netlink.link_index("kvnlbr0", other_netns)
     assert _own_netns() == home
 
 

@@ -244,11 +244,7 @@ class GeneralPathCodec(BackendCodec):
     def _whole_messages(self, data: bytes, new_fds: list[int], out: list[Message]) -> bool:
         return False
 
-    def _decode_single(
-        self, request: int, flags: int, size: int, data: bytes, fds: list[int]
-    ) -> Message:
-        self._check_header(request, flags, size)
-        return self._decode(request, flags, data[HEADER.size:], fds)
+    _decode_single = Decoder._decode_single
 
 
 def outcome(codec: BackendCodec, data: bytes, nfds: int) -> object:

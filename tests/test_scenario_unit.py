@@ -132,7 +132,7 @@ def test_shim_log_lines_the_scenario_reads(tmp_path: Path, caplog: pytest.LogCap
 
 #: Stands in for kvhost-shim as ShimProcess's ``program`` (the real one needs
 #: /dev/vhost-net): takes the same options, listens, logs the shim's "listening" line, exits 0
-#: on SIGTERM; ``--tap refuse`` makes it exit 2 first, as the shim does on a bad tap.
+#: on SIGTERM; ``--tap refuse`` makes it exit with status 1 and a message first.
 STAND_IN_SHIM = r"""
 import signal, socket, sys
 args = sys.argv[1:]

@@ -37,20 +37,15 @@ NOBODY = 65534
 SHIM_USER = Identity(NOBODY, NOBODY, (NOBODY,))
 
 
-@pytest.fixture
-def ns(other_netns: str) -> str:
-    return other_netns
-
-
-def links(ns: str) -> list[str]:
-    out = kvnetns.run(["ip", "-n", ns, "-o", "link", "show"], "listing links").stdout
+def links(other_netns: str) -> list[str]:
+    out = kvnetns.run(["ip", "-n", other_netns, "-o", "link", "show"], "listing links").stdout
     return [line.split(": ")[1].split("@")[0] for line in out.splitlines()]
 
 
-def owner_and_group(ns: str, tap: str) -> tuple[int | None, int | None]:
+def owner_and_group(other_netns: str, tap: str) -> tuple[int | None, int | None]:
     """The tap's owner and group as the namespace's own sysfs shows them (-1: none)."""
     out = kvnetns.run(
-        ["ip", "netns", "exec", ns, "cat", f"/sys/class/net/{tap}/owner",
+        ["ip", "netns", "exec", other_netns, "cat", f"/sys/class/net/{tap}/owner",
          f"/sys/class/net/{tap}/group"],
         "reading the tap's owner",
     ).stdout.split()  # fmt: skip
@@ -58,9 +53,9 @@ def owner_and_group(ns: str, tap: str) -> tuple[int | None, int | None]:
     return (None if owner == -1 else owner), (None if group == -1 else group)
 
 
-def attach_as_shim_user(ns: str, tap: str) -> dict[str, Any]:
-    """Attach to ``tap`` from a child running as the shim's user inside ``ns``."""
-    with kvnetns.inside(ns):
+def attach_as_shim_user(other_netns: str, tap: str) -> dict[str, Any]:
+    """Attach to ``tap`` from a child running as the shim's user inside ``other_netns``."""
+    with kvnetns.inside(other_netns):
         result, _ = in_child(
             lambda w: Tap.open(tap).get_iff()[0], uid=NOBODY, gid=NOBODY, groups=(NOBODY,)
         )
@@ -88,36 +83,36 @@ def events(caplog: pytest.LogCaptureFixture, kind: str) -> list[dict[str, Any]]:
 
 
 def test_failed_listen_deletes_the_created_tap_in_its_namespace_and_says_why(
-    ns: str, caplog: pytest.LogCaptureFixture
+    other_netns: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The shim has not entered ``--netns`` yet when the socket fails: the tap it created
     there is deleted there, and the error raised is the socket's, not the clean-up's."""
     caplog.set_level(logging.INFO, "kvhost.shim")
     sock = f"/run/kvhost-no-such-dir-{os.getpid()}/vm.sock"
     with pytest.raises(UsageError) as err:
-        set_up(shim_args("--socket-path", sock, "--netns", ns), config, SHIM_USER, None)
+        set_up(shim_args("--socket-path", sock, "--netns", other_netns), config, SHIM_USER, None)
     assert str(err.value) == f"cannot listen on {sock}: No such file or directory"
     (made,) = events(caplog, "tap")[:1]
     tap = made["tap"]
-    assert f"in network namespace {ns}" in made["message"]
+    assert f"in network namespace {other_netns}" in made["message"]
     assert [e["message"] for e in events(caplog, "tap")[1:]] == [f"tap {tap} removed"]
     assert not events(caplog, "error")
-    assert links(ns) == ["lo"]
+    assert links(other_netns) == ["lo"]
 
 
 def test_a_failed_release_is_logged_not_raised(
-    ns: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    other_netns: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, "kvhost.shim")
     program = set_up(
-        shim_args("--socket-path", str(tmp_path / "vm.sock"), "--netns", ns),
+        shim_args("--socket-path", str(tmp_path / "vm.sock"), "--netns", other_netns),
         config,
         SHIM_USER,
         None,
     )
     program.server.close()
     assert program.tap is not None
-    kvnetns.run(["ip", "-n", ns, "link", "del", program.tap.name], "deleting the tap")
+    kvnetns.run(["ip", "-n", other_netns, "link", "del", program.tap.name], "deleting the tap")
     release_tap(program.tap)  # the tap is gone: says so, raises nothing
     (error,) = events(caplog, "error")
     assert error["message"].startswith(f"tap {program.tap.name} could not be released: ")
@@ -139,7 +134,7 @@ def test_a_failed_release_is_logged_not_raised(
     ],
 )
 def test_an_operators_tap_gets_its_owner_back_and_stays(
-    ns: str,
+    other_netns: str,
     tmp_path: Path,
     caplog: pytest.LogCaptureFixture,
     made_with: list[str],
@@ -148,24 +143,26 @@ def test_an_operators_tap_gets_its_owner_back_and_stays(
 ) -> None:
     caplog.set_level(logging.INFO, "kvhost.shim")
     kvnetns.run(
-        ["ip", "-n", ns, "tuntap", "add", "dev", "kvop0", "mode", "tap", *made_with],
+        ["ip", "-n", other_netns, "tuntap", "add", "dev", "kvop0", "mode", "tap", *made_with],
         "creating the operator's tap",
     )
-    before = owner_and_group(ns, "kvop0")
+    before = owner_and_group(other_netns, "kvop0")
     program = set_up(
-        shim_args("--socket-path", str(tmp_path / "vm.sock"), "--tap", "kvop0", "--netns", ns),
+        shim_args(
+            "--socket-path", str(tmp_path / "vm.sock"), "--tap", "kvop0", "--netns", other_netns
+        ),
         config,
         SHIM_USER,
         None,
     )
     try:
-        assert owner_and_group(ns, "kvop0") == during
-        assert attach_as_shim_user(ns, "kvop0") == {"ok": "kvop0"}
+        assert owner_and_group(other_netns, "kvop0") == during
+        assert attach_as_shim_user(other_netns, "kvop0") == {"ok": "kvop0"}
     finally:
         program.server.close()
         release_tap(program.tap)
-    assert "kvop0" in links(ns)  # the operator's: never deleted
-    assert owner_and_group(ns, "kvop0") == after
+    assert "kvop0" in links(other_netns)  # the operator's: never deleted
+    assert owner_and_group(other_netns, "kvop0") == after
     (released,) = events(caplog, "tap")[1:]
     assert released["result"] == "released"
     if during == before:
@@ -174,5 +171,5 @@ def test_an_operators_tap_gets_its_owner_back_and_stays(
     assert released["message"].startswith("tap kvop0 released: ")
     assert ("owner uid " in released["message"]) == (during[0] != before[0])
     assert ("group gid " in released["message"]) == (during[1] != before[1])
-    refused = attach_as_shim_user(ns, "kvop0")
+    refused = attach_as_shim_user(other_netns, "kvop0")
     assert "TUNSETIFF" in refused["error"] and errno.errorcode[errno.EPERM] in refused["error"]

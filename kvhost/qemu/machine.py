@@ -86,12 +86,14 @@ class VhostUserBackend:
     socket_path: str
     reconnect: int | None = None
 
+    def __post_init__(self) -> None:
+        if self.reconnect is not None and self.reconnect < 1:
+            raise UsageError(f"reconnect interval {self.reconnect} s must be at least 1")
+
     def args(self) -> list[str]:
         _check_option("vhost-user socket path", self.socket_path)
         chardev = f"socket,id=vhu0,path={self.socket_path}"
         if self.reconnect is not None:
-            if self.reconnect < 1:
-                raise UsageError(f"reconnect interval {self.reconnect} s must be at least 1")
             chardev += f",reconnect={self.reconnect}"
         return [
             "-chardev",
