@@ -19,6 +19,14 @@ import pytest
 from kvhost import netns as kvnetns
 
 
+def pytest_report_header() -> list[str]:
+    # Which interpreter a tier really ran (the checkout's .venv, not the system one), in the
+    # log of every tier, inside the test VM too.
+    where = os.environ.get("KVHOST_IN_TESTVM")
+    kernel = f"test VM, Linux {where}" if where else f"host, Linux {os.uname().release}"
+    return [f"kvhost tier on {kernel}: sys.executable={sys.executable} sys.prefix={sys.prefix}"]
+
+
 def _open_fds() -> set[str]:
     return set(os.listdir("/proc/self/fd"))
 

@@ -101,6 +101,11 @@ def test_install_host_writes_every_file_with_this_installation_s_programs(
     unit = expected[1].read_text()
     assert setting(unit, "ExecStart")[0].split()[0] == ENTRY_SHIM
     assert json.loads(expected[2].read_text())["binary"] == ENTRY_SHIM
+    # ... which runs this very environment (./run-tests: the checkout's .venv), not whatever
+    # python3 a reboot's PATH would find
+    shebang = host._interpreter(ENTRY_SHIM)
+    # (compared as paths: a venv's python is a symlink to the system one, the same file)
+    assert shebang == sys.executable, (shebang, sys.executable)
     done = subprocess.run(
         [ENTRY_SHIM, "--print-capabilities"], capture_output=True, text=True, env={}, cwd="/",
         check=False, timeout=120,
