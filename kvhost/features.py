@@ -14,18 +14,28 @@ there, not edits across modules (docs/architecture.md, "Adding a kernel release"
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from enum import Enum
 from importlib import resources
 from importlib.abc import Traversable
+from pathlib import Path
 from typing import Any
 
 from kvhost import abi
 
+#: a directory holding edited copies of kvhost's data files (features.json, versions.json);
+#: only tests set it, to follow docs/architecture.md's recipe without touching the package
+DATA_DIR_ENV = "KVHOST_DATA_DIR"
+
 
 def data_file(name: str) -> Traversable:
-    """The shipped data file ``name``."""
+    """The data file ``name`` of this process: the shipped one, or the copy in
+    ``$KVHOST_DATA_DIR`` when that is set."""
+    override = os.environ.get(DATA_DIR_ENV)
+    if override:
+        return Path(override) / name
     return resources.files("kvhost").joinpath("data", name)
 
 

@@ -37,6 +37,8 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cache
+from importlib.abc import Traversable
+from pathlib import Path
 from typing import Any, Protocol
 
 from kvhost import features as fb
@@ -235,7 +237,16 @@ def registry() -> list[InterfaceVersion]:
 
 @cache
 def _registry() -> tuple[InterfaceVersion, ...]:
-    raw = json.loads(fb.data_file("versions.json").read_text())
+    return load_registry(fb.data_file("versions.json"))
+
+
+def load_registry(path: Path | Traversable) -> tuple[InterfaceVersion, ...]:
+    """The versions of the registry file at ``path``, oldest first; :func:`registry` reads
+    the shipped one (or ``$KVHOST_DATA_DIR``'s copy, see kvhost.features.data_file).
+
+    Raises VersionError when an entry names an unknown bit or is not a valid interface.
+    """
+    raw = json.loads(path.read_text())
     out: list[InterfaceVersion] = []
     for entry in raw["versions"]:
         name = entry["name"]
