@@ -66,10 +66,6 @@ class Bit:
     since: str | None = None
     qemu: str | None = None
 
-    @property
-    def mask(self) -> int:
-        return 1 << self.number
-
 
 _PROVIDERS = {"vhost-net", "tap", "vhost-net+tap", "multiqueue-tap"}
 _KEYS = {"bit", "name", "kind", "provider", "tap_offload", "tun_flags", "since", "qemu", "note"}
