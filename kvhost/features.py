@@ -1,17 +1,42 @@
-"""Named virtio and vhost feature bits.
+"""Named virtio and vhost feature bits, and what on a kernel host provides each.
 
 A feature set is a plain ``int`` (arbitrary precision, so bits 64-127 of the 128-bit
-``FEATURES_ARRAY`` fit). The table below is the single source of bit names; it mirrors
-``linux/virtio_config.h``, ``linux/virtio_ring.h``, ``linux/virtio_net.h`` and ``linux/vhost.h``.
+``FEATURES_ARRAY`` fit). Everything kvhost knows per bit lives in one data file,
+``kvhost/data/features.json`` (its ``comment`` explains the columns): the name and number
+(mirroring ``linux/virtio_config.h``, ``linux/virtio_ring.h``, ``linux/virtio_net.h`` and
+``linux/vhost.h``), which side provides it (vhost-net, a tap offload with its TUN_F_* flags,
+or both), the first kernel release that does, and QEMU's device property for it. The tap
+offload mapping here, the bit classes of :mod:`kvhost.versions` and the property list of
+:mod:`kvhost.qemu_args` are derived from it, so a new kernel release's bits are new rows
+there, not edits across modules (docs/architecture.md, "Adding a kernel release").
 """
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from enum import Enum
+from importlib import resources
+from importlib.abc import Traversable
+from pathlib import Path
+from typing import Any
 
 from kvhost import abi
+
+#: a directory holding edited copies of kvhost's data files (features.json, versions.json);
+#: only tests set it, to follow docs/architecture.md's recipe without touching the package
+DATA_DIR_ENV = "KVHOST_DATA_DIR"
+
+
+def data_file(name: str) -> Traversable:
+    """The data file ``name`` of this process: the shipped one, or the copy in
+    ``$KVHOST_DATA_DIR`` when that is set."""
+    override = os.environ.get(DATA_DIR_ENV)
+    if override:
+        return Path(override) / name
+    return resources.files("kvhost").joinpath("data", name)
 
 
 class Kind(Enum):
@@ -22,75 +47,100 @@ class Kind(Enum):
 
 @dataclass(frozen=True, slots=True)
 class Bit:
+    """One row of the feature table.
+
+    ``vhost_net``: vhost-net must advertise the bit; ``tap_offload``/``tun_flags``: the tap
+    offload that provides it and its TUNSETOFFLOAD flags; ``multiqueue``: a multiqueue tap
+    provides it (MQ). A bit with none of these is no backend's: QEMU's device model or
+    plumbing. ``since``: the first mainline release providing it; ``qemu``: the
+    ``virtio-net-pci`` property that switches it.
+    """
+
     number: int
     name: str
     kind: Kind
+    vhost_net: bool = False
+    tap_offload: str | None = None
+    tun_flags: int = 0
+    multiqueue: bool = False
+    since: str | None = None
+    qemu: str | None = None
 
 
-_BITS: tuple[tuple[int, str, Kind], ...] = (
-    # linux/virtio_net.h
-    (0, "CSUM", Kind.NET),
-    (1, "GUEST_CSUM", Kind.NET),
-    (2, "CTRL_GUEST_OFFLOADS", Kind.NET),
-    (3, "MTU", Kind.NET),
-    (5, "MAC", Kind.NET),
-    (6, "GSO", Kind.NET),
-    (7, "GUEST_TSO4", Kind.NET),
-    (8, "GUEST_TSO6", Kind.NET),
-    (9, "GUEST_ECN", Kind.NET),
-    (10, "GUEST_UFO", Kind.NET),
-    (11, "HOST_TSO4", Kind.NET),
-    (12, "HOST_TSO6", Kind.NET),
-    (13, "HOST_ECN", Kind.NET),
-    (14, "HOST_UFO", Kind.NET),
-    (15, "MRG_RXBUF", Kind.NET),
-    (16, "STATUS", Kind.NET),
-    (17, "CTRL_VQ", Kind.NET),
-    (18, "CTRL_RX", Kind.NET),
-    (19, "CTRL_VLAN", Kind.NET),
-    (20, "CTRL_RX_EXTRA", Kind.NET),
-    (21, "GUEST_ANNOUNCE", Kind.NET),
-    (22, "MQ", Kind.NET),
-    (23, "CTRL_MAC_ADDR", Kind.NET),
-    # linux/virtio_config.h, linux/virtio_ring.h, linux/vhost.h
-    (24, "NOTIFY_ON_EMPTY", Kind.TRANSPORT),
-    (26, "LOG_ALL", Kind.VHOST),
-    (27, "ANY_LAYOUT", Kind.TRANSPORT),  # also VHOST_NET_F_VIRTIO_NET_HDR
-    (28, "INDIRECT_DESC", Kind.TRANSPORT),
-    (29, "EVENT_IDX", Kind.TRANSPORT),
-    (30, "PROTOCOL_FEATURES", Kind.VHOST),  # VHOST_USER_F_PROTOCOL_FEATURES (QEMU)
-    (32, "VERSION_1", Kind.TRANSPORT),
-    (33, "ACCESS_PLATFORM", Kind.TRANSPORT),
-    (34, "RING_PACKED", Kind.TRANSPORT),
-    (35, "IN_ORDER", Kind.TRANSPORT),
-    (36, "ORDER_PLATFORM", Kind.TRANSPORT),
-    (37, "SR_IOV", Kind.TRANSPORT),
-    (38, "NOTIFICATION_DATA", Kind.TRANSPORT),
-    (39, "NOTIF_CONFIG_DATA", Kind.TRANSPORT),
-    (40, "RING_RESET", Kind.TRANSPORT),
-    (41, "ADMIN_VQ", Kind.TRANSPORT),
-    (46, "GUEST_UDP_TUNNEL_GSO_MAPPED", Kind.NET),
-    (47, "GUEST_UDP_TUNNEL_GSO_CSUM_MAPPED", Kind.NET),
-    (50, "DEVICE_STATS", Kind.NET),
-    (52, "VQ_NOTF_COAL", Kind.NET),
-    (53, "NOTF_COAL", Kind.NET),
-    (54, "GUEST_USO4", Kind.NET),
-    (55, "GUEST_USO6", Kind.NET),
-    (56, "HOST_USO", Kind.NET),
-    (57, "HASH_REPORT", Kind.NET),
-    (59, "GUEST_HDRLEN", Kind.NET),
-    (60, "RSS", Kind.NET),
-    (61, "RSC_EXT", Kind.NET),
-    (62, "STANDBY", Kind.NET),
-    (63, "SPEED_DUPLEX", Kind.NET),
-    (65, "GUEST_UDP_TUNNEL_GSO", Kind.NET),
-    (66, "GUEST_UDP_TUNNEL_GSO_CSUM", Kind.NET),
-    (67, "HOST_UDP_TUNNEL_GSO", Kind.NET),
-    (68, "HOST_UDP_TUNNEL_GSO_CSUM", Kind.NET),
-)
+_PROVIDERS = {"vhost-net", "tap", "vhost-net+tap", "multiqueue-tap"}
+_KEYS = {"bit", "name", "kind", "provider", "tap_offload", "tun_flags", "since", "qemu", "note"}
 
-BITS: dict[int, Bit] = {n: Bit(n, name, kind) for n, name, kind in _BITS}
-BY_NAME: dict[str, Bit] = {b.name: b for b in BITS.values()}
+
+def load_table(text: str) -> tuple[Bit, ...]:
+    """Parse the feature table (the text of a ``features.json``), rows in bit order.
+
+    Raises ValueError naming the row when it is malformed or disagrees with another row.
+    """
+    rows: list[Bit] = []
+    for raw in json.loads(text)["bits"]:
+        try:
+            rows.append(_row(raw))
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"feature table row {raw!r}: {err}") from None
+    _check_table(rows)
+    return tuple(rows)
+
+
+def _row(raw: dict[str, Any]) -> Bit:
+    unknown = set(raw) - _KEYS
+    if unknown:
+        raise ValueError(f"unknown keys {sorted(unknown)}")
+    provider = raw.get("provider")
+    if provider is not None and provider not in _PROVIDERS:
+        raise ValueError(f"provider must be one of {sorted(_PROVIDERS)}")
+    parts = set(provider.split("+")) if provider else set()
+    offload = raw.get("tap_offload")
+    if ("tap" in parts) != (offload is not None):
+        raise ValueError("a tap-provided bit, and only one, names its tap_offload")
+    flags = 0
+    for flag in raw.get("tun_flags", []):
+        # the numbers stay in kvhost.abi, where the header test checks them
+        if not flag.startswith("TUN_F_") or not isinstance(getattr(abi, flag, None), int):
+            raise ValueError(f"{flag} is not a TUN_F_* constant of kvhost.abi")
+        flags |= getattr(abi, flag)
+    if bool(offload) != bool(flags):
+        raise ValueError("tap_offload and tun_flags go together")
+    number = raw["bit"]
+    if not isinstance(number, int) or not 0 <= number < MAX_BITS:
+        raise ValueError(f"bit must be a number from 0 to {MAX_BITS - 1}")
+    return Bit(
+        number,
+        str(raw["name"]),
+        Kind(raw["kind"]),
+        vhost_net="vhost-net" in parts,
+        tap_offload=offload,
+        tun_flags=flags,
+        multiqueue="multiqueue-tap" in parts,
+        since=raw.get("since"),
+        qemu=raw.get("qemu"),
+    )
+
+
+def _check_table(rows: list[Bit]) -> None:
+    numbers = [b.number for b in rows]
+    if numbers != sorted(set(numbers)):
+        raise ValueError("feature table rows must be in bit order, each number once")
+    for column in ("name", "qemu"):
+        values = [getattr(b, column) for b in rows if getattr(b, column)]
+        dup = {v for v in values if values.count(v) > 1}
+        if dup:
+            raise ValueError(f"feature table: {column} {sorted(dup)} on more than one row")
+    flags: dict[str, int] = {}
+    for b in rows:
+        if b.tap_offload and flags.setdefault(b.tap_offload, b.tun_flags) != b.tun_flags:
+            raise ValueError(f"feature table: the {b.tap_offload} rows differ in tun_flags")
+
+
+MAX_BITS = 128
+
+TABLE: tuple[Bit, ...] = load_table(data_file("features.json").read_text())
+BITS: dict[int, Bit] = {b.number: b for b in TABLE}
+BY_NAME: dict[str, Bit] = {b.name: b for b in TABLE}
 
 #: aliases accepted on input (kernel and QEMU spellings)
 ALIASES: dict[str, str] = {
@@ -102,7 +152,6 @@ ALIASES: dict[str, str] = {
 
 LOG_ALL = 1 << abi.VHOST_F_LOG_ALL
 PROTOCOL_FEATURES = 1 << 30
-MAX_BITS = 128
 
 
 def bit(name: str) -> int:
@@ -168,22 +217,17 @@ def from_words(words: Iterable[int]) -> int:
 # receive that offload, so the tap must be told (TUNSETOFFLOAD) it may pass such frames up;
 # HOST_* bits only need the tap to accept vnet headers, plus the tap's support for the
 # segmentation kind (UFO/USO) so that frames written into it are not rejected.
-TAP_OFFLOAD_BITS: dict[str, tuple[int, tuple[str, ...]]] = {
-    "CSUM": (abi.TUN_F_CSUM, ("CSUM", "GUEST_CSUM")),
-    "TSO4": (abi.TUN_F_TSO4, ("GUEST_TSO4", "HOST_TSO4")),
-    "TSO6": (abi.TUN_F_TSO6, ("GUEST_TSO6", "HOST_TSO6")),
-    "TSO_ECN": (abi.TUN_F_TSO_ECN, ("GUEST_ECN", "HOST_ECN")),
-    "UFO": (abi.TUN_F_UFO, ("GUEST_UFO", "HOST_UFO")),
-    "USO": (abi.TUN_F_USO4 | abi.TUN_F_USO6, ("GUEST_USO4", "GUEST_USO6", "HOST_USO")),
-    "UDP_TUNNEL_GSO": (
-        abi.TUN_F_UDP_TUNNEL_GSO,
-        ("GUEST_UDP_TUNNEL_GSO", "HOST_UDP_TUNNEL_GSO"),
-    ),
-    "UDP_TUNNEL_GSO_CSUM": (
-        abi.TUN_F_UDP_TUNNEL_GSO_CSUM,
-        ("GUEST_UDP_TUNNEL_GSO_CSUM", "HOST_UDP_TUNNEL_GSO_CSUM"),
-    ),
-}
+def _tap_offloads() -> dict[str, tuple[int, tuple[str, ...]]]:
+    out: dict[str, tuple[int, tuple[str, ...]]] = {}
+    for b in TABLE:
+        if b.tap_offload:
+            flags, names = out.get(b.tap_offload, (b.tun_flags, ()))
+            out[b.tap_offload] = (flags, (*names, b.name))
+    return out
+
+
+#: offload name -> (TUN_F_* flags, the bits it provides), in the table's order
+TAP_OFFLOAD_BITS: dict[str, tuple[int, tuple[str, ...]]] = _tap_offloads()
 
 
 def tap_offload_features(offloads: Iterable[str]) -> int:
@@ -200,21 +244,14 @@ def tun_flags_for(features: int) -> int:
     Mirrors QEMU's ``virtio_net_apply_guest_offloads``: the tap may hand up only what the
     guest said it can receive.
     """
+    if not features & bit("GUEST_CSUM"):
+        # every segmentation flag needs TUN_F_CSUM beside it
+        return 0
     flags = 0
-    if features & bit("GUEST_CSUM"):
-        flags |= abi.TUN_F_CSUM
-        if features & bit("GUEST_TSO4"):
-            flags |= abi.TUN_F_TSO4
-        if features & bit("GUEST_TSO6"):
-            flags |= abi.TUN_F_TSO6
-        if features & bit("GUEST_ECN"):
-            flags |= abi.TUN_F_TSO_ECN
-        if features & bit("GUEST_UFO"):
-            flags |= abi.TUN_F_UFO
-        if features & bit("GUEST_USO4") and features & bit("GUEST_USO6"):
-            flags |= abi.TUN_F_USO4 | abi.TUN_F_USO6
-        if features & bit("GUEST_UDP_TUNNEL_GSO"):
-            flags |= abi.TUN_F_UDP_TUNNEL_GSO
-        if features & bit("GUEST_UDP_TUNNEL_GSO_CSUM"):
-            flags |= abi.TUN_F_UDP_TUNNEL_GSO_CSUM
+    for tun, names in TAP_OFFLOAD_BITS.values():
+        # virtio's naming: GUEST_* is what the device hands the guest, so what the tap
+        # hands up; an offload split over several GUEST_* bits (USO4+USO6) needs them all
+        guest = mask(n for n in names if n.startswith("GUEST_"))
+        if guest and features & guest == guest:
+            flags |= tun
     return flags

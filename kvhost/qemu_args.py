@@ -25,36 +25,9 @@ from kvhost.versions import InterfaceVersion, registry
 
 DEVICE = "virtio-net-pci"
 
-#: (QEMU property, feature bit) in the order they are emitted
-PROPERTY_BITS: tuple[tuple[str, str], ...] = (
-    ("csum", "CSUM"),
-    ("guest_csum", "GUEST_CSUM"),
-    ("guest_tso4", "GUEST_TSO4"),
-    ("guest_tso6", "GUEST_TSO6"),
-    ("guest_ecn", "GUEST_ECN"),
-    ("guest_ufo", "GUEST_UFO"),
-    ("host_tso4", "HOST_TSO4"),
-    ("host_tso6", "HOST_TSO6"),
-    ("host_ecn", "HOST_ECN"),
-    ("host_ufo", "HOST_UFO"),
-    ("mrg_rxbuf", "MRG_RXBUF"),
-    ("mq", "MQ"),
-    ("notify_on_empty", "NOTIFY_ON_EMPTY"),
-    ("any_layout", "ANY_LAYOUT"),
-    ("indirect_desc", "INDIRECT_DESC"),
-    ("event_idx", "EVENT_IDX"),
-    ("iommu_platform", "ACCESS_PLATFORM"),
-    ("in_order", "IN_ORDER"),
-    ("queue_reset", "RING_RESET"),
-    ("guest_uso4", "GUEST_USO4"),
-    ("guest_uso6", "GUEST_USO6"),
-    ("host_uso", "HOST_USO"),
-    # QEMU 10.1 names (virtio-net "UDP tunnel GSO" series)
-    ("guest_tunnel", "GUEST_UDP_TUNNEL_GSO"),
-    ("guest_tunnel_csum", "GUEST_UDP_TUNNEL_GSO_CSUM"),
-    ("host_tunnel", "HOST_UDP_TUNNEL_GSO"),
-    ("host_tunnel_csum", "HOST_UDP_TUNNEL_GSO_CSUM"),
-)
+#: (QEMU property, feature bit) in the order they are emitted: the qemu column of
+#: kvhost/data/features.json, in bit order (QEMU 10.1 added the UDP-tunnel ones)
+PROPERTY_BITS: tuple[tuple[str, str], ...] = tuple((b.qemu, b.name) for b in fb.TABLE if b.qemu)
 
 #: virtio-net rx/tx_queue_size must be a power of two in this range (hw/net/virtio-net.c)
 QEMU_MIN_QUEUE_SIZE = 256
