@@ -3,7 +3,7 @@
 * Host tier (no marker): pure logic, bytes in and out; runs anywhere.
 * Kernel tier (``@pytest.mark.kernel``): needs a real kernel with ``/dev/vhost-net`` and
   ``/dev/net/tun``. ``./run-tests`` runs it directly on such a host, otherwise inside the test
-  VM (``python -m kvhost.testvm``). Such a test never skips: run without the device it fails,
+  VM (``python -m harness.testvm``). Such a test never skips: run without the device it fails,
   saying how to run it, so a CI that lost its kernel tier goes red.
 """
 

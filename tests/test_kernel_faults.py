@@ -3,7 +3,7 @@
 All real: ``kvhost-shim`` runs as its own process (``python -m shim.cli``) in the test's
 network namespace, frontends are Debian's QEMU (driven over qtest, no guest OS) or kvhost's
 Python frontend, the rings run in the kernel's vhost-net. What the shim holds is read from
-/proc (:class:`kvhost.scenario.Footprint`): its vhost-net and tun fds, sockets, memfd
+/proc (:class:`harness.scenario.Footprint`): its vhost-net and tun fds, sockets, memfd
 mappings (guest memory), RSS.
 
 * QEMU SIGKILLed mid-traffic: the shim gives back exactly that connection's vhost-net fd,
@@ -31,11 +31,8 @@ from pathlib import Path
 
 import pytest
 
-from kvhost import netns, versions
-from kvhost.memory import GuestMemory
-from kvhost.probe import probe
-from kvhost.qemu.machine import MachineConfig, VhostUserBackend
-from kvhost.scenario import (
+from harness.qemu.machine import MachineConfig, VhostUserBackend
+from harness.scenario import (
     GUEST_MAC,
     LOAD_BASE_GPA,
     LOAD_MEMORY,
@@ -51,6 +48,9 @@ from kvhost.scenario import (
     tap_names,
     wait_footprint,
 )
+from kvhost import netns, versions
+from kvhost.memory import GuestMemory
+from kvhost.probe import probe
 from kvhost.vhost_user.frontend import FRONTEND_PROTOCOL_FEATURES, VhostUserFrontend
 
 pytestmark = pytest.mark.kernel

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import pytest
 
-from kvhost.scenario import (
+from harness.scenario import (
     RSS_PER_CONNECTION,
     Footprint,
     Rig,

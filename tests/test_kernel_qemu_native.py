@@ -1,5 +1,5 @@
 """Kernel tier: Debian's real QEMU with its own kernel vhost-net (``-netdev tap,vhost=on``),
-driven by the qtest virtio driver of :mod:`kvhost.qemu`. These are the native baselines the
+driven by the qtest virtio driver of :mod:`harness.qemu`. These are the native baselines the
 shim is compared with (issue 5) and the layer issue 7 migrates with.
 
 Each test runs in a fresh network namespace; QEMU is our child, so it inherits it and the
@@ -21,17 +21,17 @@ from pathlib import Path
 
 import pytest
 
-from kvhost import features
-from kvhost.netns import TapPort, link_up
-from kvhost.qemu.errors import QemuExited
-from kvhost.qemu.machine import (
+from harness.qemu.errors import QemuExited
+from harness.qemu.machine import (
     Machine,
     MachineConfig,
     TapBackend,
     VhostUserBackend,
     migrate,
 )
-from kvhost.qemu.virtio_pci import RX, TX, DriverState, VirtioNetDriver
+from harness.qemu.virtio_pci import RX, TX, DriverState, VirtioNetDriver
+from kvhost import features
+from kvhost.netns import TapPort, link_up
 from kvhost.vhost import VhostNet
 
 pytestmark = [pytest.mark.kernel, pytest.mark.qemu]

@@ -6,7 +6,7 @@ versions (fails unpinned exactly as fleets see it, and ``kvhost compat`` predict
 succeeds pinned to the compat version), QEMU's native vhost-net pinned with ``kvhost
 qemu-args`` showing the same device, and a booted Linux guest pinging through the shim.
 
-The pieces come from :mod:`kvhost.scenario`; the shim runs as its own process (``python -m
+The pieces come from :mod:`harness.scenario`; the shim runs as its own process (``python -m
 shim.cli``) and what it did is read from its ``-v`` log. Time is spent on QEMU start-ups, so
 the full story (traffic + same-version migration) runs once per module and several tests
 assert on its result.
@@ -27,12 +27,10 @@ from pathlib import Path
 
 import pytest
 
-from kvhost import features, manifest, versions
-from kvhost.probe import probe
-from kvhost.qemu.legacy_pci import LegacyVirtioNet
-from kvhost.qemu.machine import QEMU_BINARY, MachineConfig, TapBackend, migrate
-from kvhost.qemu.virtio_pci import DriverState
-from kvhost.scenario import (
+from harness.qemu.legacy_pci import LegacyVirtioNet
+from harness.qemu.machine import QEMU_BINARY, MachineConfig, TapBackend, migrate
+from harness.qemu.virtio_pci import DriverState
+from harness.scenario import (
     ETH_P_RARP,
     GUEST_MAC,
     PLUMBING,
@@ -55,7 +53,9 @@ from kvhost.scenario import (
     last_per_ring,
     start_shim_expecting_failure,
 )
-from kvhost.scenario import run as run_scenario
+from harness.scenario import run as run_scenario
+from kvhost import features, manifest, versions
+from kvhost.probe import probe
 
 pytestmark = [pytest.mark.kernel, pytest.mark.qemu]
 

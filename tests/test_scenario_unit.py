@@ -1,4 +1,4 @@
-"""Host tier: the pure parts of the end-to-end scenario (kvhost.scenario), the legacy driver's
+"""Host tier: the pure parts of the end-to-end scenario (harness.scenario), the legacy driver's
 layout, the demo report, and the shim log lines the scenario reads."""
 
 from __future__ import annotations
@@ -10,11 +10,10 @@ from pathlib import Path
 import pytest
 from test_versions import V, probe_61
 
-from kvhost import features, manifest, versions
-from kvhost.demo import render
-from kvhost.qemu.legacy_pci import PAGE, legacy_ring_layout
-from kvhost.qemu.machine import MachineConfig, VhostUserBackend, build_command
-from kvhost.scenario import (
+from harness.demo import render
+from harness.qemu.legacy_pci import PAGE, legacy_ring_layout
+from harness.qemu.machine import MachineConfig, VhostUserBackend, build_command
+from harness.scenario import (
     LEGACY_ONLY,
     ProcUsage,
     Rig,
@@ -26,6 +25,7 @@ from kvhost.scenario import (
     is_legacy,
     kvhost_compat,
 )
+from kvhost import features, manifest, versions
 
 EVENT_IDX = features.mask(["EVENT_IDX"])
 

@@ -1,10 +1,10 @@
 """The single-host end-to-end scenario: real QEMU, kvhost-shim, kernel vhost-net, migration.
 
 Used by the kernel-tier tests (``tests/test_kernel_qemu_shim.py``), the demo
-(:mod:`kvhost.demo`) and the benchmark (``bench/bench_qemu.py``). Everything is real: Debian's
+(:mod:`harness.demo`) and the benchmark (``bench/bench_qemu.py``). Everything is real: Debian's
 unmodified QEMU is the vhost-user frontend, ``kvhost-shim`` runs as its own process (the
 program operators run), the rings run in the kernel's vhost-net, the guest driver is the
-qtest driver of :mod:`kvhost.qemu` (modern, or :mod:`kvhost.qemu.legacy_pci` for versions
+qtest driver of :mod:`harness.qemu` (modern, or :mod:`harness.qemu.legacy_pci` for versions
 without VERSION_1, which QEMU only puts behind a legacy device).
 
 :func:`run` is the whole story, in a fresh network namespace it creates and removes::
@@ -52,13 +52,13 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from harness.qemu.legacy_pci import LegacyVirtioNet
+from harness.qemu.machine import Machine, MachineConfig, MigrationResult, VhostUserBackend, migrate
+from harness.qemu.virtio_pci import RX, TX, DriverState, VirtioNetDriver
 from kvhost import features, manifest, netns, versions
 from kvhost.errors import KvhostError, UsageError
 from kvhost.memory import GuestMemory
 from kvhost.probe import probe
-from kvhost.qemu.legacy_pci import LegacyVirtioNet
-from kvhost.qemu.machine import Machine, MachineConfig, MigrationResult, VhostUserBackend, migrate
-from kvhost.qemu.virtio_pci import RX, TX, DriverState, VirtioNetDriver
 from kvhost.vhost_user.frontend import NetDevice, VhostUserFrontend
 
 ETH_P_RARP = 0x8035
