@@ -36,6 +36,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from harness import netns  # noqa: E402
 from harness.scenario import (  # noqa: E402
     RSS_PER_CONNECTION,
     Footprint,
@@ -48,7 +49,6 @@ from harness.scenario import (  # noqa: E402
     tap_names,
     wait_footprint,
 )
-from kvhost import netns  # noqa: E402
 from kvhost.errors import KvhostError  # noqa: E402
 
 PER_PROCESS = 64

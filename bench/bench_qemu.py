@@ -53,6 +53,8 @@ from typing import Any, TypeVar
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from harness import netns  # noqa: E402
+from harness.netns import TapPort  # noqa: E402
 from harness.qemu.machine import (  # noqa: E402
     Machine,
     MachineConfig,
@@ -69,8 +71,7 @@ from harness.scenario import (  # noqa: E402
     ShimProcess,
     frame,
 )
-from kvhost import netns, versions  # noqa: E402
-from kvhost.netns import TapPort  # noqa: E402
+from kvhost import versions  # noqa: E402
 
 PROPS = {"mac": GUEST_MAC.hex(":")}
 TRACE_ENV = "KVHOST_BENCH_TRACE"

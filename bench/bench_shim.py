@@ -43,8 +43,9 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from harness import netns  # noqa: E402
 from harness.scenario import RSS_PER_CONNECTION, Footprint, ShimProcess  # noqa: E402
-from kvhost import features, netns, versions  # noqa: E402
+from kvhost import features, versions  # noqa: E402
 from kvhost import ioctl as kv_ioctl  # noqa: E402
 from kvhost.memory import GuestMemory  # noqa: E402
 from kvhost.tap import Tap, vnet_hdr_len  # noqa: E402

@@ -50,13 +50,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
+from harness import netns
 from harness.qemu.errors import QemuError, QemuExited
 from harness.qemu.machine import Machine, MachineConfig, TapBackend, VhostUserBackend, migrate
 from harness.qemu.virtio_pci import RX, TX, DriverState, VirtioNetDriver
 from harness.scenario import ShimProcess
 from kvhost import features as fb
 from kvhost import manifest as mf
-from kvhost import netns, qemu_args
+from kvhost import qemu_args
 from kvhost import versions as ver
 from kvhost.errors import KvhostError, UsageError
 

@@ -52,10 +52,11 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from harness import netns
 from harness.qemu.legacy_pci import LegacyVirtioNet
 from harness.qemu.machine import Machine, MachineConfig, MigrationResult, VhostUserBackend, migrate
 from harness.qemu.virtio_pci import RX, TX, DriverState, VirtioNetDriver
-from kvhost import features, manifest, netns, versions
+from kvhost import features, manifest, versions
 from kvhost.errors import KvhostError, UsageError
 from kvhost.memory import GuestMemory
 from kvhost.probe import probe
@@ -510,7 +511,7 @@ class Rig:
     """Shims, taps, QEMUs and packet sockets of one scenario; everything is torn down on
     exit (QEMUs killed, shims stopped, sockets closed), whatever happened.
 
-    The caller must already be in a network namespace of its own (:func:`kvhost.netns.fresh`,
+    The caller must already be in a network namespace of its own (:func:`harness.netns.fresh`,
     or the tests' ``netns`` fixture).
     """
 

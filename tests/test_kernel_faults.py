@@ -31,6 +31,7 @@ from pathlib import Path
 
 import pytest
 
+from harness import netns
 from harness.qemu.machine import MachineConfig, VhostUserBackend
 from harness.scenario import (
     GUEST_MAC,
@@ -48,7 +49,7 @@ from harness.scenario import (
     tap_names,
     wait_footprint,
 )
-from kvhost import netns, versions
+from kvhost import versions
 from kvhost.memory import GuestMemory
 from kvhost.probe import probe
 from kvhost.vhost_user.frontend import FRONTEND_PROTOCOL_FEATURES, VhostUserFrontend
@@ -178,7 +179,7 @@ def test_qemu_killed_mid_traffic_releases_its_devices_only(netns_quiet: str) -> 
 
 class Sniffer:
     """Every frame tap ``ifname`` receives from the guest side, with its arrival time
-    (perf_counter), recorded from a :class:`kvhost.netns.TapPort` by a thread until
+    (perf_counter), recorded from a :class:`harness.netns.TapPort` by a thread until
     :meth:`close`."""
 
     def __init__(self, ifname: str) -> None:

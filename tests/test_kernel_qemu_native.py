@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from harness.netns import TapPort, link_up
 from harness.qemu.errors import QemuExited
 from harness.qemu.machine import (
     Machine,
@@ -31,7 +32,6 @@ from harness.qemu.machine import (
 )
 from harness.qemu.virtio_pci import RX, TX, DriverState, VirtioNetDriver
 from kvhost import features
-from kvhost.netns import TapPort, link_up
 from kvhost.vhost import VhostNet
 
 pytestmark = [pytest.mark.kernel, pytest.mark.qemu]
