@@ -9,7 +9,7 @@ network namespace. N of kvhost's Python frontends: threads of a few forked worke
 for 64), all released together by a barrier. Each connects (a blocking connect, as QEMU's),
 does QEMU's handshake (SET_OWNER: the shim opens a kernel vhost-net device and creates a
 tap) and starts one queue pair; then each passes ``--frames`` frames out through its own
-device and tap and as many in, checked byte for byte (:func:`harness.scenario.load_traffic`).
+device and tap and as many in, checked byte for byte (:func:`harness.load.load_traffic`).
 
 Reported, with issue 6's targets:
 
@@ -37,18 +37,16 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from harness import netns  # noqa: E402
-from harness.scenario import (  # noqa: E402
+from harness.load import (  # noqa: E402
     RSS_PER_CONNECTION,
-    Footprint,
-    Rig,
     close_all,
     connect_storm,
     load_traffic,
     percentile,
     raise_nofile,
-    tap_names,
-    wait_footprint,
 )
+from harness.procfs import Footprint, tap_names, wait_footprint  # noqa: E402
+from harness.rig import Rig  # noqa: E402
 from kvhost.errors import KvhostError  # noqa: E402
 
 PER_PROCESS = 64

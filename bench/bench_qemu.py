@@ -54,6 +54,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from harness import netns  # noqa: E402
+from harness.frames import GUEST_MAC, PEER_MAC, frame  # noqa: E402
 from harness.netns import TapPort  # noqa: E402
 from harness.qemu.machine import (  # noqa: E402
     Machine,
@@ -63,14 +64,8 @@ from harness.qemu.machine import (  # noqa: E402
     migrate,
 )
 from harness.qemu.virtio_pci import TX, VirtioNetDriver  # noqa: E402
-from harness.scenario import (  # noqa: E402
-    GUEST_MAC,
-    PEER_MAC,
-    SHIM_PROGRAM,
-    Rig,
-    ShimProcess,
-    frame,
-)
+from harness.rig import Rig  # noqa: E402
+from harness.shim_process import SHIM_PROGRAM, ShimProcess  # noqa: E402
 from kvhost import versions  # noqa: E402
 
 PROPS = {"mac": GUEST_MAC.hex(":")}

@@ -44,7 +44,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from harness import netns  # noqa: E402
-from harness.scenario import RSS_PER_CONNECTION, Footprint, ShimProcess  # noqa: E402
+from harness.load import RSS_PER_CONNECTION  # noqa: E402
+from harness.procfs import Footprint  # noqa: E402
+from harness.shim_process import ShimProcess  # noqa: E402
 from kvhost import features, versions  # noqa: E402
 from kvhost import ioctl as kv_ioctl  # noqa: E402
 from kvhost.memory import GuestMemory  # noqa: E402

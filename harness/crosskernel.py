@@ -54,7 +54,7 @@ from harness import netns
 from harness.qemu.errors import QemuError, QemuExited
 from harness.qemu.machine import Machine, MachineConfig, TapBackend, VhostUserBackend, migrate
 from harness.qemu.virtio_pci import RX, TX, DriverState, VirtioNetDriver
-from harness.scenario import ShimProcess
+from harness.shim_process import ShimProcess
 from kvhost import features as fb
 from kvhost import manifest as mf
 from kvhost import qemu_args

@@ -1,6 +1,6 @@
 """``./demo``: kvhost end to end on this machine, with a short readable report.
 
-Runs :func:`harness.scenario.run` -- probe, manifest, kvhost-shim at this kernel's latest
+Runs :func:`harness.single_host.run` -- probe, manifest, kvhost-shim at this kernel's latest
 interface version, Debian's QEMU against it, traffic through kernel vhost-net, live migration
 to a second shim pinned to the same version -- and prints what happened.
 
@@ -31,20 +31,22 @@ REPORT_NAME = "demo-report.json"
 
 def collect(version: str | None) -> dict[str, Any]:
     """Run the scenario here (needs /dev/vhost-net, root) and return the report's data."""
-    from harness import scenario
+    from harness import single_host
+    from harness.device import PLUMBING
+    from harness.shim_process import first_per_ring, last_per_ring
 
     def progress(text: str) -> None:
         print(f"[demo] {text}", flush=True)
 
-    r = scenario.run(version=version, progress=progress)
-    src = scenario.last_per_ring(r.source_get_bases)
-    dst = scenario.first_per_ring(r.destination_set_bases)
+    r = single_host.run(version=version, progress=progress)
+    src = last_per_ring(r.source_get_bases)
+    dst = first_per_ring(r.destination_set_bases)
     return {
         "kernel": r.kernel,
         "supported": r.supported,
         "served": r.served,
         "destination_served": r.destination_served,
-        "negotiated": f"0x{r.negotiated & ~scenario.PLUMBING:x}",
+        "negotiated": f"0x{r.negotiated & ~PLUMBING:x}",
         "negotiated_names": r.negotiated_names,
         "driver_ok_ms": round(r.driver_ok_ms, 2),
         "frames_sent": r.frames_sent,

@@ -3,7 +3,7 @@
 All real: ``kvhost-shim`` runs as its own process (``python -m shim.cli``) in the test's
 network namespace, frontends are Debian's QEMU (driven over qtest, no guest OS) or kvhost's
 Python frontend, the rings run in the kernel's vhost-net. What the shim holds is read from
-/proc (:class:`harness.scenario.Footprint`): its vhost-net and tun fds, sockets, memfd
+/proc (:class:`harness.procfs.Footprint`): its vhost-net and tun fds, sockets, memfd
 mappings (guest memory), RSS.
 
 * QEMU SIGKILLed mid-traffic: the shim gives back exactly that connection's vhost-net fd,
@@ -32,23 +32,14 @@ from pathlib import Path
 import pytest
 
 from harness import netns
+from harness.device import driver_for
+from harness.frames import GUEST_MAC, PEER_MAC, frame
+from harness.load import LOAD_BASE_GPA, LOAD_MEMORY
+from harness.procfs import Footprint, tap_names, wait_footprint
 from harness.qemu.machine import MachineConfig, VhostUserBackend
-from harness.scenario import (
-    GUEST_MAC,
-    LOAD_BASE_GPA,
-    LOAD_MEMORY,
-    PEER_MAC,
-    RX,
-    TX,
-    Footprint,
-    Rig,
-    driver_for,
-    exchange,
-    first_per_ring,
-    frame,
-    tap_names,
-    wait_footprint,
-)
+from harness.qemu.virtio_pci import RX, TX
+from harness.rig import Rig, exchange
+from harness.shim_process import first_per_ring
 from kvhost import versions
 from kvhost.memory import GuestMemory
 from kvhost.probe import probe

@@ -6,10 +6,10 @@ versions (fails unpinned exactly as fleets see it, and ``kvhost compat`` predict
 succeeds pinned to the compat version), QEMU's native vhost-net pinned with ``kvhost
 qemu-args`` showing the same device, and a booted Linux guest pinging through the shim.
 
-The pieces come from :mod:`harness.scenario`; the shim runs as its own process (``python -m
-shim.cli``) and what it did is read from its ``-v`` log. Time is spent on QEMU start-ups, so
-the full story (traffic + same-version migration) runs once per module and several tests
-assert on its result.
+The pieces come from the harness (:mod:`harness.rig`, :mod:`harness.shim_process`...); the
+shim runs as its own process (``python -m shim.cli``) and what it did is read from its log.
+Time is spent on QEMU start-ups, so the full story (traffic + same-version migration) runs
+once per module and several tests assert on its result.
 """
 
 from __future__ import annotations
@@ -27,33 +27,30 @@ from pathlib import Path
 
 import pytest
 
-from harness.qemu.legacy_pci import LegacyVirtioNet
-from harness.qemu.machine import QEMU_BINARY, MachineConfig, TapBackend, migrate
-from harness.qemu.virtio_pci import DriverState
-from harness.scenario import (
-    ETH_P_RARP,
-    GUEST_MAC,
+from harness.device import (
     PLUMBING,
-    RX,
-    TX,
     VHOST_USER_MASKED,
-    Rig,
-    ScenarioResult,
-    ShimProcess,
     attach_driver,
-    capped_manifest,
     device_properties_for,
     driver_for,
     every_version_bit,
-    exchange,
     expected_device_bits,
-    first_per_ring,
     is_legacy,
-    kvhost_compat,
+)
+from harness.frames import ETH_P_RARP, GUEST_MAC
+from harness.manifests import capped_manifest, kvhost_compat
+from harness.qemu.legacy_pci import LegacyVirtioNet
+from harness.qemu.machine import QEMU_BINARY, MachineConfig, TapBackend, migrate
+from harness.qemu.virtio_pci import RX, TX, DriverState
+from harness.rig import Rig, exchange
+from harness.shim_process import (
+    ShimProcess,
+    first_per_ring,
     last_per_ring,
     start_shim_expecting_failure,
 )
-from harness.scenario import run as run_scenario
+from harness.single_host import ScenarioResult
+from harness.single_host import run as run_scenario
 from kvhost import features, manifest, versions
 from kvhost.probe import probe
 

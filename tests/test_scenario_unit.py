@@ -1,5 +1,5 @@
-"""Host tier: the pure parts of the end-to-end scenario (harness.scenario), the legacy driver's
-layout, the demo report, and the shim log lines the scenario reads."""
+"""Host tier: the pure parts of the end-to-end scenario (harness.single_host and its pieces),
+the legacy driver's layout, the demo report, and the shim log lines the scenario reads."""
 
 from __future__ import annotations
 
@@ -11,20 +11,14 @@ import pytest
 from test_versions import V, probe_61
 
 from harness.demo import render
+from harness.device import LEGACY_ONLY, expected_device_bits, is_legacy
+from harness.frames import frame
+from harness.manifests import capped_manifest, kvhost_compat
+from harness.procfs import ProcUsage
 from harness.qemu.legacy_pci import PAGE, legacy_ring_layout
 from harness.qemu.machine import MachineConfig, VhostUserBackend, build_command
-from harness.scenario import (
-    LEGACY_ONLY,
-    ProcUsage,
-    Rig,
-    ShimProcess,
-    ShimStartError,
-    capped_manifest,
-    expected_device_bits,
-    frame,
-    is_legacy,
-    kvhost_compat,
-)
+from harness.rig import Rig
+from harness.shim_process import ShimProcess, ShimStartError
 from kvhost import features, manifest, versions
 
 EVENT_IDX = features.mask(["EVENT_IDX"])
