@@ -51,21 +51,20 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from harness import netns
+from harness.frames import TEST_ETHERTYPE
 from harness.qemu.errors import QemuError, QemuExited
 from harness.qemu.machine import Machine, MachineConfig, TapBackend, VhostUserBackend, migrate
 from harness.qemu.virtio_pci import RX, TX, DriverState, VirtioNetDriver
 from harness.shim_process import ShimProcess
+from kvhost import abi, qemu_args
 from kvhost import features as fb
 from kvhost import manifest as mf
-from kvhost import qemu_args
 from kvhost import versions as ver
 from kvhost.errors import KvhostError, UsageError
 
 SOURCE_KERNEL = "6.12"
 DESTINATION_KERNEL = "6.1"
 TAP = "kvx0"
-ETH_P_RARP = 0x8035
-TEST_ETHERTYPE = 0x88B5  # IEEE 802 local experimental: nothing else in the netns sends it
 GUEST_MAC = bytes.fromhex("525400c70001")
 PEER_MAC = bytes.fromhex("02000000c7ef")
 RING_RESET = fb.bit("RING_RESET")
@@ -441,7 +440,7 @@ def _destination_case(case: Case, pin: str, case_dir: Path, r: dict[str, Any]) -
             return
         r["load_ms"] = round((time.monotonic() - t0) * 1e3, 1)
 
-        rarp, _ = port.expect(ETH_P_RARP, FRAME_TIMEOUT)
+        rarp, _ = port.expect(abi.ETH_P_RARP, FRAME_TIMEOUT)
         r["rarp_mac"] = rarp[6:12].hex(":")
         saved = DriverState.from_json(saved_text)
         drv = VirtioNetDriver.attach(machine.qtest, saved)

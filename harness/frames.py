@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 
-ETH_P_RARP = 0x8035
 #: IEEE 802 local experimental ethertype: nothing else in the namespace sends it
 TEST_ETHERTYPE = 0x88B5
 GUEST_MAC = bytes.fromhex("525400aa0001")

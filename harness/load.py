@@ -5,15 +5,14 @@ from __future__ import annotations
 
 import resource
 import socket
-import struct
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from harness import netns
 from harness.errors import ScenarioError
 from harness.frames import GUEST_MAC, PEER_MAC, TEST_ETHERTYPE, frame
+from kvhost import abi
 from kvhost.errors import KvhostError
 from kvhost.memory import GuestMemory
 from kvhost.vhost_user.frontend import NetDevice, VhostUserFrontend
@@ -26,9 +25,6 @@ LOAD_BASE_GPA = 0x100000
 RSS_PER_CONNECTION = 4 << 20
 #: fds per load frontend: socket, 2 memfds, 4 eventfds; the shim: socket, vhost-net, tun
 FDS_PER_FRONTEND = 8
-_SO_RCVBUFFORCE = 33
-_SOL_PACKET = 263
-_PACKET_STATISTICS = 6
 
 
 def raise_nofile(frontends: int) -> None:
@@ -120,12 +116,12 @@ def load_traffic(fronts: list[LoadFrontend], frames: int = 2,
     Sets each ``tap``; returns (frames out, frames in). ScenarioError naming the frontend
     on a lost, misrouted or altered frame."""
     sniff = socket.socket(socket.AF_PACKET, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
-                          socket.htons(netns.ETH_P_ALL))
+                          socket.htons(abi.ETH_P_ALL))
     try:
         # every frame of every tap in the namespace lands here: net.core.rmem_max (208 KiB
         # by default, ~300 small frames) would drop some, so force the size (root)
         try:
-            sniff.setsockopt(socket.SOL_SOCKET, _SO_RCVBUFFORCE, 32 << 20)
+            sniff.setsockopt(socket.SOL_SOCKET, abi.SO_RCVBUFFORCE, 32 << 20)
         except PermissionError:
             sniff.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32 << 20)
         owner: dict[bytes, LoadFrontend] = {}
@@ -144,7 +140,7 @@ def load_traffic(fronts: list[LoadFrontend], frames: int = 2,
                 data, addr = sniff.recvfrom(65536)
             except TimeoutError:
                 break
-            sender = owner.pop(data, None) if addr[2] != netns.PACKET_OUTGOING else None
+            sender = owner.pop(data, None) if addr[2] != abi.PACKET_OUTGOING else None
             if sender is None:
                 continue
             if sender.tap not in (None, addr[0]):
@@ -153,7 +149,8 @@ def load_traffic(fronts: list[LoadFrontend], frames: int = 2,
             sender.tap = addr[0]
         if owner:
             lost = sorted({f.index for f in owner.values()})
-            _, drops = struct.unpack("=II", sniff.getsockopt(_SOL_PACKET, _PACKET_STATISTICS, 8))
+            stats = sniff.getsockopt(abi.SOL_PACKET, abi.PACKET_STATISTICS, abi.TPACKET_STATS.size)
+            _, drops = abi.TPACKET_STATS.unpack(stats)
             raise ScenarioError(f"{len(owner)} TX frames of frontends {lost[:10]} never came "
                                 f"out of a tap (the capture socket dropped {drops} frames)")
         taps = [f.tap for f in fronts]

@@ -17,11 +17,9 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from kvhost import abi
 from kvhost.errors import KvhostError
 from kvhost.netns import inside
-
-ETH_P_ALL = 0x0003
-PACKET_OUTGOING = 4
 
 
 class FrameNotSeen(KvhostError):
@@ -89,7 +87,7 @@ class TapPort:
     def __init__(self, ifname: str) -> None:
         self.ifname = ifname
         self.sock = socket.socket(
-            socket.AF_PACKET, socket.SOCK_RAW | socket.SOCK_CLOEXEC, socket.htons(ETH_P_ALL)
+            socket.AF_PACKET, socket.SOCK_RAW | socket.SOCK_CLOEXEC, socket.htons(abi.ETH_P_ALL)
         )
         try:
             self.sock.bind((ifname, 0))
@@ -112,7 +110,7 @@ class TapPort:
             except TimeoutError:
                 return None
             arrived = time.perf_counter()
-            if addr[2] != PACKET_OUTGOING:
+            if addr[2] != abi.PACKET_OUTGOING:
                 return data, arrived
         return None
 

@@ -36,12 +36,12 @@ from harness.device import (
     is_legacy,
 )
 from harness.errors import ScenarioError
-from harness.frames import ETH_P_RARP, GUEST_MAC
+from harness.frames import GUEST_MAC
 from harness.procfs import ProcUsage
 from harness.qemu.machine import MigrationResult, migrate
 from harness.qemu.virtio_pci import TX, DriverState
 from harness.rig import Rig, exchange
-from kvhost import features, manifest, versions
+from kvhost import abi, features, manifest, versions
 from kvhost.errors import KvhostError, UsageError
 from kvhost.probe import probe
 
@@ -152,7 +152,7 @@ def _run(rig: Rig, say: Progress, version: str | None, destination_version: str 
         raise ScenarioError(f"migration {result.status}: {result.error}\n"
                             f"destination stderr: {dst.stderr_text()}")
     state = dst.wait_incoming(timeout=30)
-    rarp, _ = dst_port.expect(ETH_P_RARP)
+    rarp, _ = dst_port.expect(abi.ETH_P_RARP)
     moved = attach_driver(dst, DriverState.from_json(drv.save_state()), legacy)
     after_sent, after_received = exchange(moved, dst_port, 1, "b")
     tx_used = moved.used_idx(TX)

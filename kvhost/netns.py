@@ -19,9 +19,8 @@ import ctypes
 import os
 from collections.abc import Iterator
 
+from kvhost import abi
 from kvhost.errors import KernelError, UsageError
-
-_CLONE_NEWNET = 0x40000000
 
 #: where ``ip netns add NAME`` pins namespace NAME (a bind mount of its nsfs file)
 NETNS_DIR = "/run/netns"
@@ -32,7 +31,7 @@ _libc.setns.restype = ctypes.c_int
 
 
 def _setns(fd: int, what: str) -> None:
-    if _libc.setns(fd, _CLONE_NEWNET) != 0:
+    if _libc.setns(fd, abi.CLONE_NEWNET) != 0:
         raise KernelError(
             "setns", what, ctypes.get_errno(), "entering a network namespace needs CAP_SYS_ADMIN"
         )

@@ -37,7 +37,7 @@ from harness.device import (
     expected_device_bits,
     is_legacy,
 )
-from harness.frames import ETH_P_RARP, GUEST_MAC
+from harness.frames import GUEST_MAC
 from harness.manifests import capped_manifest, kvhost_compat
 from harness.qemu.legacy_pci import LegacyVirtioNet
 from harness.qemu.machine import QEMU_BINARY, MachineConfig, TapBackend, migrate
@@ -51,7 +51,7 @@ from harness.shim_process import (
 )
 from harness.single_host import ScenarioResult
 from harness.single_host import run as run_scenario
-from kvhost import features, manifest, versions
+from kvhost import abi, features, manifest, versions
 from kvhost.probe import probe
 
 pytestmark = [pytest.mark.kernel, pytest.mark.qemu]
@@ -269,7 +269,7 @@ def test_pinned_migration_at_compat_version_completes(netns_quiet: str, tmp_path
         result = migrate(src, rig.migration_uri(), destination=dst)
         assert result.status == "completed", (result, dst.stderr_text())
         assert dst.wait_incoming(timeout=30) == "running"
-        rarp, _ = dst_port.expect(ETH_P_RARP)
+        rarp, _ = dst_port.expect(abi.ETH_P_RARP)
         assert rarp[6:12] == GUEST_MAC
         moved = attach_driver(dst, DriverState.from_json(drv.save_state()), legacy)
         assert isinstance(moved, LegacyVirtioNet) == legacy
