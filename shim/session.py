@@ -78,6 +78,7 @@ from kvhost.errors import (
 )
 from kvhost.memory import FrontendRegion
 from kvhost.vhost_user import protocol as p
+from shim.eventlog import event
 
 log = logging.getLogger("kvhost.shim")
 
@@ -475,14 +476,20 @@ class Session:
                 ring.enabled = True
                 self._sync(ring)
         if first:
-            log.info(
-                "%s: features acked under interface version %s: 0x%x",
-                self.name,
-                self.version.label,
-                acked,
+            message = (
+                f"{self.name}: features acked under interface version "
+                f"{self.version.label}: 0x{acked:x}"
             )
         else:
-            log.debug("%s: SET_FEATURES 0x%x", self.name, acked)
+            message = f"{self.name}: SET_FEATURES 0x{acked:x}"
+        event(
+            "features",
+            message,
+            level=logging.INFO if first else logging.DEBUG,
+            connection=self.name,
+            version=self.version.label,
+            features=acked,
+        )
         return None
 
     def _get_protocol_features(self, msg: p.Message, pending: _Pending) -> p.Payload | None:
@@ -547,7 +554,12 @@ class Session:
         assert isinstance(payload, p.LogBase)
         (fd,) = pending.take(1, "SET_LOG_BASE")
         self.backend.set_log_base(fd, payload.mmap_size, payload.mmap_offset)
-        log.info("%s: dirty log mapped (%d bytes)", self.name, payload.mmap_size)
+        event(
+            "dirty_log",
+            f"{self.name}: dirty log mapped ({payload.mmap_size} bytes)",
+            connection=self.name,
+            bytes=payload.mmap_size,
+        )
         return p.U64(REPLY_OK)
 
     def _set_vring_num(self, msg: p.Message, pending: _Pending) -> p.Payload | None:
@@ -573,7 +585,15 @@ class Session:
                 f"SET_VRING_BASE {base} for vring {index}: split ring indices are 16-bit"
             )
         self.backend.set_vring_base(index, base)
-        log.debug("%s: SET_VRING_BASE vring %d base %d", self.name, index, base)
+        event(
+            "vring_base",
+            f"{self.name}: SET_VRING_BASE vring {index} base {base}",
+            level=logging.DEBUG,
+            connection=self.name,
+            request="SET_VRING_BASE",
+            vring=index,
+            base=base,
+        )
         return None
 
     def _set_vring_addr(self, msg: p.Message, pending: _Pending) -> p.Payload | None:
@@ -640,7 +660,15 @@ class Session:
             self.backend.stop_vring(index)
         ring.state = VringState.STOPPED
         base = self.backend.get_vring_base(index)
-        log.debug("%s: GET_VRING_BASE vring %d base %d", self.name, index, base)
+        event(
+            "vring_base",
+            f"{self.name}: GET_VRING_BASE vring {index} base {base}",
+            level=logging.DEBUG,
+            connection=self.name,
+            request="GET_VRING_BASE",
+            vring=index,
+            base=base,
+        )
         return p.VringState(index, base)
 
     def _set_vring_enable(self, msg: p.Message, pending: _Pending) -> p.Payload | None:
@@ -658,7 +686,12 @@ class Session:
         payload = msg.payload
         assert isinstance(payload, p.RarpMac)
         self.backend.send_rarp(payload.mac)
-        log.info("%s: RARP announced for %s", self.name, payload.text)
+        event(
+            "rarp",
+            f"{self.name}: RARP announced for {payload.text}",
+            connection=self.name,
+            mac=payload.text,
+        )
         return None
 
     def _net_set_mtu(self, msg: p.Message, pending: _Pending) -> p.Payload | None:
