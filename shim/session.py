@@ -435,7 +435,14 @@ class Session:
         if want and ring.state is VringState.STARTED:
             self.backend.start_vring(ring.index)
             ring.state = VringState.RUNNING
-            log.debug("%s: vring %d running", self.name, ring.index)
+            event(
+                "vring",
+                f"{self.name}: vring {ring.index} running",
+                level=logging.DEBUG,
+                connection=self.name,
+                vring=ring.index,
+                result="running",
+            )
         elif not want and ring.state is VringState.RUNNING:
             self.backend.stop_vring(ring.index)
             ring.state = VringState.STARTED
