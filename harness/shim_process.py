@@ -1,23 +1,24 @@
 """``kvhost-shim`` as a child process of a test, benchmark or the demo.
 
-What the shim did is read from its own log (``-v``): the SET_FEATURES values, every
-GET/SET_VRING_BASE, the dirty log mapping and the RARP announcements (see
-:meth:`ShimProcess.events`).
+What the shim did is read from its JSON events (``--log-format json``, :mod:`shim.eventlog`),
+never from its human text: the version it serves (``listening``), every SET_FEATURES
+(``features``), GET/SET_VRING_BASE (``vring_base``, with ``-v``), the dirty log mapping
+(``dirty_log``) and the RARP announcements (``rarp``); see :meth:`ShimProcess.events`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
-import re
 import signal
 import stat
 import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from harness.errors import ScenarioError
 from harness.procfs import ProcUsage
@@ -34,29 +35,13 @@ class ShimStartError(ScenarioError):
 
 
 
-@dataclass(frozen=True, slots=True)
-class ShimEvent:
-    """One thing the shim logged: ``kind`` is SET_FEATURES (value), GET_VRING_BASE /
-    SET_VRING_BASE (ring, value), LOG_MAPPED (value = bytes) or RARP (text = MAC)."""
-
-    kind: str
-    value: int = 0
-    ring: int = -1
-    text: str = ""
-
-
-_FEATURES = re.compile(r"(?:SET_FEATURES|features acked under interface version \S+:) "
-                       r"0x([0-9a-f]+)")
-_VRING_BASE = re.compile(r"((?:GET|SET)_VRING_BASE) vring (\d+) base (\d+)")
-_LOG_MAPPED = re.compile(r"dirty log mapped \((\d+) bytes\)")
-_RARP = re.compile(r"RARP announced for (\S+)")
-_LISTENING = re.compile(r"listening on \S+, interface version (\S+)")
 #: how :class:`ShimProcess` runs kvhost-shim: the installed package, with this interpreter
 SHIM_PROGRAM = (sys.executable, "-m", "shim.cli")
 
 
 class ShimProcess:
-    """``kvhost-shim`` as a child process, logging (``-v``) to ``log_path``.
+    """``kvhost-shim`` as a child process, logging JSON events (``--log-format json``, with
+    ``-v`` unless ``verbose`` is False) to ``log_path``.
 
     :meth:`start` returns once the socket listens and the shim logged so; ShimStartError
     (exit status and log) if the shim exits first. :meth:`stop` sends SIGTERM and returns
@@ -75,7 +60,7 @@ class ShimProcess:
         self.version = version
         self.tap = tap
         self.name = name
-        self.argv = [*program, "--socket-path", socket_path]
+        self.argv = [*program, "--socket-path", socket_path, "--log-format", "json"]
         if version is not None:
             self.argv += ["--interface-version", version]
         if tap is not None:
@@ -122,36 +107,44 @@ class ShimProcess:
     def usage(self) -> ProcUsage:
         return ProcUsage.of(self.pid)
 
-    def events(self) -> list[ShimEvent]:
-        """What the shim logged, in order (see :class:`ShimEvent`)."""
-        out: list[ShimEvent] = []
+    def events(self, name: str | None = None, **fields: object) -> list[dict[str, Any]]:
+        """The shim's JSON events so far, in order (:mod:`shim.eventlog`): all of them, or
+        those named ``name`` whose ``fields`` have the given values. Lines that are not JSON
+        (a traceback, a wrapper's own output) are not events and are skipped."""
+        out: list[dict[str, Any]] = []
         for line in self.log_text().splitlines():
-            if m := _VRING_BASE.search(line):
-                out.append(ShimEvent(m.group(1), int(m.group(3)), int(m.group(2))))
-            elif m := _FEATURES.search(line):
-                out.append(ShimEvent("SET_FEATURES", int(m.group(1), 16)))
-            elif m := _LOG_MAPPED.search(line):
-                out.append(ShimEvent("LOG_MAPPED", int(m.group(1))))
-            elif m := _RARP.search(line):
-                out.append(ShimEvent("RARP", text=m.group(1)))
+            if not line.startswith("{"):
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue  # a line cut short: the shim is still writing it, or was killed
+            if not isinstance(record, dict):
+                continue
+            if name is not None and record.get("event") != name:
+                continue
+            if all(record.get(k) == v for k, v in fields.items()):
+                out.append(record)
         return out
 
     def acked_features(self) -> list[int]:
-        """Every SET_FEATURES value the shim logged (the first one at least is always
-        logged; with ``-v`` all of them)."""
+        """Every SET_FEATURES value the shim logged, repeats of the one before left out (the
+        first is always logged; with ``-v`` all of them)."""
         seen: list[int] = []
-        for e in self.events():
-            if e.kind == "SET_FEATURES" and (not seen or seen[-1] != e.value):
-                seen.append(e.value)
+        for e in self.events("features"):
+            if not seen or seen[-1] != e["features"]:
+                seen.append(int(e["features"]))
         return seen
 
-    def ring_bases(self, kind: str) -> list[tuple[int, int]]:
-        """(ring, base) of every ``GET_VRING_BASE`` or ``SET_VRING_BASE`` logged."""
-        return [(e.ring, e.value) for e in self.events() if e.kind == kind]
+    def ring_bases(self, request: str) -> list[tuple[int, int]]:
+        """(ring, base) of every ``GET_VRING_BASE`` or ``SET_VRING_BASE`` logged (``-v``)."""
+        return [(int(e["vring"]), int(e["base"]))
+                for e in self.events("vring_base", request=request)]
 
     def served_version(self) -> str | None:
-        m = _LISTENING.search(self.log_text())
-        return m.group(1) if m else None
+        """The interface version the shim said it serves once it listened; None before."""
+        listening = self.events("listening")
+        return str(listening[0]["version"]) if listening else None
 
     def stop(self, timeout: float = 20.0) -> int:
         """SIGTERM, wait (SIGKILL after ``timeout``); the exit status."""

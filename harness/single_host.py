@@ -183,7 +183,7 @@ def _run(rig: Rig, say: Progress, version: str | None, destination_version: str 
         source_get_bases=shim_a.ring_bases("GET_VRING_BASE"),
         destination_set_bases=shim_b.ring_bases("SET_VRING_BASE"),
         source_acked=acked,
-        log_mapped=any(e.kind == "LOG_MAPPED" for e in shim_a.events()),
+        log_mapped=bool(shim_a.events("dirty_log")),
         source_exit=src_exit,
         destination_exit=dest_exit,
         shim_exits=shim_exits,
