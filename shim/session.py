@@ -453,6 +453,17 @@ class Session:
                 self.backend.stop_vring(ring.index)
             ring.state = VringState.STOPPED
 
+    def _log_vring_base(self, request: str, index: int, base: int) -> None:
+        event(
+            "vring_base",
+            f"{self.name}: {request} vring {index} base {base}",
+            level=logging.DEBUG,
+            connection=self.name,
+            request=request,
+            vring=index,
+            base=base,
+        )
+
     def _require_stopped(self, ring: Vring, msg: p.Message) -> None:
         if ring.state is not VringState.STOPPED:
             raise RemoteProtocolError(
@@ -592,15 +603,7 @@ class Session:
                 f"SET_VRING_BASE {base} for vring {index}: split ring indices are 16-bit"
             )
         self.backend.set_vring_base(index, base)
-        event(
-            "vring_base",
-            f"{self.name}: SET_VRING_BASE vring {index} base {base}",
-            level=logging.DEBUG,
-            connection=self.name,
-            request="SET_VRING_BASE",
-            vring=index,
-            base=base,
-        )
+        self._log_vring_base("SET_VRING_BASE", index, base)
         return None
 
     def _set_vring_addr(self, msg: p.Message, pending: _Pending) -> p.Payload | None:
@@ -667,15 +670,7 @@ class Session:
             self.backend.stop_vring(index)
         ring.state = VringState.STOPPED
         base = self.backend.get_vring_base(index)
-        event(
-            "vring_base",
-            f"{self.name}: GET_VRING_BASE vring {index} base {base}",
-            level=logging.DEBUG,
-            connection=self.name,
-            request="GET_VRING_BASE",
-            vring=index,
-            base=base,
-        )
+        self._log_vring_base("GET_VRING_BASE", index, base)
         return p.VringState(index, base)
 
     def _set_vring_enable(self, msg: p.Message, pending: _Pending) -> p.Payload | None:
