@@ -1,6 +1,6 @@
 """Load benchmark of kvhost-shim: N frontends at once, run inside the test VM.
 
-    python -m kvhost.testvm -- python3 bench/bench_load.py [--frontends 256] [--frames 2]
+    python -m harness.testvm -- python3 bench/bench_load.py [--frontends 256] [--frames 2]
 
 One ``kvhost-shim`` process (no ``--tap``: it creates a tap per connection) in a fresh
 network namespace. N of kvhost's Python frontends: threads of a few forked worker processes
@@ -9,7 +9,7 @@ network namespace. N of kvhost's Python frontends: threads of a few forked worke
 for 64), all released together by a barrier. Each connects (a blocking connect, as QEMU's),
 does QEMU's handshake (SET_OWNER: the shim opens a kernel vhost-net device and creates a
 tap) and starts one queue pair; then each passes ``--frames`` frames out through its own
-device and tap and as many in, checked byte for byte (:func:`kvhost.scenario.load_traffic`).
+device and tap and as many in, checked byte for byte (:func:`harness.load.load_traffic`).
 
 Reported, with issue 6's targets:
 
@@ -36,20 +36,18 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from kvhost import netns  # noqa: E402
-from kvhost.errors import KvhostError  # noqa: E402
-from kvhost.scenario import (  # noqa: E402
+from harness import netns  # noqa: E402
+from harness.load import (  # noqa: E402
     RSS_PER_CONNECTION,
-    Footprint,
-    Rig,
     close_all,
     connect_storm,
     load_traffic,
     percentile,
     raise_nofile,
-    tap_names,
-    wait_footprint,
 )
+from harness.procfs import Footprint, tap_names, wait_footprint  # noqa: E402
+from harness.rig import Rig  # noqa: E402
+from kvhost.errors import KvhostError  # noqa: E402
 
 PER_PROCESS = 64
 P99_OVER_P50 = 5.0

@@ -5,7 +5,7 @@
 Both are timed as fresh processes (what udev pays per event): ``python -m kvhost.cli
 manifest --output PATH`` versus ``python -c pass``. Prints min/median/max of each and the
 ratio of medians. Needs a host with /dev/vhost-net (run it inside the test VM otherwise:
-``python -m kvhost.testvm -- python3 bench/bench_manifest.py``).
+``python -m harness.testvm -- python3 bench/bench_manifest.py``).
 """
 
 from __future__ import annotations

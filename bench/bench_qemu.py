@@ -1,6 +1,6 @@
 """Real QEMU through kvhost-shim vs QEMU's own kernel vhost-net (``-netdev tap,vhost=on``).
 
-    python -m kvhost.testvm -- python3 bench/bench_qemu.py [--reps N]
+    python -m harness.testvm -- python3 bench/bench_qemu.py [--reps N]
 
 Inside the test VM (needs /dev/vhost-net and root), in a fresh network namespace, with the
 same ``virtio-net-pci`` device and the same qtest guest driver for both backends, each
@@ -53,24 +53,20 @@ from typing import Any, TypeVar
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from kvhost import netns, versions  # noqa: E402
-from kvhost.netns import TapPort  # noqa: E402
-from kvhost.qemu.machine import (  # noqa: E402
+from harness import netns  # noqa: E402
+from harness.frames import GUEST_MAC, PEER_MAC, frame  # noqa: E402
+from harness.netns import TapPort  # noqa: E402
+from harness.qemu.machine import (  # noqa: E402
     Machine,
     MachineConfig,
     TapBackend,
     VhostUserBackend,
     migrate,
 )
-from kvhost.qemu.virtio_pci import TX, VirtioNetDriver  # noqa: E402
-from kvhost.scenario import (  # noqa: E402
-    GUEST_MAC,
-    PEER_MAC,
-    SHIM_PROGRAM,
-    Rig,
-    ShimProcess,
-    frame,
-)
+from harness.qemu.virtio_pci import TX, VirtioNetDriver  # noqa: E402
+from harness.rig import Rig  # noqa: E402
+from harness.shim_process import SHIM_PROGRAM, ShimProcess  # noqa: E402
+from kvhost import versions  # noqa: E402
 
 PROPS = {"mac": GUEST_MAC.hex(":")}
 TRACE_ENV = "KVHOST_BENCH_TRACE"

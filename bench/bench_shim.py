@@ -1,6 +1,6 @@
 """Benchmarks of kvhost-shim, run inside the test VM (needs /dev/vhost-net and root).
 
-    python -m kvhost.testvm -- python3 bench/bench_shim.py [--frames N] [--trials K]
+    python -m harness.testvm -- python3 bench/bench_shim.py [--frames N] [--trials K]
 
 Every number is a ratio measured side by side in one run, so the (slow, TCG) machine cancels
 out:
@@ -43,10 +43,13 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from kvhost import features, netns, versions  # noqa: E402
+from harness import netns  # noqa: E402
+from harness.load import RSS_PER_CONNECTION  # noqa: E402
+from harness.procfs import Footprint  # noqa: E402
+from harness.shim_process import ShimProcess  # noqa: E402
+from kvhost import features, versions  # noqa: E402
 from kvhost import ioctl as kv_ioctl  # noqa: E402
 from kvhost.memory import GuestMemory  # noqa: E402
-from kvhost.scenario import RSS_PER_CONNECTION, Footprint, ShimProcess  # noqa: E402
 from kvhost.tap import Tap, vnet_hdr_len  # noqa: E402
 from kvhost.vhost import VhostNet  # noqa: E402
 from kvhost.vhost_user import protocol as p  # noqa: E402

@@ -137,6 +137,8 @@ struct ifinfomsg {
     unsigned int ifi_flags;
     unsigned int ifi_change;
 };
+/* linux/if_packet.h: what getsockopt(PACKET_STATISTICS) fills in */
+struct tpacket_stats { unsigned int tp_packets; unsigned int tp_drops; };
 """
 
 ffi = cffi.FFI()
@@ -174,6 +176,7 @@ STRUCT_FIELDS: dict[str, tuple[str, ...]] = {
     "nlmsgerr": ("error", "msg"),
     "nlattr": ("nla_len", "nla_type"),
     "ifinfomsg": ("ifi_family", "__ifi_pad", "ifi_type", "ifi_index", "ifi_flags", "ifi_change"),
+    "tpacket_stats": ("tp_packets", "tp_drops"),
 }
 
 
@@ -230,6 +233,8 @@ NLMSGERR = struct.Struct("=i16x")
 NLATTR = struct.Struct("=HH")  # struct nlattr { nla_len; nla_type; }
 #: struct ifinfomsg { family; pad; type; index; flags; change; }
 IFINFOMSG = struct.Struct("=BxHiII")
+#: struct tpacket_stats { tp_packets; tp_drops; } (the harness's capture sockets)
+TPACKET_STATS = struct.Struct("=II")
 
 #: C struct name -> the struct format that packs it: every member in declaration order (a
 #: byte run ``x`` stands for a member kvhost never reads, such as padding), a trailing
@@ -244,6 +249,7 @@ STRUCT_FORMATS: dict[str, struct.Struct] = {
     "nlmsgerr": NLMSGERR,
     "nlattr": NLATTR,
     "ifinfomsg": IFINFOMSG,
+    "tpacket_stats": TPACKET_STATS,
 }
 
 
@@ -442,5 +448,17 @@ VRING_DESC_F_WRITE = 2
 VRING_DESC_F_INDIRECT = 4
 VRING_USED_F_NO_NOTIFY = 1
 VRING_AVAIL_F_NO_INTERRUPT = 1
+
+# --- namespaces and packet sockets ---------------------------------------------------------
+# kvhost.netns enters namespaces; the harness watches taps through AF_PACKET sockets. Python's
+# socket module lacks these names, so they are typed here, where the header test checks them.
+CLONE_NEWNET = 0x40000000  # linux/sched.h
+ETH_P_ALL = 0x0003  # linux/if_ether.h: every protocol (a packet socket's catch-all)
+ETH_P_RARP = 0x8035  # linux/if_ether.h: what a migrated guest's announcement carries
+#: linux/if_packet.h: sockaddr_ll.sll_pkttype of a frame sent from this host
+PACKET_OUTGOING = 4
+PACKET_STATISTICS = 6  # linux/if_packet.h: getsockopt -> struct tpacket_stats
+SOL_PACKET = 263  # linux/socket.h (in userspace through the libc's <sys/socket.h>)
+SO_RCVBUFFORCE = 33  # asm-generic/socket.h: SO_RCVBUF past net.core.rmem_max (CAP_NET_ADMIN)
 
 ALL_IOCTLS: tuple[Ioctl, ...] = tuple(v for v in list(globals().values()) if isinstance(v, Ioctl))

@@ -12,7 +12,12 @@ lines, errors) goes through the same :class:`EventFormatter`, so the stream is u
   fills ``connection``.
 
 Event names: ``listening``, ``accepted``, ``refused``, ``version``, ``closed``,
-``stopping``, ``tap``, ``privileges``, ``error``.
+``stopping``, ``tap``, ``privileges``, ``error``; per connection, what it did to the kernel
+device: ``features`` (each SET_FEATURES: ``features``; the first at info level, the
+rest debug), ``vring_base`` (debug: ``request`` GET_/SET_VRING_BASE, ``vring``, ``base``),
+``dirty_log`` (``bytes`` mapped), ``rarp`` (``mac`` announced), ``vring`` (debug: ``vring``
+started, ``result`` ``running``) and ``devices`` (SET_OWNER opened ``tap`` and ``devices``
+vhost-net devices; ``features``: the kernel's).
 """
 
 from __future__ import annotations

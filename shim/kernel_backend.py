@@ -69,6 +69,7 @@ from kvhost.tap import Tap, vnet_hdr_len
 from kvhost.vhost import VhostNet
 from kvhost.vhost_user.protocol import MEMORY_BASELINE_NREGIONS, close_fds
 from shim.closer import CLOSER, Closer
+from shim.eventlog import event
 
 log = logging.getLogger("kvhost.shim")
 
@@ -497,12 +498,14 @@ class KernelBackend:
             raise
         self.tap, self.devices = tap, devices
         self._tap_state = (0, abi.VNET_HDR_MRG_LEN)
-        log.info(
-            "%s: tap %s, %d vhost-net device(s), kernel features 0x%x",
-            self.name,
-            tap.name,
-            len(devices),
-            self.kernel_features,
+        event(
+            "devices",
+            f"{self.name}: tap {tap.name}, {len(devices)} vhost-net device(s), kernel "
+            f"features 0x{self.kernel_features:x}",
+            connection=self.name,
+            tap=tap.name,
+            devices=len(devices),
+            features=self.kernel_features,
         )
 
     def reset_owner(self) -> None:

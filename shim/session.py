@@ -78,6 +78,7 @@ from kvhost.errors import (
 )
 from kvhost.memory import FrontendRegion
 from kvhost.vhost_user import protocol as p
+from shim.eventlog import event
 
 log = logging.getLogger("kvhost.shim")
 
@@ -434,7 +435,14 @@ class Session:
         if want and ring.state is VringState.STARTED:
             self.backend.start_vring(ring.index)
             ring.state = VringState.RUNNING
-            log.debug("%s: vring %d running", self.name, ring.index)
+            event(
+                "vring",
+                f"{self.name}: vring {ring.index} running",
+                level=logging.DEBUG,
+                connection=self.name,
+                vring=ring.index,
+                result="running",
+            )
         elif not want and ring.state is VringState.RUNNING:
             self.backend.stop_vring(ring.index)
             ring.state = VringState.STARTED
@@ -444,6 +452,17 @@ class Session:
             if ring.state is VringState.RUNNING:
                 self.backend.stop_vring(ring.index)
             ring.state = VringState.STOPPED
+
+    def _log_vring_base(self, request: str, index: int, base: int) -> None:
+        event(
+            "vring_base",
+            f"{self.name}: {request} vring {index} base {base}",
+            level=logging.DEBUG,
+            connection=self.name,
+            request=request,
+            vring=index,
+            base=base,
+        )
 
     def _require_stopped(self, ring: Vring, msg: p.Message) -> None:
         if ring.state is not VringState.STOPPED:
@@ -475,14 +494,20 @@ class Session:
                 ring.enabled = True
                 self._sync(ring)
         if first:
-            log.info(
-                "%s: features acked under interface version %s: 0x%x",
-                self.name,
-                self.version.label,
-                acked,
+            message = (
+                f"{self.name}: features acked under interface version "
+                f"{self.version.label}: 0x{acked:x}"
             )
         else:
-            log.debug("%s: SET_FEATURES 0x%x", self.name, acked)
+            message = f"{self.name}: SET_FEATURES 0x{acked:x}"
+        event(
+            "features",
+            message,
+            level=logging.INFO if first else logging.DEBUG,
+            connection=self.name,
+            version=self.version.label,
+            features=acked,
+        )
         return None
 
     def _get_protocol_features(self, msg: p.Message, pending: _Pending) -> p.Payload | None:
@@ -547,7 +572,12 @@ class Session:
         assert isinstance(payload, p.LogBase)
         (fd,) = pending.take(1, "SET_LOG_BASE")
         self.backend.set_log_base(fd, payload.mmap_size, payload.mmap_offset)
-        log.info("%s: dirty log mapped (%d bytes)", self.name, payload.mmap_size)
+        event(
+            "dirty_log",
+            f"{self.name}: dirty log mapped ({payload.mmap_size} bytes)",
+            connection=self.name,
+            bytes=payload.mmap_size,
+        )
         return p.U64(REPLY_OK)
 
     def _set_vring_num(self, msg: p.Message, pending: _Pending) -> p.Payload | None:
@@ -573,7 +603,7 @@ class Session:
                 f"SET_VRING_BASE {base} for vring {index}: split ring indices are 16-bit"
             )
         self.backend.set_vring_base(index, base)
-        log.debug("%s: SET_VRING_BASE vring %d base %d", self.name, index, base)
+        self._log_vring_base("SET_VRING_BASE", index, base)
         return None
 
     def _set_vring_addr(self, msg: p.Message, pending: _Pending) -> p.Payload | None:
@@ -640,7 +670,7 @@ class Session:
             self.backend.stop_vring(index)
         ring.state = VringState.STOPPED
         base = self.backend.get_vring_base(index)
-        log.debug("%s: GET_VRING_BASE vring %d base %d", self.name, index, base)
+        self._log_vring_base("GET_VRING_BASE", index, base)
         return p.VringState(index, base)
 
     def _set_vring_enable(self, msg: p.Message, pending: _Pending) -> p.Payload | None:
@@ -658,7 +688,12 @@ class Session:
         payload = msg.payload
         assert isinstance(payload, p.RarpMac)
         self.backend.send_rarp(payload.mac)
-        log.info("%s: RARP announced for %s", self.name, payload.text)
+        event(
+            "rarp",
+            f"{self.name}: RARP announced for {payload.text}",
+            connection=self.name,
+            mac=payload.text,
+        )
         return None
 
     def _net_set_mtu(self, msg: p.Message, pending: _Pending) -> p.Payload | None:

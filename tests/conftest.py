@@ -3,7 +3,7 @@
 * Host tier (no marker): pure logic, bytes in and out; runs anywhere.
 * Kernel tier (``@pytest.mark.kernel``): needs a real kernel with ``/dev/vhost-net`` and
   ``/dev/net/tun``. ``./run-tests`` runs it directly on such a host, otherwise inside the test
-  VM (``python -m kvhost.testvm``). Such a test never skips: run without the device it fails,
+  VM (``python -m harness.testvm``). Such a test never skips: run without the device it fails,
   saying how to run it, so a CI that lost its kernel tier goes red.
 """
 
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from kvhost import netns as kvnetns
+from harness import netns as testns
 
 
 def pytest_report_header() -> list[str]:
@@ -73,7 +73,7 @@ def netns() -> Iterator[str]:
     traffic can reach any other namespace. ``ip netns add`` creates it: pyroute2's own
     creation forks a helper process, which under TCG took up to 40 s and sometimes timed out.
     """
-    with kvnetns.fresh("kvtest", ipv6=True) as name:
+    with testns.fresh("kvtest", ipv6=True) as name:
         yield name
 
 
@@ -81,7 +81,7 @@ def netns() -> Iterator[str]:
 def netns_quiet() -> Iterator[str]:
     """As :func:`netns`, with IPv6 off in the namespace: no router or neighbour
     solicitations from the host side of new taps land in RX rings between a test's frames."""
-    with kvnetns.fresh("kvtest", ipv6=False) as name:
+    with testns.fresh("kvtest", ipv6=False) as name:
         yield name
 
 
@@ -89,5 +89,5 @@ def netns_quiet() -> Iterator[str]:
 def other_netns() -> Iterator[str]:
     """A network namespace the test process is not in, removed afterwards: for code that
     must act in a namespace it was given, not the one it runs in."""
-    with kvnetns.created("kvother") as name:
+    with testns.created("kvother") as name:
         yield name

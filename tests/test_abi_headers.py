@@ -21,6 +21,7 @@ import pytest
 from kvhost import abi, features
 
 HEADERS = (
+    "sys/socket.h",
     "linux/vhost.h",
     "linux/vhost_types.h",
     "linux/if_tun.h",
@@ -32,6 +33,9 @@ HEADERS = (
     "linux/netlink.h",
     "linux/rtnetlink.h",
     "linux/if_link.h",
+    "linux/sched.h",
+    "linux/if_ether.h",
+    "linux/if_packet.h",
 )
 REFERENCE = Path(__file__).resolve().parents[2] / "shared/reference/kernel-vhost-uapi.md"
 
@@ -43,7 +47,9 @@ _CONST_PREFIXES = ("IFF_", "TUN_F_", "VHOST_F_", "VHOST_NET_F_", "VHOST_VRING_F_
                    "VHOST_FORK_OWNER_", "VRING_DESC_F_", "VRING_USED_F_", "VRING_AVAIL_F_",
                    "VIRTIO_NET_HDR_F_NEEDS_CSUM", "VIRTIO_NET_HDR_GSO_NONE", "IFNAMSIZ",
                    "VHOST_VIRTIO", "NLMSG_ERROR", "NLM_F_REQUEST", "RTM_NEWLINK",
-                   "RTM_GETLINK", "IFLA_", "NETLINK_ROUTE", "NLA_")
+                   "RTM_GETLINK", "IFLA_", "NETLINK_ROUTE", "NLA_", "CLONE_NEWNET",
+                   "ETH_P_", "PACKET_OUTGOING", "PACKET_STATISTICS", "SOL_PACKET",
+                   "SO_RCVBUFFORCE")
 #: constants the headers define as enum members, not macros: printed without #ifdef
 _ENUM_PREFIXES = ("IFLA_",)
 

@@ -1,6 +1,6 @@
 """Cross-kernel tier (issue 7): a VM started on Linux 6.12 migrates to Linux 6.1.
 
-The ``crosskernel`` tests run on the host: one scenario (``kvhost.crosskernel.run_scenario``)
+The ``crosskernel`` tests run on the host: one scenario (``harness.crosskernel.run_scenario``)
 boots the 6.12 test VM for every case's source side, then the 6.1 test VM for every
 destination side, and the tests below assert each case on the collected results. Run with
 ``python -m pytest -m crosskernel`` (``./run-tests`` does). The unmarked tests at the end are
@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 import pytest
 
-from kvhost import crosskernel as ck
+from harness import crosskernel as ck
 from kvhost import features as fb
 from kvhost import manifest as mf
 from kvhost import versions as ver

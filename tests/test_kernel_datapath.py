@@ -35,8 +35,6 @@ from kvhost.virtqueue import SplitRing
 
 pytestmark = pytest.mark.kernel
 
-ETH_P_ALL = 0x0003
-PACKET_OUTGOING = 4
 RING = 256
 RX_BUFS = 8
 RX_BUF_SIZE = 2048
@@ -111,9 +109,9 @@ def datapath(netns_quiet: str) -> Iterator[Datapath]:
 
 
 def _packet_socket(stack: ExitStack) -> socket.socket:
-    sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
+    sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(abi.ETH_P_ALL))
     stack.enter_context(sock)
-    sock.bind((TAP_NAME, ETH_P_ALL))
+    sock.bind((TAP_NAME, abi.ETH_P_ALL))
     return sock
 
 
@@ -133,7 +131,7 @@ def test_tx_frame_leaves_through_the_tap(datapath: Datapath, fd_leak_check: None
             if not _wait_readable(sniffer.fileno(), deadline - time.monotonic()):
                 break
             data, addr = sniffer.recvfrom(65536)
-            if addr[2] != PACKET_OUTGOING:
+            if addr[2] != abi.PACKET_OUTGOING:
                 seen.append(data)
                 if data == frame:
                     break

@@ -3,7 +3,7 @@
 All real: ``kvhost-shim`` runs as its own process (``python -m shim.cli``) in the test's
 network namespace, frontends are Debian's QEMU (driven over qtest, no guest OS) or kvhost's
 Python frontend, the rings run in the kernel's vhost-net. What the shim holds is read from
-/proc (:class:`kvhost.scenario.Footprint`): its vhost-net and tun fds, sockets, memfd
+/proc (:class:`harness.procfs.Footprint`): its vhost-net and tun fds, sockets, memfd
 mappings (guest memory), RSS.
 
 * QEMU SIGKILLed mid-traffic: the shim gives back exactly that connection's vhost-net fd,
@@ -23,7 +23,6 @@ Each test prints its measurements (run with ``-s``) for the issue's closing note
 from __future__ import annotations
 
 import itertools
-import re
 import threading
 import time
 from collections.abc import Callable
@@ -31,26 +30,18 @@ from pathlib import Path
 
 import pytest
 
-from kvhost import netns, versions
+from harness import netns
+from harness.device import driver_for
+from harness.frames import GUEST_MAC, PEER_MAC, frame
+from harness.load import LOAD_BASE_GPA, LOAD_MEMORY
+from harness.procfs import Footprint, tap_names, wait_footprint
+from harness.qemu.machine import MachineConfig, VhostUserBackend
+from harness.qemu.virtio_pci import RX, TX
+from harness.rig import Rig, exchange
+from harness.shim_process import first_per_ring
+from kvhost import versions
 from kvhost.memory import GuestMemory
 from kvhost.probe import probe
-from kvhost.qemu.machine import MachineConfig, VhostUserBackend
-from kvhost.scenario import (
-    GUEST_MAC,
-    LOAD_BASE_GPA,
-    LOAD_MEMORY,
-    PEER_MAC,
-    RX,
-    TX,
-    Footprint,
-    Rig,
-    driver_for,
-    exchange,
-    first_per_ring,
-    frame,
-    tap_names,
-    wait_footprint,
-)
 from kvhost.vhost_user.frontend import FRONTEND_PROTOCOL_FEATURES, VhostUserFrontend
 
 pytestmark = pytest.mark.kernel
@@ -137,8 +128,8 @@ def test_qemu_killed_mid_traffic_releases_its_devices_only(netns_quiet: str) -> 
                 released = time.perf_counter() - killed
             assert tap_names(pid) == [port_b.ifname]
             assert not Path(f"/sys/class/net/{tap_a}").exists(), f"tap {tap_a} outlived it"
-            assert re.search(r"connection 2\b.*closed: frontend hung up", shim.log_text()), (
-                shim.log_text())
+            assert shim.events("closed", connection="connection 2",
+                               result="frontend hung up"), shim.log_text()
 
             # the other connection never noticed
             sent, received = exchange(drv_b, port_b, 4, "b-after")
@@ -178,7 +169,7 @@ def test_qemu_killed_mid_traffic_releases_its_devices_only(netns_quiet: str) -> 
 
 class Sniffer:
     """Every frame tap ``ifname`` receives from the guest side, with its arrival time
-    (perf_counter), recorded from a :class:`kvhost.netns.TapPort` by a thread until
+    (perf_counter), recorded from a :class:`harness.netns.TapPort` by a thread until
     :meth:`close`."""
 
     def __init__(self, ifname: str) -> None:
@@ -245,8 +236,8 @@ def test_shim_killed_mid_traffic_qemu_reconnects_and_resumes(netns_quiet: str) -
             listening = time.perf_counter()
 
             def rings_running() -> bool:
-                text = second.log_text()
-                return "vring 0 running" in text and "vring 1 running" in text
+                running = {e["vring"] for e in second.events("vring", result="running")}
+                return {0, 1} <= running
 
             _wait_for("QEMU reconnected and restarted both rings", rings_running, rig)
             running = time.perf_counter()
@@ -284,7 +275,7 @@ def test_shim_killed_mid_traffic_qemu_reconnects_and_resumes(netns_quiet: str) -
         acked_first, acked_second = first.acked_features(), second.acked_features()
         assert acked_first and acked_second and acked_second[0] == acked_first[0], (
             acked_first, acked_second)
-        assert re.search(rf"\bpid\W*{qemu.pid}\b", second.log_text()), second.log_text()
+        assert second.events("accepted", peer_pid=qemu.pid), second.log_text()
         assert qemu.qmp.query_status() == "running"
         first_through = min(t for f in [*after, probe_frame] for t in seen[f])
         assert qemu.stop() == 0, qemu.stderr_text()
@@ -380,7 +371,7 @@ def _churn(total: int, rounds: int) -> None:
             for m in memories:
                 m.close()
         wait_footprint(pid, lambda f: f.counts() == idle.counts(), what="idle at the end")
-        opened = len(re.findall(r"vhost-net device", shim.log_text()))
+        opened = len(shim.events("devices"))
         assert shim.stop() == 0, shim.log_text()[-3000:]
     # every cycle but the negotiation-only ones opened its own vhost-net device
     assert opened == done + 10, f"{opened} vhost-net devices opened for {done + 10} cycles"

@@ -13,18 +13,16 @@ from __future__ import annotations
 
 import pytest
 
-from kvhost.scenario import (
+from harness.load import (
     RSS_PER_CONNECTION,
-    Footprint,
-    Rig,
     close_all,
     connect_storm,
     load_traffic,
     percentile,
     raise_nofile,
-    tap_names,
-    wait_footprint,
 )
+from harness.procfs import Footprint, tap_names, wait_footprint
+from harness.rig import Rig
 
 pytestmark = pytest.mark.kernel
 

@@ -14,12 +14,12 @@ from pathlib import Path
 
 import pytest
 
+from harness.crosskernel import predicted_latest
 from kvhost import features as fb
 from kvhost import manifest as mf
 from kvhost import nfd
 from kvhost import versions as ver
 from kvhost.cli import main
-from kvhost.crosskernel import predicted_latest
 from kvhost.probe import probe
 from kvhost.vhost import VhostNet
 

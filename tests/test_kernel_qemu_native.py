@@ -1,5 +1,5 @@
 """Kernel tier: Debian's real QEMU with its own kernel vhost-net (``-netdev tap,vhost=on``),
-driven by the qtest virtio driver of :mod:`kvhost.qemu`. These are the native baselines the
+driven by the qtest virtio driver of :mod:`harness.qemu`. These are the native baselines the
 shim is compared with (issue 5) and the layer issue 7 migrates with.
 
 Each test runs in a fresh network namespace; QEMU is our child, so it inherits it and the
@@ -21,23 +21,22 @@ from pathlib import Path
 
 import pytest
 
-from kvhost import features
-from kvhost.netns import TapPort, link_up
-from kvhost.qemu.errors import QemuExited
-from kvhost.qemu.machine import (
+from harness.frames import TEST_ETHERTYPE
+from harness.netns import TapPort, link_up
+from harness.qemu.errors import QemuExited
+from harness.qemu.machine import (
     Machine,
     MachineConfig,
     TapBackend,
     VhostUserBackend,
     migrate,
 )
-from kvhost.qemu.virtio_pci import RX, TX, DriverState, VirtioNetDriver
+from harness.qemu.virtio_pci import RX, TX, DriverState, VirtioNetDriver
+from kvhost import abi, features
 from kvhost.vhost import VhostNet
 
 pytestmark = [pytest.mark.kernel, pytest.mark.qemu]
 
-ETH_P_RARP = 0x8035
-TEST_ETHERTYPE = 0x88B5  # IEEE 802 local experimental: nothing else in the netns sends it
 GUEST_MAC = bytes.fromhex("525400aa0001")
 PEER_MAC = bytes.fromhex("02000000beef")
 
@@ -180,7 +179,7 @@ def test_native_live_migration_continues_on_destination(fd_leak_check: None, net
               f"downtime_ms={result.downtime_ms} wall_ms={result.wall_ms:.0f}")
 
         # QEMU announces the guest's MAC on the destination tap (self-announce RARP)
-        rarp, _ = dst_port.expect(ETH_P_RARP)
+        rarp, _ = dst_port.expect(abi.ETH_P_RARP)
         assert rarp[6:12] == GUEST_MAC
 
         # the driver continues from its saved JSON state; rings resume at the migrated indexes

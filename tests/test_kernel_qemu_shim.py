@@ -6,10 +6,10 @@ versions (fails unpinned exactly as fleets see it, and ``kvhost compat`` predict
 succeeds pinned to the compat version), QEMU's native vhost-net pinned with ``kvhost
 qemu-args`` showing the same device, and a booted Linux guest pinging through the shim.
 
-The pieces come from :mod:`kvhost.scenario`; the shim runs as its own process (``python -m
-shim.cli``) and what it did is read from its ``-v`` log. Time is spent on QEMU start-ups, so
-the full story (traffic + same-version migration) runs once per module and several tests
-assert on its result.
+The pieces come from the harness (:mod:`harness.rig`, :mod:`harness.shim_process`...); the
+shim runs as its own process (``python -m shim.cli``) and what it did is read from its log.
+Time is spent on QEMU start-ups, so the full story (traffic + same-version migration) runs
+once per module and several tests assert on its result.
 """
 
 from __future__ import annotations
@@ -27,35 +27,32 @@ from pathlib import Path
 
 import pytest
 
-from kvhost import features, manifest, versions
-from kvhost.probe import probe
-from kvhost.qemu.legacy_pci import LegacyVirtioNet
-from kvhost.qemu.machine import QEMU_BINARY, MachineConfig, TapBackend, migrate
-from kvhost.qemu.virtio_pci import DriverState
-from kvhost.scenario import (
-    ETH_P_RARP,
-    GUEST_MAC,
+from harness.device import (
     PLUMBING,
-    RX,
-    TX,
     VHOST_USER_MASKED,
-    Rig,
-    ScenarioResult,
-    ShimProcess,
     attach_driver,
-    capped_manifest,
     device_properties_for,
     driver_for,
     every_version_bit,
-    exchange,
     expected_device_bits,
-    first_per_ring,
     is_legacy,
-    kvhost_compat,
+)
+from harness.frames import GUEST_MAC
+from harness.manifests import capped_manifest, kvhost_compat
+from harness.qemu.legacy_pci import LegacyVirtioNet
+from harness.qemu.machine import QEMU_BINARY, MachineConfig, TapBackend, migrate
+from harness.qemu.virtio_pci import RX, TX, DriverState
+from harness.rig import Rig, exchange
+from harness.shim_process import (
+    ShimProcess,
+    first_per_ring,
     last_per_ring,
     start_shim_expecting_failure,
 )
-from kvhost.scenario import run as run_scenario
+from harness.single_host import ScenarioResult
+from harness.single_host import run as run_scenario
+from kvhost import abi, features, manifest, versions
+from kvhost.probe import probe
 
 pytestmark = [pytest.mark.kernel, pytest.mark.qemu]
 
@@ -272,7 +269,7 @@ def test_pinned_migration_at_compat_version_completes(netns_quiet: str, tmp_path
         result = migrate(src, rig.migration_uri(), destination=dst)
         assert result.status == "completed", (result, dst.stderr_text())
         assert dst.wait_incoming(timeout=30) == "running"
-        rarp, _ = dst_port.expect(ETH_P_RARP)
+        rarp, _ = dst_port.expect(abi.ETH_P_RARP)
         assert rarp[6:12] == GUEST_MAC
         moved = attach_driver(dst, DriverState.from_json(drv.save_state()), legacy)
         assert isinstance(moved, LegacyVirtioNet) == legacy
@@ -286,8 +283,8 @@ def test_pinned_migration_at_compat_version_completes(netns_quiet: str, tmp_path
             shim_a.log_text(), shim_b.log_text())
         acked = shim_a.acked_features()
         assert any(f & features.LOG_ALL for f in acked), shim_a.log_text()
-        assert any(e.kind == "LOG_MAPPED" for e in shim_a.events()), shim_a.log_text()
-        assert any(e.kind == "RARP" for e in shim_b.events()), shim_b.log_text()
+        assert shim_a.events("dirty_log"), shim_a.log_text()
+        assert shim_b.events("rarp"), shim_b.log_text()
         assert shim_b.served_version() == version.label
         assert dst.stop() == 0 and src.stop() == 0
         assert shim_a.stop() == 0 and shim_b.stop() == 0

@@ -41,9 +41,7 @@ pytestmark = pytest.mark.kernel
 V1 = versions.parse("org.kernel.vhost-net.v1")
 V5 = versions.parse("org.kernel.vhost-net.v5")
 
-ETH_P_ALL = 0x0003
 ETH_P_TEST = 0x88B5  # IEEE 802 local experimental ethertype: nothing else sends it
-PACKET_OUTGOING = 4
 MEMORY = [(0, 0xC0000), (0x100000, 8 << 20)]  # QEMU-like: a low hole, then RAM
 BASE_GPA = 0x100000
 
@@ -156,7 +154,7 @@ def ioctls_issued(
 
 def packet_socket(ifname: str) -> socket.socket:
     s = socket.socket(
-        socket.AF_PACKET, socket.SOCK_RAW | socket.SOCK_CLOEXEC, socket.htons(ETH_P_ALL)
+        socket.AF_PACKET, socket.SOCK_RAW | socket.SOCK_CLOEXEC, socket.htons(abi.ETH_P_ALL)
     )
     s.bind((ifname, 0))
     s.settimeout(0.2)
@@ -186,7 +184,7 @@ def captured(sock: socket.socket, want: int, timeout: float = 5.0) -> list[bytes
             data, addr = sock.recvfrom(65536)
         except TimeoutError:
             continue
-        if addr[2] != PACKET_OUTGOING and data[12:14] == struct.pack("!H", ETH_P_TEST):
+        if addr[2] != abi.PACKET_OUTGOING and data[12:14] == struct.pack("!H", ETH_P_TEST):
             out.append(data)
     return out
 
@@ -254,7 +252,8 @@ def test_rarp_reaches_the_host_side_of_the_tap(fd_leak_check: None, make_shim: S
             while time.monotonic() < deadline:
                 with contextlib.suppress(TimeoutError):
                     data, addr = cap.recvfrom(2048)
-                    if data[12:14] == b"\x80\x35" and addr[2] != PACKET_OUTGOING:
+                    rarp = data[12:14] == abi.ETH_P_RARP.to_bytes(2, "big")
+                    if rarp and addr[2] != abi.PACKET_OUTGOING:
                         frame = data
                         break
         assert frame[:6] == b"\xff" * 6 and frame[6:12] == mac

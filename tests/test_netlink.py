@@ -7,8 +7,8 @@ import os
 
 import pytest
 
+from harness import netns as testns
 from kvhost import netlink
-from kvhost import netns as kvnetns
 from kvhost.errors import UsageError
 
 
@@ -28,7 +28,7 @@ def test_link_verbs_act_in_the_named_namespace_and_come_back(
     netlink.set_mac("kvnlbr0", "02:00:00:00:00:07", other_netns)
     info = netlink.link_info("kvnlbr0", other_netns)
     assert (info["index"], info["up"], info["address"]) == (index, True, "02:00:00:00:00:07")
-    listed = kvnetns.run(
+    listed = testns.run(
         ["ip", "-n", other_netns, "-o", "link", "show", "kvnlbr0"], "ip link"
     ).stdout
     assert "02:00:00:00:00:07" in listed

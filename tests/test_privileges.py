@@ -27,6 +27,7 @@ import pytest
 from peers import in_child, knock
 from test_session import V5, RecordingBackend, offered
 
+from kvhost import features
 from kvhost import netns as kvnetns
 from kvhost.errors import DeviceUnavailable, KernelError, UsageError
 from kvhost.vhost_user import protocol as p
@@ -425,9 +426,11 @@ def test_connection_events_come_out_as_json_lines(
     assert accepted["connection"] == version["connection"] == closed["connection"]
     assert version["version"] == V5.label and version["result"] == "locked"
     assert closed["result"] == "frontend hung up" and closed["version"] == V5.label
-    # the session's own lines: same stream, "log" events, the connection named
-    session_lines = [o for o in objs if o["event"] == "log"]
+    # the session's own lines: same stream, the connection named; what it did to the device
+    # ("features") as a number, not only in the message
+    session_lines = [o for o in objs if o["event"] in ("log", "features")]
     assert session_lines and all(o["connection"] == accepted["connection"] for o in session_lines)
+    assert by_event["features"]["features"] & features.PROTOCOL_FEATURES
     # the text form of the closed line names socket, peer, version and result
     text = eventlog.EventFormatter("text").format(
         next(r for r in caplog.records if getattr(r, "kvhost_event", {}).get("event") == "closed")

@@ -1,4 +1,4 @@
-"""Host tier: the pure parts of the QEMU driving layer (kvhost.qemu): command lines, qtest
+"""Host tier: the pure parts of the QEMU driving layer (harness.qemu): command lines, qtest
 and QMP wire parsing, the client's behaviour against a scripted peer socket, and the
 driver-state JSON round trip. The real QEMU runs in tests/test_kernel_qemu_native.py."""
 
@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 
+from harness.qemu import machine, qmp, qtest, virtio_pci
+from harness.qemu.errors import QemuError, QemuExited, QmpError, QtestError
+from harness.qemu.machine import MachineConfig, TapBackend, VhostUserBackend
+from harness.qemu.virtio_pci import DriverState, QueueState
 from kvhost.errors import UsageError
-from kvhost.qemu import machine, qmp, qtest, virtio_pci
-from kvhost.qemu.errors import QemuError, QemuExited, QmpError, QtestError
-from kvhost.qemu.machine import MachineConfig, TapBackend, VhostUserBackend
-from kvhost.qemu.virtio_pci import DriverState, QueueState
 
 PATHS = {"bios": "/w/bios.bin", "qtest": "/w/qtest.sock", "qmp": "/w/qmp.sock"}
 

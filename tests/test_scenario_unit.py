@@ -1,5 +1,5 @@
-"""Host tier: the pure parts of the end-to-end scenario (kvhost.scenario), the legacy driver's
-layout, the demo report, and the shim log lines the scenario reads."""
+"""Host tier: the pure parts of the end-to-end scenario (harness.single_host and its pieces),
+the legacy driver's layout, the demo report, and the shim events the harness reads."""
 
 from __future__ import annotations
 
@@ -10,22 +10,16 @@ from pathlib import Path
 import pytest
 from test_versions import V, probe_61
 
+from harness.demo import render
+from harness.device import LEGACY_ONLY, expected_device_bits, is_legacy
+from harness.frames import frame
+from harness.manifests import capped_manifest, kvhost_compat
+from harness.procfs import ProcUsage
+from harness.qemu.legacy_pci import PAGE, legacy_ring_layout
+from harness.qemu.machine import MachineConfig, VhostUserBackend, build_command
+from harness.rig import Rig
+from harness.shim_process import ShimProcess, ShimStartError
 from kvhost import features, manifest, versions
-from kvhost.demo import render
-from kvhost.qemu.legacy_pci import PAGE, legacy_ring_layout
-from kvhost.qemu.machine import MachineConfig, VhostUserBackend, build_command
-from kvhost.scenario import (
-    LEGACY_ONLY,
-    ProcUsage,
-    Rig,
-    ShimProcess,
-    ShimStartError,
-    capped_manifest,
-    expected_device_bits,
-    frame,
-    is_legacy,
-    kvhost_compat,
-)
 
 EVENT_IDX = features.mask(["EVENT_IDX"])
 
@@ -98,13 +92,14 @@ def test_proc_usage_of_this_process() -> None:
     assert (u - u).switches == 0
 
 
-def test_shim_log_lines_the_scenario_reads(tmp_path: Path, caplog: pytest.LogCaptureFixture
+def test_shim_events_the_harness_reads(tmp_path: Path, caplog: pytest.LogCaptureFixture
                                           ) -> None:
     """Drive the real Session (recording backend) through a migration-like sequence, write
-    its log in the shim's format, and parse it the way the scenario does."""
+    its log as the shim's JSON events, and read it the way the harness does."""
     from test_session import RecordingBackend
 
     from kvhost.vhost_user import protocol as p
+    from shim import eventlog
     from shim.session import Session
 
     v5 = _v(5)
@@ -123,7 +118,9 @@ def test_shim_log_lines_the_scenario_reads(tmp_path: Path, caplog: pytest.LogCap
             data, fds = fe.request(request, payload)
             session.receive(data, fds)
     log = tmp_path / "shim.log"
-    log.write_text("".join(f"kvhost-shim: {r.getMessage()}\n" for r in caplog.records))
+    formatter = eventlog.EventFormatter("json")
+    log.write_text("".join(f"{formatter.format(r)}\n" for r in caplog.records)
+                   + "Traceback (most recent call last):\n{\"cut short\n")
     shim = ShimProcess("/nonexistent", log)
     assert shim.acked_features() == [acked]
     assert shim.ring_bases("SET_VRING_BASE") == [(1, 5)]
@@ -131,10 +128,10 @@ def test_shim_log_lines_the_scenario_reads(tmp_path: Path, caplog: pytest.LogCap
 
 
 #: Stands in for kvhost-shim as ShimProcess's ``program`` (the real one needs
-#: /dev/vhost-net): takes the same options, listens, logs the shim's "listening" line, exits 0
+#: /dev/vhost-net): takes the same options, listens, logs the shim's "listening" event, exits 0
 #: on SIGTERM; ``--tap refuse`` makes it exit with status 1 and a message first.
 STAND_IN_SHIM = r"""
-import signal, socket, sys
+import json, signal, socket, sys
 args = sys.argv[1:]
 def option(name, default=None):
     return args[args.index(name) + 1] if name in args else default
@@ -145,7 +142,7 @@ sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
 sock.bind(path)
 sock.listen()
 version = option("--interface-version", "org.kernel.vhost-net.v9")
-print(f"kvhost-shim: listening on {path}, interface version {version} (mode 0755)",
+print(json.dumps({"event": "listening", "socket": path, "version": version}),
       file=sys.stderr, flush=True)
 signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
 while True:
@@ -158,7 +155,7 @@ def test_shim_process_runs_its_program_with_the_shim_options(tmp_path: Path) -> 
     shim = ShimProcess(str(tmp_path / "s.sock"), tmp_path / "s.log", version=V[5], tap="kvs0",
                        verbose=False, program=STAND_IN)
     assert shim.argv == [*STAND_IN, "--socket-path", str(tmp_path / "s.sock"),
-                         "--interface-version", V[5], "--tap", "kvs0"]
+                         "--log-format", "json", "--interface-version", V[5], "--tap", "kvs0"]
     assert shim.start(timeout=60) is shim
     assert shim.served_version() == V[5]
     assert shim.stop() == 0 == shim.exit_status

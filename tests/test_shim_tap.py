@@ -23,6 +23,7 @@ import pytest
 from peers import in_child
 from test_session import V5, RecordingBackend
 
+from harness import netns as testns
 from kvhost import netns as kvnetns
 from kvhost.errors import UsageError
 from kvhost.tap import Tap
@@ -38,13 +39,13 @@ SHIM_USER = Identity(NOBODY, NOBODY, (NOBODY,))
 
 
 def links(other_netns: str) -> list[str]:
-    out = kvnetns.run(["ip", "-n", other_netns, "-o", "link", "show"], "listing links").stdout
+    out = testns.run(["ip", "-n", other_netns, "-o", "link", "show"], "listing links").stdout
     return [line.split(": ")[1].split("@")[0] for line in out.splitlines()]
 
 
 def owner_and_group(other_netns: str, tap: str) -> tuple[int | None, int | None]:
     """The tap's owner and group as the namespace's own sysfs shows them (-1: none)."""
-    out = kvnetns.run(
+    out = testns.run(
         ["ip", "netns", "exec", other_netns, "cat", f"/sys/class/net/{tap}/owner",
          f"/sys/class/net/{tap}/group"],
         "reading the tap's owner",
@@ -112,7 +113,7 @@ def test_a_failed_release_is_logged_not_raised(
     )
     program.server.close()
     assert program.tap is not None
-    kvnetns.run(["ip", "-n", other_netns, "link", "del", program.tap.name], "deleting the tap")
+    testns.run(["ip", "-n", other_netns, "link", "del", program.tap.name], "deleting the tap")
     release_tap(program.tap)  # the tap is gone: says so, raises nothing
     (error,) = events(caplog, "error")
     assert error["message"].startswith(f"tap {program.tap.name} could not be released: ")
@@ -142,7 +143,7 @@ def test_an_operators_tap_gets_its_owner_back_and_stays(
     after: tuple[int | None, int | None],
 ) -> None:
     caplog.set_level(logging.INFO, "kvhost.shim")
-    kvnetns.run(
+    testns.run(
         ["ip", "-n", other_netns, "tuntap", "add", "dev", "kvop0", "mode", "tap", *made_with],
         "creating the operator's tap",
     )

@@ -21,7 +21,7 @@ from __future__ import annotations
 import socket
 from collections.abc import Callable
 
-from kvhost.qemu.errors import QemuExited, QtestError
+from harness.qemu.errors import QemuExited, QtestError
 
 #: Returns (exit status or None if still running, stderr so far); supplied by the machine.
 Describe = Callable[[], tuple[int | None, str]]

@@ -1,11 +1,11 @@
 """``./demo``: kvhost end to end on this machine, with a short readable report.
 
-Runs :func:`kvhost.scenario.run` -- probe, manifest, kvhost-shim at this kernel's latest
+Runs :func:`harness.single_host.run` -- probe, manifest, kvhost-shim at this kernel's latest
 interface version, Debian's QEMU against it, traffic through kernel vhost-net, live migration
 to a second shim pinned to the same version -- and prints what happened.
 
 A host without ``/dev/vhost-net`` (most development machines and CI runners) runs it inside
-the test VM (:mod:`kvhost.testvm`, a real Debian kernel under QEMU), whose log streams here
+the test VM (:mod:`harness.testvm`, a real Debian kernel under QEMU), whose log streams here
 while it boots and runs; the report is passed back as JSON through a shared directory.
 
 Exit status: 0 when every step worked, 1 when one failed (the reason is printed), 125 when
@@ -22,29 +22,31 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from harness.qemu.errors import QemuError
 from kvhost import versions
 from kvhost.errors import KvhostError
-from kvhost.qemu.errors import QemuError
 
 REPORT_NAME = "demo-report.json"
 
 
 def collect(version: str | None) -> dict[str, Any]:
     """Run the scenario here (needs /dev/vhost-net, root) and return the report's data."""
-    from kvhost import scenario
+    from harness import single_host
+    from harness.device import PLUMBING
+    from harness.shim_process import first_per_ring, last_per_ring
 
     def progress(text: str) -> None:
         print(f"[demo] {text}", flush=True)
 
-    r = scenario.run(version=version, progress=progress)
-    src = scenario.last_per_ring(r.source_get_bases)
-    dst = scenario.first_per_ring(r.destination_set_bases)
+    r = single_host.run(version=version, progress=progress)
+    src = last_per_ring(r.source_get_bases)
+    dst = first_per_ring(r.destination_set_bases)
     return {
         "kernel": r.kernel,
         "supported": r.supported,
         "served": r.served,
         "destination_served": r.destination_served,
-        "negotiated": f"0x{r.negotiated & ~scenario.PLUMBING:x}",
+        "negotiated": f"0x{r.negotiated & ~PLUMBING:x}",
         "negotiated_names": r.negotiated_names,
         "driver_ok_ms": round(r.driver_ok_ms, 2),
         "frames_sent": r.frames_sent,
@@ -137,12 +139,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.inside or os.path.exists("/dev/vhost-net"):
         return _inside(args.iface, args.report_dir)
 
-    from kvhost import testvm
+    from harness import testvm
 
     print("[demo] this kernel has no /dev/vhost-net: running inside the test VM "
           f"(Linux {args.kernel}, booting takes a minute under TCG)", flush=True)
     with tempfile.TemporaryDirectory(prefix="kvhost-demo-", dir="/var/tmp") as shared:
-        cmd = [sys.executable, "-m", "kvhost.demo", "--inside", "--report-dir", shared]
+        cmd = [sys.executable, "-m", "harness.demo", "--inside", "--report-dir", shared]
         if args.iface:
             cmd += ["--version", args.iface]
         status = testvm.run(cmd, kernel=args.kernel, rwdirs=(shared,), quiet=False)
@@ -156,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _cross_kernel() -> int:
     """Part two: the migration real fleets fail, 6.12 -> 6.1, unpinned and pinned."""
-    from kvhost import crosskernel
+    from harness import crosskernel
 
     print("\n[demo] part two: a VM started on Linux 6.12 migrates to Linux 6.1 "
           "(boots 6.12, then 6.1; several minutes under TCG)", flush=True)

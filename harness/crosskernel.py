@@ -29,7 +29,7 @@ Cases (:data:`CASES`): ``native-unpinned`` and ``shim-unpinned`` must fail to lo
 "Features ... unsupported" naming only bits ``kvhost compat`` predicted missing;
 ``native-pinned`` and ``shim-pinned`` must load, resume the rings at the saved indexes and move
 frames through 6.1's vhost-net; ``manifests``: different ``latest``, and 6.12 supports every
-version 6.1 does. :func:`evaluate` judges collected results; ``python -m kvhost.crosskernel``
+version 6.1 does. :func:`evaluate` judges collected results; ``python -m harness.crosskernel``
 runs everything and prints a report (exit 0 only when every case holds).
 """
 
@@ -50,21 +50,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
+from harness import netns
+from harness.frames import TEST_ETHERTYPE
+from harness.qemu.errors import QemuError, QemuExited
+from harness.qemu.machine import Machine, MachineConfig, TapBackend, VhostUserBackend, migrate
+from harness.qemu.virtio_pci import RX, TX, DriverState, VirtioNetDriver
+from harness.shim_process import ShimProcess
+from kvhost import abi, qemu_args
 from kvhost import features as fb
 from kvhost import manifest as mf
-from kvhost import netns, qemu_args
 from kvhost import versions as ver
 from kvhost.errors import KvhostError, UsageError
-from kvhost.qemu.errors import QemuError, QemuExited
-from kvhost.qemu.machine import Machine, MachineConfig, TapBackend, VhostUserBackend, migrate
-from kvhost.qemu.virtio_pci import RX, TX, DriverState, VirtioNetDriver
-from kvhost.scenario import ShimProcess
 
 SOURCE_KERNEL = "6.12"
 DESTINATION_KERNEL = "6.1"
 TAP = "kvx0"
-ETH_P_RARP = 0x8035
-TEST_ETHERTYPE = 0x88B5  # IEEE 802 local experimental: nothing else in the netns sends it
 GUEST_MAC = bytes.fromhex("525400c70001")
 PEER_MAC = bytes.fromhex("02000000c7ef")
 RING_RESET = fb.bit("RING_RESET")
@@ -188,7 +188,7 @@ def vhost_evidence(pid: int) -> dict[str, Any]:
     return {"pid": pid, "vhost_net_fds": fds, "worker_tid": worker}
 
 
-#: Properties kvhost.qemu.machine sets itself: its device is modern-only, which is what
+#: Properties harness.qemu.machine sets itself: its device is modern-only, which is what
 #: ``kvhost qemu-args`` asks for (``disable-modern=off``) for every version with VERSION_1.
 MACHINE_FIXED = {"disable-modern": "off", "disable-legacy": "on"}
 
@@ -440,7 +440,7 @@ def _destination_case(case: Case, pin: str, case_dir: Path, r: dict[str, Any]) -
             return
         r["load_ms"] = round((time.monotonic() - t0) * 1e3, 1)
 
-        rarp, _ = port.expect(ETH_P_RARP, FRAME_TIMEOUT)
+        rarp, _ = port.expect(abi.ETH_P_RARP, FRAME_TIMEOUT)
         r["rarp_mac"] = rarp[6:12].hex(":")
         saved = DriverState.from_json(saved_text)
         drv = VirtioNetDriver.attach(machine.qtest, saved)
@@ -470,7 +470,7 @@ def _plan(state: Path) -> dict[str, Any]:
     plan = read_json(state / "plan.json")
     if not isinstance(plan, dict) or "pin" not in plan:
         raise UsageError(f"{state}/plan.json is missing: the host writes it before booting "
-                         "(python -m kvhost.crosskernel run)")
+                         "(python -m harness.crosskernel run)")
     return plan
 
 
@@ -479,7 +479,7 @@ def _plan(state: Path) -> dict[str, Any]:
 
 def make_plan(source_kernel: str, destination_kernel: str, pin: str | None) -> dict[str, Any]:
     """The plan the host writes before the first boot (kernels resolved to images)."""
-    from kvhost.testvm import find_kernel, kernel_release
+    from harness.testvm import find_kernel, kernel_release
 
     src = kernel_release(find_kernel(source_kernel))
     dst = kernel_release(find_kernel(destination_kernel))
@@ -501,7 +501,7 @@ def run_scenario(state: Path, *, source_kernel: str = SOURCE_KERNEL,
                  out: TextIO = sys.stdout) -> dict[str, Any]:
     """Boot ``source_kernel`` then ``destination_kernel`` and return :func:`collect`'s
     result (with boot exit statuses and times). UsageError for a missing kernel/tool."""
-    from kvhost import testvm
+    from harness import testvm
 
     state.mkdir(parents=True, exist_ok=True)
     plan = make_plan(source_kernel, destination_kernel, pin)
@@ -511,7 +511,7 @@ def run_scenario(state: Path, *, source_kernel: str = SOURCE_KERNEL,
         print(f"[crosskernel] {phase} phase on Linux {plan[phase + '_kernel']} "
               f"(pinned cases use {plan['pin']})", file=out, flush=True)
         t0 = time.monotonic()
-        rc = testvm.run([sys.executable, "-m", "kvhost.crosskernel", phase,
+        rc = testvm.run([sys.executable, "-m", "harness.crosskernel", phase,
                          "--state", str(state)], kernel=kernel, rwdirs=(str(state),), out=out)
         boots[phase] = {"exit": rc, "vm_s": round(time.monotonic() - t0, 1)}
         if rc != 0:
@@ -736,7 +736,7 @@ def passed(report: Mapping[str, Any]) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kvhost.crosskernel",
+    parser = argparse.ArgumentParser(prog="python -m harness.crosskernel",
                                      description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command")
@@ -750,7 +750,7 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--destination-kernel", default=DESTINATION_KERNEL)
     run.add_argument("--json", action="store_true", help="print the report as JSON")
     plan = sub.add_parser("plan", help="only write STATE/plan.json (for running the phases "
-                          "by hand with kvhost.testvm)")
+                          "by hand with harness.testvm)")
     plan.add_argument("--state", required=True)
     plan.add_argument("--pin")
     plan.add_argument("--source-kernel", default=SOURCE_KERNEL)
@@ -795,10 +795,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  results: {report['state']}")
         return 0 if passed(report) else 1
     except UsageError as err:
-        print(f"kvhost.crosskernel: {err}", file=sys.stderr)
+        print(f"harness.crosskernel: {err}", file=sys.stderr)
         return 2
     except KvhostError as err:
-        print(f"kvhost.crosskernel: {err}", file=sys.stderr)
+        print(f"harness.crosskernel: {err}", file=sys.stderr)
         return 1
 
 

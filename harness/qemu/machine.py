@@ -2,7 +2,7 @@
 
 No guest OS runs: the BIOS is 64 KiB of ``HLT`` (0xF4), so the CPU halts at its reset vector
 with interrupts off and never touches memory, and the test plays the guest driver through the
-qtest socket (:mod:`kvhost.qemu.virtio_pci`). What QEMU needs for that, measured with Debian's
+qtest socket (:mod:`harness.qemu.virtio_pci`). What QEMU needs for that, measured with Debian's
 QEMU 7.2 (reference ``vhost-user-and-qemu.md`` §4):
 
 * ``-accel tcg`` (Debian ships no qtest accelerator module; qtest still works over a socket);
@@ -35,10 +35,10 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from harness.qemu.errors import QemuError, QemuExited
+from harness.qemu.qmp import QmpClient
+from harness.qemu.qtest import QtestClient
 from kvhost.errors import UsageError
-from kvhost.qemu.errors import QemuError, QemuExited
-from kvhost.qemu.qmp import QmpClient
-from kvhost.qemu.qtest import QtestClient
 
 QEMU_BINARY = "/usr/bin/qemu-system-x86_64"
 BIOS_SIZE = 64 * 1024

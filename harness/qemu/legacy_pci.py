@@ -3,9 +3,9 @@
 Interface versions older than VERSION_1 (kvhost's v1-v4) cannot sit behind a modern-only
 device: QEMU refuses to start ("Device doesn't support modern mode, and legacy mode is
 disabled"). A VM pinned to one of them has a legacy device (``MachineConfig(legacy=True)``),
-and this driver plays its guest. It is :class:`~kvhost.qemu.virtio_pci.VirtioNetDriver` with
+and this driver plays its guest. It is :class:`~harness.qemu.virtio_pci.VirtioNetDriver` with
 the legacy transport swapped in; rings, buffers, used-ring polling and the saved
-:class:`~kvhost.qemu.virtio_pci.DriverState` are shared (the state's ``bar4``/``common`` hold
+:class:`~harness.qemu.virtio_pci.DriverState` are shared (the state's ``bar4``/``common`` hold
 the I/O base, ``notify`` the notify register, ``device_cfg`` the config block).
 
 Legacy register block (I/O BAR0; MSI-X stays disabled, so no vector registers are inserted
@@ -24,12 +24,10 @@ from __future__ import annotations
 
 import time
 
-from kvhost import features as feat
-from kvhost.errors import UsageError
-from kvhost.qemu.errors import QemuError
-from kvhost.qemu.machine import DEVICE_SLOT
-from kvhost.qemu.qtest import QtestClient
-from kvhost.qemu.virtio_pci import (
+from harness.qemu.errors import QemuError
+from harness.qemu.machine import DEVICE_SLOT
+from harness.qemu.qtest import QtestClient
+from harness.qemu.virtio_pci import (
     BUFFER_SIZE,
     RING_BASE,
     RING_STRIDE,
@@ -42,6 +40,8 @@ from kvhost.qemu.virtio_pci import (
     QueueState,
     VirtioNetDriver,
 )
+from kvhost import features as feat
+from kvhost.errors import UsageError
 
 PCI_CONFIG_ADDRESS = 0xCF8
 PCI_CONFIG_DATA = 0xCFC

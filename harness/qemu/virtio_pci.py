@@ -38,11 +38,11 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from harness.qemu.errors import QemuError
+from harness.qemu.machine import DEVICE_SLOT
+from harness.qemu.qtest import QtestClient
 from kvhost import features as feat
 from kvhost.errors import UsageError
-from kvhost.qemu.errors import QemuError
-from kvhost.qemu.machine import DEVICE_SLOT
-from kvhost.qemu.qtest import QtestClient
 
 # --- PCI ---------------------------------------------------------------------------------
 PCI_CONFIG_ADDRESS = 0xCF8
@@ -185,7 +185,7 @@ class VirtioNetDriver:
     """The guest driver of the virtio-net device at PCI slot ``slot``, over ``qtest``.
 
     Methods raise :class:`QemuError` when the device disagrees (wrong device, refused
-    features, NEEDS_RESET, timeouts) and :class:`~kvhost.qemu.errors.QemuExited` when QEMU
+    features, NEEDS_RESET, timeouts) and :class:`~harness.qemu.errors.QemuExited` when QEMU
     is gone; :class:`UsageError` for calls out of order or impossible arguments.
     """
 

@@ -21,9 +21,9 @@ import socket
 import time
 from typing import Any
 
+from harness.qemu.errors import QemuError, QemuExited, QmpError
+from harness.qemu.qtest import Describe
 from kvhost.errors import UsageError
-from kvhost.qemu.errors import QemuError, QemuExited, QmpError
-from kvhost.qemu.qtest import Describe
 
 #: query-migrate statuses after which nothing more happens.
 MIGRATION_FINAL = frozenset({"completed", "failed", "cancelled"})

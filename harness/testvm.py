@@ -9,7 +9,7 @@ while the VM runs, so a user sees progress, and the exit status comes back in a 
 
 Usage::
 
-    python -m kvhost.testvm [--kernel 6.1|6.12|PATH] [--rwdir DIR]... -- CMD [ARG...]
+    python -m harness.testvm [--kernel 6.1|6.12|PATH] [--rwdir DIR]... -- CMD [ARG...]
 
 Exit status: the command's, or 125 when the VM itself could not start or lost the command.
 """
@@ -92,11 +92,10 @@ def run(
         raise UsageError("QEMU is not installed: apt-get install qemu-system-x86")
     image = find_kernel(kernel)
     # Inside the VM the repo is read-only and every file read crosses 9p under TCG: without
-    # bytecode on disk each Python process there recompiles kvhost from source (tens of
-    # seconds per process). Compile here, where it takes a second.
-    compileall.compile_dir(str(REPO / "kvhost"), quiet=1)
-    compileall.compile_dir(str(REPO / "shim"), quiet=1)
-    compileall.compile_dir(str(REPO / "tests"), quiet=1)
+    # bytecode on disk each Python process there recompiles kvhost and the harness from
+    # source (tens of seconds per process). Compile here, where it takes a second.
+    for tree in ("kvhost", "shim", "harness", "tests"):
+        compileall.compile_dir(str(REPO / tree), quiet=1)
     results = Path(tempfile.mkdtemp(prefix="kvhost-vm-", dir="/var/tmp"))
     env = {
         "PATH": f"{Path(sys.executable).parent}:/usr/local/sbin:/usr/local/bin:/usr/sbin:"
@@ -160,7 +159,7 @@ def run(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kvhost.testvm", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m harness.testvm", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--kernel", default=DEFAULT_KERNEL,
                         help="6.1 (linux-image-amd64), 6.12, or a path to a vmlinuz")
@@ -177,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         return run(cmd, kernel=args.kernel, rwdirs=tuple(args.rwdir), memory=args.memory,
                    cpus=args.cpus)
     except UsageError as err:
-        print(f"kvhost.testvm: {err}", file=sys.stderr)
+        print(f"harness.testvm: {err}", file=sys.stderr)
         return 2
 
 
