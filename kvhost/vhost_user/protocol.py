@@ -760,6 +760,9 @@ _INHERENT_BY_ID: dict[int, _PayloadType] = {int(r): t for r, t in INHERENT_REPLI
 _REPLY_FLAGS = int(HeaderFlag.VERSION | HeaderFlag.REPLY)
 #: the header flags a request may carry
 _REQUEST_FLAGS = frozenset({VHOST_USER_VERSION, VHOST_USER_VERSION | int(HeaderFlag.NEED_REPLY)})
+#: every header flags value the codecs accept, as the flag a Message carries (the lookup
+#: costs a third of building the flag anew)
+_FLAGS_BY_VALUE: dict[int, HeaderFlag] = {v: HeaderFlag(v) for v in {*_REQUEST_FLAGS, _REPLY_FLAGS}}
 
 
 def _request_name(request: int) -> str:
@@ -907,52 +910,43 @@ class _Decoder:
         self._buf += data
         buf = self._buf
 
-        # 1. Where each buffered message starts. A header is checked as soon as it is
-        #    complete, so a bogus size fails now instead of after buffering its payload.
-        starts: list[int] = []
-        pos = 0
-        while pos < len(buf):
-            starts.append(pos)
-            if pos + HEADER_SIZE > len(buf):
-                break
+        # 1. Walk the buffered headers. Each is checked as soon as it is complete, so a
+        #    bogus size fails now instead of after its payload is buffered.
+        complete: list[tuple[int, int, int, int]] = []  # (start, request, flags, size)
+        pos = 0  # ends where the incomplete tail starts (len(buf) when there is none)
+        while pos + HEADER_SIZE <= len(buf):
             request, flags, size = HEADER.unpack_from(buf, pos)
             self._check_header(request, flags, size)
+            if pos + HEADER_SIZE + size > len(buf):
+                break
+            complete.append((pos, request, flags, size))
             pos += HEADER_SIZE + size
 
         # 2. The chunk's fds belong to the last message starting in the chunk.
         owner = -1
         if new_fds:
-            in_chunk = [s for s in starts if s >= chunk_start]
-            if not in_chunk:
+            owner = pos if pos < len(buf) else complete[-1][0]
+            if owner < chunk_start:
                 raise RemoteProtocolError(
                     f"{self._side} sent {len(new_fds)} fds with bytes that continue a "
                     "message; fds must come with the first byte of their message"
                 )
-            owner = in_chunk[-1]
 
         # 3. Decode each complete message, in order.
-        consumed = 0
-        for start in starts:
-            if start + HEADER_SIZE > len(buf):
-                break
-            request, flags, size = HEADER.unpack_from(buf, start)
-            end = start + HEADER_SIZE + size
-            if end > len(buf):
-                break
+        for start, request, flags, size in complete:
             fds: list[int] = []
             if start == 0:
                 fds, self._held = self._held, []
             if start == owner:
                 fds += new_fds
                 new_fds.clear()
+            body = bytes(buf[start + HEADER_SIZE : start + HEADER_SIZE + size])
             try:
-                out.append(self._decode(request, flags, bytes(buf[start + HEADER_SIZE : end]),
-                                        fds))
+                out.append(self._decode(request, flags, body, fds))
             except BaseException:
                 close_fds(fds)
                 raise
-            consumed = end
-        del buf[:consumed]
+        del buf[:pos]
         if new_fds:  # the owner is the incomplete message now at _buf[0]
             self._held = list(new_fds)
             new_fds.clear()
@@ -1007,7 +1001,7 @@ class BackendCodec(_Decoder):
         if kind is Raw:
             close_fds(fds)
             fds = []
-        return Message(_REQUEST_BY_ID.get(request, request), HeaderFlag(flags), payload,
+        return Message(_REQUEST_BY_ID.get(request, request), _FLAGS_BY_VALUE[flags], payload,
                        tuple(fds))
 
     @staticmethod
@@ -1150,4 +1144,4 @@ class FrontendCodec(_Decoder):
         except RemoteProtocolError as err:
             raise RemoteProtocolError(f"backend's reply to {name}: {err}") from None
         self._awaiting.popleft()
-        return Message(want, HeaderFlag(flags), payload)
+        return Message(want, _FLAGS_BY_VALUE[flags], payload)
