@@ -369,6 +369,14 @@ BAD_REQUESTS: list[tuple[str, bytes, int, str]] = [
      "control character"),
     ("version too long", raw_message(0x4B560002, 0x1, b"v" * 1100 + b"\0"), 0, "1101-byte"),
     ("unknown request too big", raw_message(999, 0x1, bytes(5000)), 0, "at most 4096"),
+    # a fixed-size request announcing more than it sends fails on its header, not by
+    # waiting for bytes that never come; fd counts are worded after the request
+    ("size larger than sent", raw_message(2, 0x1, bytes(8), size=4096), 0,
+     "^SET_FEATURES announces a 4096-byte payload; it must be 8 bytes$"),
+    ("call with two fds", raw_message(13, 0x1, bytes(8)), 2,
+     "^SET_VRING_CALL came with 2 fds; it needs 1$"),
+    ("mem table fewer fds", raw_message(5, 0x1, h("02000000 00000000") + bytes(64)), 1,
+     "^SET_MEM_TABLE came with 1 fds; it needs 2$"),
 ]
 
 

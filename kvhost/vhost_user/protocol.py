@@ -54,9 +54,10 @@ codec refuses further input. Requests kvhost does not interpret arrive as :class
 payloads with their fds already closed.
 
 Decoding has one path, whatever the chunking: the buffered headers are walked and each is
-checked as soon as it is complete (flags, and a size bound, so a hostile size fails before
-its payload is buffered); then each complete message's payload type, looked up by request,
-checks its own bytes and its own fd count in ``unpack(body, fds)``. Every request that a
+checked as soon as it is complete (its flags, and its size against the ``SIZES`` of the
+request's payload type, so a wrong or hostile size fails before its payload is buffered);
+then each complete message's payload type checks its own bytes and its own fd count in
+``unpack(body, fds)``. Every request that a
 peer may send kvhost is listed in :data:`REQUEST_PAYLOADS`; every other id (among them
 ADD_MEM_REG and REM_MEM_REG, which need CONFIGURE_MEM_SLOTS, never offered) is ``Raw``, and
 the shim answers it with a "not supported" failure.
@@ -238,11 +239,14 @@ class VersionStatus(IntEnum):
 
 # --- payloads ------------------------------------------------------------------------------
 #
-# Each payload is a frozen slotted dataclass that declares everything about its wire form in
-# its own two methods. ``pack()`` validates the values and raises LocalProtocolError (we are
-# about to send something bad). ``unpack(body, fds)`` checks the bytes *and* the number of
-# fds that came with them, and raises RemoteProtocolError (the peer sent something bad); it
-# never keeps or closes the fds. ``fd_count`` says how many fds go with the payload.
+# Each payload is a frozen slotted dataclass that declares its wire form itself:
+#
+# * ``SIZES``: the payload sizes a header may announce for it (exact for fixed layouts, a
+#   bound for variable ones), checked before the payload is buffered;
+# * ``unpack(body, fds)`` checks the bytes *and* the number of fds that came with them and
+#   raises RemoteProtocolError (the peer sent something bad); it never keeps or closes fds;
+# * ``pack()`` validates the values and raises LocalProtocolError (we are about to send
+#   something bad); ``fd_count`` says how many fds go with the payload.
 #
 # Struct layouts: the two that are kernel structs (QEMU sends ``struct vhost_vring_state``
 # and ``struct vhost_vring_addr`` as they are) come from kvhost.abi, where they are checked
@@ -268,20 +272,47 @@ def _u32(v: int) -> bool:
     return 0 <= v < 1 << 32
 
 
+def _exactly(size: int) -> range:
+    return range(size, size + 1)
+
+
+def _up_to(size: int) -> range:
+    return range(size + 1)
+
+
+def _describe(sizes: range) -> str:
+    if len(sizes) == 1:
+        return f"{sizes.start} bytes"
+    if sizes.start == 0:
+        return f"at most {sizes.stop - 1} bytes"
+    return f"{sizes.start}..{sizes.stop - 1} bytes"
+
+
 def _need_size(what: str, body: bytes, size: int) -> None:
     if len(body) != size:
         raise RemoteProtocolError(f"{what} payload must be {size} bytes, got {len(body)}")
 
 
-def _need_fds(what: str, fds: Sequence[int], count: int) -> None:
+class _WrongFdCount(RemoteProtocolError):
+    """A payload came with the wrong number of fds; the codec puts the request's name in
+    front ("SET_VRING_CALL came with 2 fds; it needs 1")."""
+
+    def __init__(self, got: int, need: int) -> None:
+        super().__init__(f"came with {got} fds; it needs {need}")
+        self.got = got
+        self.need = need
+
+
+def _need_fds(fds: Sequence[int], count: int) -> None:
     if len(fds) != count:
-        raise RemoteProtocolError(f"{what} came with {len(fds)} fds; it needs {count}")
+        raise _WrongFdCount(len(fds), count)
 
 
 @dataclass(frozen=True, slots=True)
 class Empty:
     """No payload (size 0) and no fds."""
 
+    SIZES: ClassVar[range] = _exactly(0)
     fd_count: ClassVar[int] = 0
 
     def pack(self) -> bytes:
@@ -290,7 +321,7 @@ class Empty:
     @classmethod
     def unpack(cls, body: bytes, fds: Sequence[int]) -> Self:
         _need_size("an empty", body, 0)
-        _need_fds("an empty payload", fds, 0)
+        _need_fds(fds, 0)
         return cls()
 
 
@@ -302,6 +333,7 @@ class U64:
     """A single u64: feature masks, queue counts, MTU, ack status. No fds."""
 
     value: int
+    SIZES: ClassVar[range] = _exactly(_U64.size)
     fd_count: ClassVar[int] = 0
 
     def pack(self) -> bytes:
@@ -312,7 +344,7 @@ class U64:
     @classmethod
     def unpack(cls, body: bytes, fds: Sequence[int]) -> Self:
         _need_size("a u64", body, _U64.size)
-        _need_fds("a u64", fds, 0)
+        _need_fds(fds, 0)
         (value,) = _U64.unpack(body)
         return cls(value)
 
@@ -323,6 +355,7 @@ class VringState:
 
     index: int
     num: int
+    SIZES: ClassVar[range] = _exactly(abi.VRING_STATE.size)
     fd_count: ClassVar[int] = 0
 
     def pack(self) -> bytes:
@@ -333,7 +366,7 @@ class VringState:
     @classmethod
     def unpack(cls, body: bytes, fds: Sequence[int]) -> Self:
         _need_size("a vring state", body, abi.VRING_STATE.size)
-        _need_fds("a vring state", fds, 0)
+        _need_fds(fds, 0)
         index, num = abi.VRING_STATE.unpack(body)
         return cls(index, num)
 
@@ -352,6 +385,7 @@ class VringAddr:
     used_user_addr: int
     avail_user_addr: int
     log_guest_addr: int
+    SIZES: ClassVar[range] = _exactly(abi.VRING_ADDR.size)
     fd_count: ClassVar[int] = 0
 
     @property
@@ -369,7 +403,7 @@ class VringAddr:
     @classmethod
     def unpack(cls, body: bytes, fds: Sequence[int]) -> Self:
         _need_size("a vring address", body, abi.VRING_ADDR.size)
-        _need_fds("a vring address", fds, 0)
+        _need_fds(fds, 0)
         index, flags, desc, used, avail, log = abi.VRING_ADDR.unpack(body)
         return cls(index, flags, desc, used, avail, log)
 
@@ -381,6 +415,7 @@ class VringFile:
 
     index: int
     no_fd: bool = False
+    SIZES: ClassVar[range] = _exactly(_U64.size)
     INDEX_MASK: ClassVar[int] = 0xFF
     NOFD_MASK: ClassVar[int] = 0x100
 
@@ -406,7 +441,7 @@ class VringFile:
                 "(only bits 0-7 index and bit 8 no-fd are defined)"
             )
         payload = cls(value & cls.INDEX_MASK, bool(value & cls.NOFD_MASK))
-        _need_fds("a vring file", fds, payload.fd_count)
+        _need_fds(fds, payload.fd_count)
         return payload
 
 
@@ -434,6 +469,8 @@ class MemTable:
     """SET_MEM_TABLE: 1..8 regions; exactly one fd per region, in the same order."""
 
     regions: tuple[MemRegion, ...]
+    #: a bound: the region count in the head decides the exact size
+    SIZES: ClassVar[range] = _up_to(MAX_PAYLOAD)
 
     @property
     def fd_count(self) -> int:
@@ -466,7 +503,7 @@ class MemTable:
             raise RemoteProtocolError(
                 f"memory table with {count} regions must be {want} bytes, got {len(body)}"
             )
-        _need_fds(f"a memory table of {count} regions", fds, count)
+        _need_fds(fds, count)
         regions = _MEM_REGION.iter_unpack(body[_MEM_TABLE_HEAD.size :])
         return cls(tuple(MemRegion(*fields) for fields in regions))
 
@@ -477,6 +514,7 @@ class LogBase:
 
     mmap_size: int
     mmap_offset: int
+    SIZES: ClassVar[range] = _exactly(_LOG.size)
     fd_count: ClassVar[int] = 1
 
     def pack(self) -> bytes:
@@ -487,7 +525,7 @@ class LogBase:
     @classmethod
     def unpack(cls, body: bytes, fds: Sequence[int]) -> Self:
         _need_size("a log description", body, _LOG.size)
-        _need_fds("a log description", fds, 1)
+        _need_fds(fds, 1)
         mmap_size, mmap_offset = _LOG.unpack(body)
         return cls(mmap_size, mmap_offset)
 
@@ -496,6 +534,7 @@ class LogBase:
 class LogFd:
     """SET_LOG_FD: no bytes; one fd, the eventfd the backend signals after logging."""
 
+    SIZES: ClassVar[range] = _exactly(0)
     fd_count: ClassVar[int] = 1
 
     def pack(self) -> bytes:
@@ -504,7 +543,7 @@ class LogFd:
     @classmethod
     def unpack(cls, body: bytes, fds: Sequence[int]) -> Self:
         _need_size("a log fd", body, 0)
-        _need_fds("a log fd", fds, 1)
+        _need_fds(fds, 1)
         return cls()
 
 
@@ -513,6 +552,7 @@ class RarpMac:
     """SEND_RARP: the guest's MAC in the first 6 bytes of a u64-sized payload."""
 
     mac: bytes
+    SIZES: ClassVar[range] = _exactly(8)
     fd_count: ClassVar[int] = 0
 
     def pack(self) -> bytes:
@@ -523,7 +563,7 @@ class RarpMac:
     @classmethod
     def unpack(cls, body: bytes, fds: Sequence[int]) -> Self:
         _need_size("a RARP MAC", body, 8)
-        _need_fds("a RARP MAC", fds, 0)
+        _need_fds(fds, 0)
         return cls(bytes(body[:6]))
 
     @property
@@ -565,6 +605,7 @@ class VersionString:
 
     version: str
     MAX_SIZE: ClassVar[int] = (MAX_VERSION_BYTES + 1 + 7) // 8 * 8
+    SIZES: ClassVar[range] = _up_to(MAX_SIZE)
     fd_count: ClassVar[int] = 0
 
     def pack(self) -> bytes:
@@ -579,7 +620,7 @@ class VersionString:
             raise RemoteProtocolError(
                 f"a {len(body)}-byte interface version payload; at most {cls.MAX_SIZE} bytes"
             )
-        _need_fds("an interface version", fds, 0)
+        _need_fds(fds, 0)
         end = body.find(b"\0")
         if end < 0:
             raise RemoteProtocolError("interface version string has no NUL terminator")
@@ -601,6 +642,7 @@ class VersionList:
     default: str
     supported: tuple[str, ...]
     MAX_SIZE: ClassVar[int] = MAX_VERSION_LIST_PAYLOAD
+    SIZES: ClassVar[range] = _up_to(MAX_SIZE)
     fd_count: ClassVar[int] = 0
 
     @property
@@ -644,7 +686,7 @@ class VersionList:
             raise RemoteProtocolError(
                 f"version list of {len(body)} bytes is shorter than its 8-byte head"
             )
-        _need_fds("a version list", fds, 0)
+        _need_fds(fds, 0)
         count, reserved = _VERSION_LIST_HEAD.unpack_from(body)
         if reserved != 0:
             raise RemoteProtocolError(f"version list reserved word is 0x{reserved:x}, not 0")
@@ -678,6 +720,7 @@ class Raw:
 
     data: bytes
     MAX_SIZE: ClassVar[int] = MAX_PAYLOAD
+    SIZES: ClassVar[range] = _up_to(MAX_SIZE)
     fd_count: ClassVar[int | None] = None
 
     def pack(self) -> bytes:
@@ -986,16 +1029,19 @@ class BackendCodec(_Decoder):
                 f"frontend sent {_request_name(request)} with the REPLY flag; only the "
                 "backend sends replies"
             )
-        if size > MAX_PAYLOAD:
+        sizes = _PAYLOAD_BY_ID.get(request, Raw).SIZES
+        if size not in sizes:
             raise RemoteProtocolError(
-                f"{_request_name(request)} announces a {size}-byte payload; at most "
-                f"{MAX_PAYLOAD} bytes are allowed"
+                f"{_request_name(request)} announces a {size}-byte payload; it must be "
+                f"{_describe(sizes)}"
             )
 
     def _decode(self, request: int, flags: int, body: bytes, fds: list[int]) -> Message:
         kind = _PAYLOAD_BY_ID.get(request, Raw)
         try:
             payload = kind.unpack(body, fds)
+        except _WrongFdCount as err:
+            raise RemoteProtocolError(f"{_request_name(request)} {err}") from None
         except RemoteProtocolError as err:
             raise RemoteProtocolError(f"{_request_name(request)}: {err}") from None
         if kind is Raw:
