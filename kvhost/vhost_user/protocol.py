@@ -1044,9 +1044,9 @@ class BackendCodec(_Decoder):
             raise RemoteProtocolError(f"{_request_name(request)} {err}") from None
         except RemoteProtocolError as err:
             raise RemoteProtocolError(f"{_request_name(request)}: {err}") from None
-        if kind is Raw:
+        if kind is Raw:  # kvhost cannot use what it does not interpret
             close_fds(fds)
-            fds = []
+            fds.clear()  # in place: the caller's error path must not close them again
         return Message(_REQUEST_BY_ID.get(request, request), _FLAGS_BY_VALUE[flags], payload,
                        tuple(fds))
 
