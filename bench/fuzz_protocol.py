@@ -135,8 +135,10 @@ def _seed(corpus: Path) -> None:
         (p.Request.SET_VRING_KICK, p.VringFile(1), 1),
         (p.Request.SET_VRING_CALL, p.VringFile(1, no_fd=True), 0),
         (p.Request.SEND_RARP, p.RarpMac(b"\x52\x54\0\1\2\3"), 0),
-        (p.Request.ADD_MEM_REG, p.SingleMemRegion(region), 1),
-        (p.Request.REM_MEM_REG, p.SingleMemRegion(region), 0),
+        (p.Request.SET_LOG_FD, p.LogFd(), 1),
+        # not interpreted (CONFIGURE_MEM_SLOTS is never offered): decoded as Raw
+        (p.Request.ADD_MEM_REG, p.Raw(bytes(8) + region.pack()), 1),
+        (p.Request.REM_MEM_REG, p.Raw(bytes(8) + region.pack()), 0),
         (p.Request.SET_INTERFACE_VERSION, p.VersionString("org.kernel.vhost-net.v3"), 0),
     ]
     for i, (request, payload, nfds) in enumerate(requests):

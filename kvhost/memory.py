@@ -28,28 +28,11 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 
-import cffi
-
 from kvhost import abi
 
 #: the kernel's default ``max_mem_regions`` (vhost module parameter, since 4.2)
 DEFAULT_MAX_REGIONS = abi.VHOST_DEFAULT_MAX_MEM_REGIONS
 
-# A region received from a frontend is mapped with libc's mmap directly: Python's
-# mmap.mmap() adds an fstat and a dup of the fd to every mapping, and under TCG each
-# syscall costs tens of microseconds inside the DRIVER_OK that QEMU is waiting on.
-_libc_ffi = cffi.FFI()
-# Addresses are declared as integers, passed like void * on every LP64 ABI: kvhost only
-# hands them to the kernel as numbers, and a cast per call would cost as much as the
-# arithmetic around it.
-_libc_ffi.cdef(
-    """
-    intptr_t mmap(intptr_t addr, size_t length, int prot, int flags, int fd, long offset);
-    int munmap(intptr_t addr, size_t length);
-    """
-)
-_libc = _libc_ffi.dlopen(None)
-_MAP_FAILED = -1
 _PROT_RW = mmap.PROT_READ | mmap.PROT_WRITE
 
 
@@ -226,23 +209,25 @@ class FrontendRegion:
 
 
 class _Mapped:
-    """One frontend region mapped shared into this process; :meth:`close` unmaps it."""
+    """One frontend region mapped shared into this process; :meth:`close` unmaps it.
 
-    __slots__ = ("base", "front", "ident", "length", "local_addr")
+    The mapping is a Python ``mmap`` object, which owns it: closing twice is harmless and no
+    raw address is ever unmapped. (CPython keeps a dup of the fd for the mapping's life, so
+    each mapped region holds one fd until it is closed.)
+    """
 
-    def __init__(self, front: FrontendRegion, ident: tuple[int, int], base: int, length: int):
+    __slots__ = ("front", "ident", "local_addr", "map")
+
+    def __init__(self, front: FrontendRegion, ident: tuple[int, int], mapping: mmap.mmap):
         self.front = front
         #: (st_dev, st_ino) of the file behind the region
         self.ident = ident
-        self.base = base
-        self.length = length
+        self.map = mapping
         #: address of gpa == front.guest_phys_addr in this process
-        self.local_addr = base + front.mmap_offset
+        self.local_addr = address_of(mapping) + front.mmap_offset
 
     def close(self) -> None:
-        if self.length:
-            _libc.munmap(self.base, self.length)
-            self.length = 0
+        self.map.close()
 
 
 class MappedTable:
@@ -323,24 +308,23 @@ class MappedTable:
         try:
             st = os.fstat(r.fd)
             # Touching a page past the end of a file raises SIGBUS and kills the process:
-            # refuse a region its file cannot back.
-            if stat.S_ISREG(st.st_mode) and st.st_size < length:
-                raise self._error(
-                    f"memory region gpa 0x{r.guest_phys_addr:x}: its file has 0x{st.st_size:x} "
-                    f"bytes, the region needs 0x{length:x} (mmap_offset + size)"
-                )
-            base = _libc.mmap(0, length, _PROT_RW, mmap.MAP_SHARED, r.fd, 0)
-            if base == _MAP_FAILED:
-                err = _libc_ffi.errno
-                raise OSError(err, os.strerror(err))
-        except (OSError, OverflowError) as exc:
+            # refuse a region its file cannot back (mmap would refuse it too, less clearly).
+            too_small = stat.S_ISREG(st.st_mode) and st.st_size < length
+            if not too_small:
+                mapping = mmap.mmap(r.fd, length, mmap.MAP_SHARED, _PROT_RW)
+        except (OSError, OverflowError, ValueError) as exc:
             raise self._error(
                 f"cannot map memory region gpa 0x{r.guest_phys_addr:x} size "
                 f"0x{r.memory_size:x} offset 0x{r.mmap_offset:x}: {exc}"
             ) from exc
         finally:
             _close_quietly(r.fd)
-        return _Mapped(r, (st.st_dev, st.st_ino), base, length)
+        if too_small:
+            raise self._error(
+                f"memory region gpa 0x{r.guest_phys_addr:x}: its file has 0x{st.st_size:x} "
+                f"bytes, the region needs 0x{length:x} (mmap_offset + size)"
+            )
+        return _Mapped(r, (st.st_dev, st.st_ino), mapping)
 
     def same_as(self, regions: Sequence[FrontendRegion]) -> bool:
         """True when ``regions`` describe exactly this table: the same values, in the same

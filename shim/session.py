@@ -321,8 +321,6 @@ class Session:
         except RemoteProtocolError as err:
             self._fail(f"malformed message: {err}")
             return []
-        if len(messages) == 1:
-            return self.handle(messages[0])
         out: list[bytes] = []
         for i, msg in enumerate(messages):
             if self.state is _FAILED or self.state is _CLOSED:

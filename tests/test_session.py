@@ -574,6 +574,26 @@ def test_unsupported_known_request_fails(fd_leak_check: None) -> None:
     assert err.value.errno == errno.EBADF
 
 
+@pytest.mark.parametrize("request_", [R.ADD_MEM_REG, R.REM_MEM_REG])
+def test_memory_slot_requests_are_refused_as_unsupported(
+    fd_leak_check: None, request_: R
+) -> None:
+    """CONFIGURE_MEM_SLOTS is never offered: a slot request is not decoded (Raw, its fd
+    closed by the codec) and fails the connection with a failure ack naming it."""
+    session, backend, _peer = owned()
+    session.protocol_features |= int(p.ProtocolFeature.REPLY_ACK)
+    flags = p.HeaderFlag.VERSION | p.HeaderFlag.NEED_REPLY
+    fd = os.eventfd(0)
+    out = session.receive(p.raw_message(request_, flags, bytes(40)), [fd])
+    assert [p.HEADER.unpack_from(o) for o in out] == [(int(request_), 0x5, 8)]
+    assert out[0][p.HEADER_SIZE :] == p.U64(1).pack()
+    assert session.state is ConnectionState.FAILED
+    assert f"{request_.name} is not supported" in (session.error or "")
+    assert ("close",) in backend.calls
+    with pytest.raises(OSError):
+        os.fstat(fd)
+
+
 def test_truncated_header_then_garbage_fails_without_raising() -> None:
     session, backend, _ = owned()
     assert session.receive(b"\x01\x00\x00", []) == []

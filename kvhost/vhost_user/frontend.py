@@ -57,7 +57,6 @@ FRONTEND_PROTOCOL_FEATURES = (
     | p.ProtocolFeature.RARP
     | p.ProtocolFeature.REPLY_ACK
     | p.ProtocolFeature.MTU
-    | p.ProtocolFeature.CONFIGURE_MEM_SLOTS
 )
 _RECV_SIZE = 65536 + p.HEADER_SIZE
 _PAGE = 4096
@@ -338,10 +337,6 @@ class VhostUserFrontend:
         self.queue_num = self._u64_reply(p.Request.GET_QUEUE_NUM)
         return self.queue_num
 
-    def get_max_mem_slots(self) -> int:
-        """GET_MAX_MEM_SLOTS (CONFIGURE_MEM_SLOTS negotiated)."""
-        return self._u64_reply(p.Request.GET_MAX_MEM_SLOTS)
-
     def set_owner(self) -> None:
         """SET_OWNER."""
         self._acked(p.Request.SET_OWNER,
@@ -390,23 +385,6 @@ class VhostUserFrontend:
         self._acked(p.Request.SET_MEM_TABLE, self._request(
             p.Request.SET_MEM_TABLE, table, [fd for fd in fds if fd is not None],
             ack=self._ack_wanted(True)))
-
-    def add_mem_reg(self, region: MemoryRegion) -> None:
-        """ADD_MEM_REG (CONFIGURE_MEM_SLOTS negotiated)."""
-        if region.fd is None:
-            raise UsageError("a memory region sent to a backend needs its fd")
-        payload = p.SingleMemRegion(p.MemRegion(
-            region.guest_phys_addr, region.memory_size, region.userspace_addr,
-            region.mmap_offset))
-        self._acked(p.Request.ADD_MEM_REG, self._request(
-            p.Request.ADD_MEM_REG, payload, [region.fd], ack=self._ack_wanted(True)))
-
-    def rem_mem_reg(self, region: MemoryRegion) -> None:
-        """REM_MEM_REG (CONFIGURE_MEM_SLOTS negotiated)."""
-        payload = p.SingleMemRegion(p.MemRegion(
-            region.guest_phys_addr, region.memory_size, region.userspace_addr, 0))
-        self._acked(p.Request.REM_MEM_REG, self._request(
-            p.Request.REM_MEM_REG, payload, ack=self._ack_wanted(True)))
 
     def set_vring_num(self, index: int, num: int) -> None:
         """SET_VRING_NUM: ring size."""
@@ -477,7 +455,7 @@ class VhostUserFrontend:
 
     def set_log_fd(self, fd: int) -> None:
         """SET_LOG_FD: the eventfd the backend signals after logging."""
-        self._request(p.Request.SET_LOG_FD, p.EMPTY, [fd])
+        self._request(p.Request.SET_LOG_FD, p.LogFd(), [fd])
 
     def send_rarp(self, mac: bytes | str) -> None:
         """SEND_RARP for the guest's MAC (``bytes`` or ``"52:54:00:..."``)."""

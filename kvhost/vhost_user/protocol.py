@@ -30,8 +30,8 @@ Payloads (offsets in bytes)::
                    16 u64 userspace_addr  | 24 u64 mmap_offset               (32 bytes)
     MemTable        0 u32 num regions (1..8) | 4 u32 padding | 8 MemRegion[num]
                     size = 8 + 32*num, one fd per region, same order
-    SingleMemRegion 0 u64 padding | 8 MemRegion                              (40 bytes)
     LogBase         0 u64 mmap_size | 8 u64 mmap_offset, one fd              (16 bytes)
+    LogFd           no bytes, one fd                                          (0 bytes)
     RarpMac         0 6-byte MAC | 6 2 bytes ignored                         (8 bytes)
     VersionString   UTF-8 text, NUL-terminated, then NUL padding             (2..1032 bytes)
     VersionList     0 u32 count | 4 u32 reserved (0) | 8 default NUL
@@ -52,6 +52,15 @@ Fd ownership: fds handed to ``receive`` belong to the codec until it returns the
 ``receive`` raises, every fd it was given and every fd it still held is closed, and the
 codec refuses further input. Requests kvhost does not interpret arrive as :class:`Raw`
 payloads with their fds already closed.
+
+Decoding has one path, whatever the chunking: the buffered headers are walked and each is
+checked as soon as it is complete (its flags, and its size against the ``SIZES`` of the
+request's payload type, so a wrong or hostile size fails before its payload is buffered);
+then each complete message's payload type checks its own bytes and its own fd count in
+``unpack(body, fds)``. Every request that a
+peer may send kvhost is listed in :data:`REQUEST_PAYLOADS`; every other id (among them
+ADD_MEM_REG and REM_MEM_REG, which need CONFIGURE_MEM_SLOTS, never offered) is ``Raw``, and
+the shim answers it with a "not supported" failure.
 """
 
 from __future__ import annotations
@@ -63,8 +72,9 @@ from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum, IntFlag
-from typing import ClassVar, NoReturn, Self
+from typing import ClassVar, Self
 
+from kvhost import abi
 from kvhost.errors import LocalProtocolError, RemoteProtocolError
 
 __all__ = [
@@ -78,7 +88,7 @@ __all__ = [
     "MAX_VERSION_COUNT",
     "MAX_VERSION_LIST_PAYLOAD",
     "MEMORY_BASELINE_NREGIONS",
-    "REQUEST_LAYOUTS",
+    "REQUEST_PAYLOADS",
     "U64",
     "VHOST_USER_F_PROTOCOL_FEATURES",
     "VHOST_USER_VERSION",
@@ -87,6 +97,7 @@ __all__ = [
     "FrontendCodec",
     "HeaderFlag",
     "LogBase",
+    "LogFd",
     "MemRegion",
     "MemTable",
     "Message",
@@ -95,7 +106,6 @@ __all__ = [
     "RarpMac",
     "Raw",
     "Request",
-    "SingleMemRegion",
     "VersionList",
     "VersionStatus",
     "VersionString",
@@ -104,7 +114,6 @@ __all__ = [
     "VringState",
     "close_fds",
     "raw_message",
-    "request_layout",
 ]
 
 HEADER = struct.Struct("=III")
@@ -230,9 +239,29 @@ class VersionStatus(IntEnum):
 
 # --- payloads ------------------------------------------------------------------------------
 #
-# Each payload is a frozen slotted dataclass. ``pack()`` validates the values and raises
-# LocalProtocolError (we are about to send something bad); ``unpack()`` validates the bytes
-# and raises RemoteProtocolError (the peer sent something bad). Both share ``_problem()``.
+# Each payload is a frozen slotted dataclass that declares its wire form itself:
+#
+# * ``SIZES``: the payload sizes a header may announce for it (exact for fixed layouts, a
+#   bound for variable ones), checked before the payload is buffered;
+# * ``unpack(body, fds)`` checks the bytes *and* the number of fds that came with them and
+#   raises RemoteProtocolError (the peer sent something bad); it never keeps or closes fds;
+# * ``pack()`` validates the values and raises LocalProtocolError (we are about to send
+#   something bad); ``fd_count`` says how many fds go with the payload.
+#
+# Struct layouts: the two that are kernel structs (QEMU sends ``struct vhost_vring_state``
+# and ``struct vhost_vring_addr`` as they are) come from kvhost.abi, where they are checked
+# against the kernel headers; the rest exist only in vhost-user.rst and are declared here.
+
+#: a vhost-user u64 (features, masks, acks, the vring file word)
+_U64 = struct.Struct("=Q")
+#: VhostUserMemoryRegion { guest_phys_addr; memory_size; userspace_addr; mmap_offset; }
+_MEM_REGION = struct.Struct("=QQQQ")
+#: VhostUserMemory's head { nregions; padding; } -- the regions follow it
+_MEM_TABLE_HEAD = struct.Struct("=II")
+#: VhostUserLog { mmap_size; mmap_offset; }
+_LOG = struct.Struct("=QQ")
+#: kvhost's version list head { count; reserved; } (docs/vhost-user-versions.md)
+_VERSION_LIST_HEAD = struct.Struct("=II")
 
 
 def _u64(v: int) -> bool:
@@ -243,23 +272,56 @@ def _u32(v: int) -> bool:
     return 0 <= v < 1 << 32
 
 
-def _need_size(name: str, data: bytes, size: int) -> None:
-    if len(data) != size:
-        raise RemoteProtocolError(f"{name} payload must be {size} bytes, got {len(data)}")
+def _exactly(size: int) -> range:
+    return range(size, size + 1)
+
+
+def _up_to(size: int) -> range:
+    return range(size + 1)
+
+
+def _describe(sizes: range) -> str:
+    if len(sizes) == 1:
+        return f"{sizes.start} bytes"
+    if sizes.start == 0:
+        return f"at most {sizes.stop - 1} bytes"
+    return f"{sizes.start}..{sizes.stop - 1} bytes"
+
+
+def _need_size(what: str, body: bytes, size: int) -> None:
+    if len(body) != size:
+        raise RemoteProtocolError(f"{what} payload must be {size} bytes, got {len(body)}")
+
+
+class _WrongFdCount(RemoteProtocolError):
+    """A payload came with the wrong number of fds; the codec puts the request's name in
+    front ("SET_VRING_CALL came with 2 fds; it needs 1")."""
+
+    def __init__(self, got: int, need: int) -> None:
+        super().__init__(f"came with {got} fds; it needs {need}")
+        self.got = got
+        self.need = need
+
+
+def _need_fds(fds: Sequence[int], count: int) -> None:
+    if len(fds) != count:
+        raise _WrongFdCount(len(fds), count)
 
 
 @dataclass(frozen=True, slots=True)
 class Empty:
-    """No payload (size 0)."""
+    """No payload (size 0) and no fds."""
 
-    SIZE: ClassVar[int] = 0
+    SIZES: ClassVar[range] = _exactly(0)
+    fd_count: ClassVar[int] = 0
 
     def pack(self) -> bytes:
         return b""
 
     @classmethod
-    def unpack(cls, data: bytes) -> Self:
-        _need_size("an empty", data, 0)
+    def unpack(cls, body: bytes, fds: Sequence[int]) -> Self:
+        _need_size("an empty", body, 0)
+        _need_fds(fds, 0)
         return cls()
 
 
@@ -268,26 +330,23 @@ EMPTY = Empty()
 
 @dataclass(frozen=True, slots=True)
 class U64:
-    """A single u64: feature masks, queue counts, MTU, ack status."""
+    """A single u64: feature masks, queue counts, MTU, ack status. No fds."""
 
     value: int
-    SIZE: ClassVar[int] = 8
-    _S: ClassVar[struct.Struct] = struct.Struct("=Q")
-    #: unpack() is exactly ``cls(*_S.unpack(data))`` after the size check (see _Layout)
-    _PLAIN: ClassVar[bool] = True
+    SIZES: ClassVar[range] = _exactly(_U64.size)
+    fd_count: ClassVar[int] = 0
 
     def pack(self) -> bytes:
-        try:  # struct refuses anything outside u64 (and non-integers): the range check
-            return self._S.pack(self.value)
-        except struct.error:
-            raise LocalProtocolError(
-                f"u64 payload value {self.value} does not fit in 64 bits"
-            ) from None
+        if not _u64(self.value):
+            raise LocalProtocolError(f"u64 payload value {self.value} does not fit in 64 bits")
+        return _U64.pack(self.value)
 
     @classmethod
-    def unpack(cls, data: bytes) -> Self:
-        _need_size("a u64", data, cls.SIZE)
-        return cls(cls._S.unpack(data)[0])
+    def unpack(cls, body: bytes, fds: Sequence[int]) -> Self:
+        _need_size("a u64", body, _U64.size)
+        _need_fds(fds, 0)
+        (value,) = _U64.unpack(body)
+        return cls(value)
 
 
 @dataclass(frozen=True, slots=True)
@@ -296,20 +355,20 @@ class VringState:
 
     index: int
     num: int
-    SIZE: ClassVar[int] = 8
-    _S: ClassVar[struct.Struct] = struct.Struct("=II")
-    _PLAIN: ClassVar[bool] = True
+    SIZES: ClassVar[range] = _exactly(abi.VRING_STATE.size)
+    fd_count: ClassVar[int] = 0
 
     def pack(self) -> bytes:
-        try:  # struct refuses anything outside u32 (and non-integers): the range check
-            return self._S.pack(self.index, self.num)
-        except struct.error:
-            raise LocalProtocolError(f"vring state {self} has a field outside u32") from None
+        if not (_u32(self.index) and _u32(self.num)):
+            raise LocalProtocolError(f"vring state {self} has a field outside u32")
+        return abi.VRING_STATE.pack(self.index, self.num)
 
     @classmethod
-    def unpack(cls, data: bytes) -> Self:
-        _need_size("a vring state", data, cls.SIZE)
-        return cls(*cls._S.unpack(data))
+    def unpack(cls, body: bytes, fds: Sequence[int]) -> Self:
+        _need_size("a vring state", body, abi.VRING_STATE.size)
+        _need_fds(fds, 0)
+        index, num = abi.VRING_STATE.unpack(body)
+        return cls(index, num)
 
 
 @dataclass(frozen=True, slots=True)
@@ -326,9 +385,8 @@ class VringAddr:
     used_user_addr: int
     avail_user_addr: int
     log_guest_addr: int
-    SIZE: ClassVar[int] = 40
-    _S: ClassVar[struct.Struct] = struct.Struct("=IIQQQQ")
-    _PLAIN: ClassVar[bool] = True
+    SIZES: ClassVar[range] = _exactly(abi.VRING_ADDR.size)
+    fd_count: ClassVar[int] = 0
 
     @property
     def log(self) -> bool:
@@ -340,77 +398,70 @@ class VringAddr:
                  self.log_guest_addr)
         if not (_u32(self.index) and _u32(self.flags) and all(_u64(a) for a in addrs)):
             raise LocalProtocolError(f"vring address {self} has a field out of range")
-        return self._S.pack(self.index, self.flags, *addrs)
+        return abi.VRING_ADDR.pack(self.index, self.flags, *addrs)
 
     @classmethod
-    def unpack(cls, data: bytes) -> Self:
-        _need_size("a vring address", data, cls.SIZE)
-        return cls(*cls._S.unpack(data))
+    def unpack(cls, body: bytes, fds: Sequence[int]) -> Self:
+        _need_size("a vring address", body, abi.VRING_ADDR.size)
+        _need_fds(fds, 0)
+        index, flags, desc, used, avail, log = abi.VRING_ADDR.unpack(body)
+        return cls(index, flags, desc, used, avail, log)
 
 
 @dataclass(frozen=True, slots=True)
 class VringFile:
-    """SET_VRING_KICK/CALL/ERR's u64: vring index in bits 0-7, bit 8 = no fd follows."""
+    """SET_VRING_KICK/CALL/ERR's u64: vring index in bits 0-7, bit 8 = no fd follows;
+    otherwise exactly one fd comes with it."""
 
     index: int
     no_fd: bool = False
-    SIZE: ClassVar[int] = 8
+    SIZES: ClassVar[range] = _exactly(_U64.size)
     INDEX_MASK: ClassVar[int] = 0xFF
     NOFD_MASK: ClassVar[int] = 0x100
-    _S: ClassVar[struct.Struct] = struct.Struct("=Q")
-
-    def pack(self) -> bytes:
-        if not 0 <= self.index <= self.INDEX_MASK:
-            raise LocalProtocolError(
-                f"vring index {self.index} does not fit the 8 bits of a vring file message"
-            )
-        return self._S.pack(self.index | (self.NOFD_MASK if self.no_fd else 0))
-
-    @classmethod
-    def unpack(cls, data: bytes) -> Self:
-        _need_size("a vring file", data, cls.SIZE)
-        (value,) = cls._S.unpack(data)
-        if value & ~(cls.INDEX_MASK | cls.NOFD_MASK):
-            raise RemoteProtocolError(
-                f"vring file payload 0x{value:x} sets reserved bits 9-63 "
-                "(only bits 0-7 index and bit 8 no-fd are defined)"
-            )
-        return cls(value & cls.INDEX_MASK, bool(value & cls.NOFD_MASK))
 
     @property
     def fd_count(self) -> int:
         """How many fds must accompany this payload."""
         return 0 if self.no_fd else 1
 
+    def pack(self) -> bytes:
+        if not 0 <= self.index <= self.INDEX_MASK:
+            raise LocalProtocolError(
+                f"vring index {self.index} does not fit the 8 bits of a vring file message"
+            )
+        return _U64.pack(self.index | (self.NOFD_MASK if self.no_fd else 0))
+
+    @classmethod
+    def unpack(cls, body: bytes, fds: Sequence[int]) -> Self:
+        _need_size("a vring file", body, _U64.size)
+        (value,) = _U64.unpack(body)
+        if value & ~(cls.INDEX_MASK | cls.NOFD_MASK):
+            raise RemoteProtocolError(
+                f"vring file payload 0x{value:x} sets reserved bits 9-63 "
+                "(only bits 0-7 index and bit 8 no-fd are defined)"
+            )
+        payload = cls(value & cls.INDEX_MASK, bool(value & cls.NOFD_MASK))
+        _need_fds(fds, payload.fd_count)
+        return payload
+
 
 @dataclass(frozen=True, slots=True)
 class MemRegion:
-    """One memory region: guest-physical range, the frontend's address of it, fd offset."""
+    """One memory region: guest-physical range, the frontend's address of it, fd offset.
+
+    Not a payload of its own: :class:`MemTable` carries 1..8 of them.
+    """
 
     guest_phys_addr: int
     memory_size: int
     userspace_addr: int
     mmap_offset: int
-    SIZE: ClassVar[int] = 32
-    _S: ClassVar[struct.Struct] = struct.Struct("=QQQQ")
-
-    def _problem(self) -> str | None:
-        fields = (self.guest_phys_addr, self.memory_size, self.userspace_addr, self.mmap_offset)
-        if not all(_u64(v) for v in fields):
-            return f"memory region {self} has a field outside u64"
-        return None
 
     def pack(self) -> bytes:
-        if (problem := self._problem()) is not None:
-            raise LocalProtocolError(problem)
-        return self._S.pack(
-            self.guest_phys_addr, self.memory_size, self.userspace_addr, self.mmap_offset
-        )
-
-    @classmethod
-    def unpack(cls, data: bytes) -> Self:
-        _need_size("a memory region", data, cls.SIZE)
-        return cls(*cls._S.unpack(data))
+        fields = (self.guest_phys_addr, self.memory_size, self.userspace_addr, self.mmap_offset)
+        if not all(_u64(v) for v in fields):
+            raise LocalProtocolError(f"memory region {self} has a field outside u64")
+        return _MEM_REGION.pack(*fields)
 
 
 @dataclass(frozen=True, slots=True)
@@ -418,7 +469,8 @@ class MemTable:
     """SET_MEM_TABLE: 1..8 regions; exactly one fd per region, in the same order."""
 
     regions: tuple[MemRegion, ...]
-    _HEAD: ClassVar[struct.Struct] = struct.Struct("=II")
+    #: a bound: the region count in the head decides the exact size
+    SIZES: ClassVar[range] = _up_to(MAX_PAYLOAD)
 
     @property
     def fd_count(self) -> int:
@@ -431,45 +483,29 @@ class MemTable:
                 f"a memory table holds 1..{MEMORY_BASELINE_NREGIONS} regions, "
                 f"not {len(self.regions)}"
             )
-        return self._HEAD.pack(len(self.regions), 0) + b"".join(r.pack() for r in self.regions)
+        head = _MEM_TABLE_HEAD.pack(len(self.regions), 0)
+        return head + b"".join(r.pack() for r in self.regions)
 
     @classmethod
-    def unpack(cls, data: bytes) -> Self:
-        if len(data) < cls._HEAD.size:
+    def unpack(cls, body: bytes, fds: Sequence[int]) -> Self:
+        if len(body) < _MEM_TABLE_HEAD.size:
             raise RemoteProtocolError(
-                f"memory table payload of {len(data)} bytes is shorter than its 8-byte head"
+                f"memory table payload of {len(body)} bytes is shorter than its 8-byte head"
             )
-        count, _padding = cls._HEAD.unpack_from(data)
+        count, _padding = _MEM_TABLE_HEAD.unpack_from(body)
         if not 1 <= count <= MEMORY_BASELINE_NREGIONS:
             raise RemoteProtocolError(
                 f"memory table announces {count} regions; 1..{MEMORY_BASELINE_NREGIONS} "
                 "are allowed in SET_MEM_TABLE"
             )
-        want = cls._HEAD.size + count * MemRegion.SIZE
-        if len(data) != want:
+        want = _MEM_TABLE_HEAD.size + count * _MEM_REGION.size
+        if len(body) != want:
             raise RemoteProtocolError(
-                f"memory table with {count} regions must be {want} bytes, got {len(data)}"
+                f"memory table with {count} regions must be {want} bytes, got {len(body)}"
             )
-        regions = tuple(
-            MemRegion(*fields) for fields in MemRegion._S.iter_unpack(data[cls._HEAD.size :])
-        )
-        return cls(regions)
-
-
-@dataclass(frozen=True, slots=True)
-class SingleMemRegion:
-    """ADD_MEM_REG / REM_MEM_REG: u64 padding then one region."""
-
-    region: MemRegion
-    SIZE: ClassVar[int] = 8 + MemRegion.SIZE
-
-    def pack(self) -> bytes:
-        return bytes(8) + self.region.pack()
-
-    @classmethod
-    def unpack(cls, data: bytes) -> Self:
-        _need_size("a single memory region", data, cls.SIZE)
-        return cls(MemRegion.unpack(data[8:]))
+        _need_fds(fds, count)
+        regions = _MEM_REGION.iter_unpack(body[_MEM_TABLE_HEAD.size :])
+        return cls(tuple(MemRegion(*fields) for fields in regions))
 
 
 @dataclass(frozen=True, slots=True)
@@ -478,19 +514,37 @@ class LogBase:
 
     mmap_size: int
     mmap_offset: int
-    SIZE: ClassVar[int] = 16
-    _S: ClassVar[struct.Struct] = struct.Struct("=QQ")
-    _PLAIN: ClassVar[bool] = True
+    SIZES: ClassVar[range] = _exactly(_LOG.size)
+    fd_count: ClassVar[int] = 1
 
     def pack(self) -> bytes:
         if not (_u64(self.mmap_size) and _u64(self.mmap_offset)):
             raise LocalProtocolError(f"log description {self} has a field outside u64")
-        return self._S.pack(self.mmap_size, self.mmap_offset)
+        return _LOG.pack(self.mmap_size, self.mmap_offset)
 
     @classmethod
-    def unpack(cls, data: bytes) -> Self:
-        _need_size("a log description", data, cls.SIZE)
-        return cls(*cls._S.unpack(data))
+    def unpack(cls, body: bytes, fds: Sequence[int]) -> Self:
+        _need_size("a log description", body, _LOG.size)
+        _need_fds(fds, 1)
+        mmap_size, mmap_offset = _LOG.unpack(body)
+        return cls(mmap_size, mmap_offset)
+
+
+@dataclass(frozen=True, slots=True)
+class LogFd:
+    """SET_LOG_FD: no bytes; one fd, the eventfd the backend signals after logging."""
+
+    SIZES: ClassVar[range] = _exactly(0)
+    fd_count: ClassVar[int] = 1
+
+    def pack(self) -> bytes:
+        return b""
+
+    @classmethod
+    def unpack(cls, body: bytes, fds: Sequence[int]) -> Self:
+        _need_size("a log fd", body, 0)
+        _need_fds(fds, 1)
+        return cls()
 
 
 @dataclass(frozen=True, slots=True)
@@ -498,7 +552,8 @@ class RarpMac:
     """SEND_RARP: the guest's MAC in the first 6 bytes of a u64-sized payload."""
 
     mac: bytes
-    SIZE: ClassVar[int] = 8
+    SIZES: ClassVar[range] = _exactly(8)
+    fd_count: ClassVar[int] = 0
 
     def pack(self) -> bytes:
         if len(self.mac) != 6:
@@ -506,9 +561,10 @@ class RarpMac:
         return bytes(self.mac) + b"\0\0"
 
     @classmethod
-    def unpack(cls, data: bytes) -> Self:
-        _need_size("a RARP MAC", data, cls.SIZE)
-        return cls(bytes(data[:6]))
+    def unpack(cls, body: bytes, fds: Sequence[int]) -> Self:
+        _need_size("a RARP MAC", body, 8)
+        _need_fds(fds, 0)
+        return cls(bytes(body[:6]))
 
     @property
     def text(self) -> str:
@@ -544,11 +600,13 @@ class VersionString:
     """SET_INTERFACE_VERSION: one version (a registry name or a value list), NUL-terminated.
 
     On the wire: the UTF-8 bytes, a NUL, then NUL padding up to a multiple of 8 bytes
-    (receivers accept any amount of NUL padding within the size limit).
+    (receivers accept any amount of NUL padding within the size limit). No fds.
     """
 
     version: str
     MAX_SIZE: ClassVar[int] = (MAX_VERSION_BYTES + 1 + 7) // 8 * 8
+    SIZES: ClassVar[range] = _up_to(MAX_SIZE)
+    fd_count: ClassVar[int] = 0
 
     def pack(self) -> bytes:
         if (problem := _version_problem(self.version)) is not None:
@@ -557,15 +615,20 @@ class VersionString:
         return raw + bytes(-len(raw) % 8)
 
     @classmethod
-    def unpack(cls, data: bytes) -> Self:
-        end = data.find(b"\0")
+    def unpack(cls, body: bytes, fds: Sequence[int]) -> Self:
+        if len(body) > cls.MAX_SIZE:
+            raise RemoteProtocolError(
+                f"a {len(body)}-byte interface version payload; at most {cls.MAX_SIZE} bytes"
+            )
+        _need_fds(fds, 0)
+        end = body.find(b"\0")
         if end < 0:
             raise RemoteProtocolError("interface version string has no NUL terminator")
-        if data[end:].strip(b"\0"):
+        if body[end:].strip(b"\0"):
             raise RemoteProtocolError(
                 "interface version payload has bytes other than NUL after its terminator"
             )
-        return cls(_decode_version(bytes(data[:end])))
+        return cls(_decode_version(bytes(body[:end])))
 
 
 @dataclass(frozen=True, slots=True)
@@ -573,13 +636,14 @@ class VersionList:
     """GET_INTERFACE_VERSIONS reply: the default version and all supported, oldest first.
 
     ``default`` is what the backend serves if the frontend selects nothing (its latest,
-    unless an operator pinned another); it must be one of ``supported``.
+    unless an operator pinned another); it must be one of ``supported``. No fds.
     """
 
     default: str
     supported: tuple[str, ...]
-    _HEAD: ClassVar[struct.Struct] = struct.Struct("=II")
     MAX_SIZE: ClassVar[int] = MAX_VERSION_LIST_PAYLOAD
+    SIZES: ClassVar[range] = _up_to(MAX_SIZE)
+    fd_count: ClassVar[int] = 0
 
     @property
     def latest(self) -> str:
@@ -605,7 +669,7 @@ class VersionList:
         if (problem := self._problem()) is not None:
             raise LocalProtocolError(problem)
         body = b"".join(t.encode("utf-8") + b"\0" for t in (self.default, *self.supported))
-        data = self._HEAD.pack(len(self.supported), 0) + body
+        data = _VERSION_LIST_HEAD.pack(len(self.supported), 0) + body
         if len(data) > self.MAX_SIZE:
             raise LocalProtocolError(
                 f"version list is {len(data)} bytes; at most {self.MAX_SIZE} fit a reply"
@@ -613,28 +677,33 @@ class VersionList:
         return data
 
     @classmethod
-    def unpack(cls, data: bytes) -> Self:
-        if len(data) < cls._HEAD.size:
+    def unpack(cls, body: bytes, fds: Sequence[int]) -> Self:
+        if len(body) > cls.MAX_SIZE:
             raise RemoteProtocolError(
-                f"version list of {len(data)} bytes is shorter than its 8-byte head"
+                f"a {len(body)}-byte version list; at most {cls.MAX_SIZE} bytes"
             )
-        count, reserved = cls._HEAD.unpack_from(data)
+        if len(body) < _VERSION_LIST_HEAD.size:
+            raise RemoteProtocolError(
+                f"version list of {len(body)} bytes is shorter than its 8-byte head"
+            )
+        _need_fds(fds, 0)
+        count, reserved = _VERSION_LIST_HEAD.unpack_from(body)
         if reserved != 0:
             raise RemoteProtocolError(f"version list reserved word is 0x{reserved:x}, not 0")
         if not 1 <= count <= MAX_VERSION_COUNT:
             raise RemoteProtocolError(
                 f"version list announces {count} versions; 1..{MAX_VERSION_COUNT} are allowed"
             )
-        body = bytes(data[cls._HEAD.size :])
-        if not body.endswith(b"\0"):
+        strings = bytes(body[_VERSION_LIST_HEAD.size :])
+        if not strings.endswith(b"\0"):
             raise RemoteProtocolError("version list does not end with a NUL terminator")
-        parts = body[:-1].split(b"\0")
+        parts = strings[:-1].split(b"\0")
         if len(parts) != count + 1:
             raise RemoteProtocolError(
                 f"version list announces {count} versions plus a default but holds "
                 f"{len(parts)} strings"
             )
-        texts = [_decode_version(p) for p in parts]
+        texts = [_decode_version(part) for part in parts]
         result = cls(texts[0], tuple(texts[1:]))
         if (problem := result._problem()) is not None:
             raise RemoteProtocolError(problem)
@@ -643,10 +712,16 @@ class VersionList:
 
 @dataclass(frozen=True, slots=True)
 class Raw:
-    """The undecoded payload of a request kvhost does not interpret (or an unknown id)."""
+    """The undecoded payload of a request kvhost does not interpret (or an unknown id).
+
+    Any number of fds may come with it (the codec closes them: kvhost cannot use what it
+    does not interpret); a frontend sending one passes the fds it wants sent.
+    """
 
     data: bytes
     MAX_SIZE: ClassVar[int] = MAX_PAYLOAD
+    SIZES: ClassVar[range] = _up_to(MAX_SIZE)
+    fd_count: ClassVar[int | None] = None
 
     def pack(self) -> bytes:
         if len(self.data) > self.MAX_SIZE:
@@ -654,185 +729,83 @@ class Raw:
         return bytes(self.data)
 
     @classmethod
-    def unpack(cls, data: bytes) -> Self:
-        return cls(bytes(data))
+    def unpack(cls, body: bytes, fds: Sequence[int]) -> Self:
+        return cls(bytes(body))
 
 
 Payload = (
-    Empty | U64 | VringState | VringAddr | VringFile | MemTable | SingleMemRegion | LogBase
-    | RarpMac | VersionString | VersionList | Raw
+    Empty | U64 | VringState | VringAddr | VringFile | MemTable | LogBase | LogFd | RarpMac
+    | VersionString | VersionList | Raw
 )
 _PayloadType = type[
-    Empty | U64 | VringState | VringAddr | VringFile | MemTable | SingleMemRegion | LogBase
-    | RarpMac | VersionString | VersionList | Raw
+    Empty | U64 | VringState | VringAddr | VringFile | MemTable | LogBase | LogFd | RarpMac
+    | VersionString | VersionList | Raw
 ]
 
 
-# --- per-request layouts -------------------------------------------------------------------
+def _log_base_reply(body: bytes, fds: Sequence[int]) -> Payload:
+    """SET_LOG_BASE's reply (LOG_SHMFD): QEMU reads any payload, and backends send either
+    none (DPDK) or a u64 (libvhost-user)."""
+    return Empty.unpack(body, fds) if not body else U64.unpack(body, fds)
 
 
-@dataclass(frozen=True, slots=True)
-class _Layout:
-    """What a message must look like: payload type(s) and the allowed fd counts.
+# --- what each request carries ---------------------------------------------------------------
 
-    ``fds`` is a fixed count, or ``None`` when the payload decides (``fd_count``).
-    ``close_fds`` means fds are tolerated but the codec closes them (REM_MEM_REG, Raw).
-
-    The size rules are derived once at construction (``_by_size``: payload size -> the
-    type decoding it; ``_variable``/``_limit``: the first variable-size type and its
-    bound), so checking and decoding a message are dict lookups on the hot path.
-    """
-
-    types: tuple[_PayloadType, ...]
-    fds: tuple[int, ...] | None = (0,)
-    close_fds: bool = False
-    _by_size: dict[int, _PayloadType] = field(init=False, repr=False, compare=False)
-    _variable: _PayloadType | None = field(init=False, repr=False, compare=False)
-    _limit: int = field(init=False, repr=False, compare=False)
-    #: size -> (constructor, struct) for payloads that are one struct's fields as they are
-    _plain: dict[int, tuple[Callable[..., Payload], struct.Struct]] = field(
-        init=False, repr=False, compare=False
-    )
-
-    def __post_init__(self) -> None:
-        by_size: dict[int, _PayloadType] = {}
-        variable: _PayloadType | None = None
-        for t in self.types:
-            fixed = getattr(t, "SIZE", None)
-            if fixed is None:
-                variable = t
-                break  # every later type is shadowed: decode takes the first match
-            by_size.setdefault(fixed, t)
-        limit = -1 if variable is None else getattr(variable, "MAX_SIZE", MAX_PAYLOAD)
-        plain = {
-            size: (t, t._S)  # type: ignore[union-attr]
-            for size, t in by_size.items()
-            if getattr(t, "_PLAIN", False)
-        }
-        object.__setattr__(self, "_by_size", by_size)
-        object.__setattr__(self, "_variable", variable)
-        object.__setattr__(self, "_limit", limit)
-        object.__setattr__(self, "_plain", plain)
-
-    def size_ok(self, size: int) -> bool:
-        return size in self._by_size or size <= self._limit
-
-    def describe_size(self) -> str:
-        parts = []
-        for t in self.types:
-            fixed = getattr(t, "SIZE", None)
-            if fixed is not None:
-                parts.append(f"{fixed} bytes")
-            else:
-                parts.append(f"at most {getattr(t, 'MAX_SIZE', MAX_PAYLOAD)} bytes")
-        return " or ".join(parts)
-
-    def decode(self, data: bytes) -> Payload:
-        t = self._by_size.get(len(data), self._variable)
-        if t is None:
-            raise RemoteProtocolError(
-                f"payload of {len(data)} bytes; expected {self.describe_size()}"
-            )
-        return t.unpack(data)
-
-
-_E = _Layout((Empty,))
-_Q = _Layout((U64,))
-_STATE = _Layout((VringState,))
-_FILE = _Layout((VringFile,), fds=None)
-_RAW = _Layout((Raw,), fds=tuple(range(MAX_FDS + 1)), close_fds=True)
-
-#: Request layouts, frontend -> backend.
-REQUEST_LAYOUTS: dict[Request, _Layout] = {
-    Request.GET_FEATURES: _E,
-    Request.SET_FEATURES: _Q,
-    Request.SET_OWNER: _E,
-    Request.RESET_OWNER: _E,
-    Request.SET_MEM_TABLE: _Layout((MemTable,), fds=None),
-    Request.SET_LOG_BASE: _Layout((LogBase,), fds=(1,)),
-    Request.SET_LOG_FD: _Layout((Empty,), fds=(1,)),
-    Request.SET_VRING_NUM: _STATE,
-    Request.SET_VRING_ADDR: _Layout((VringAddr,)),
-    Request.SET_VRING_BASE: _STATE,
-    Request.GET_VRING_BASE: _STATE,
-    Request.SET_VRING_KICK: _FILE,
-    Request.SET_VRING_CALL: _FILE,
-    Request.SET_VRING_ERR: _FILE,
-    Request.GET_PROTOCOL_FEATURES: _E,
-    Request.SET_PROTOCOL_FEATURES: _Q,
-    Request.GET_QUEUE_NUM: _E,
-    Request.SET_VRING_ENABLE: _STATE,
-    Request.SEND_RARP: _Layout((RarpMac,)),
-    Request.NET_SET_MTU: _Q,
-    Request.RESET_DEVICE: _E,
-    Request.GET_MAX_MEM_SLOTS: _E,
-    Request.ADD_MEM_REG: _Layout((SingleMemRegion,), fds=(1,)),
-    # vhost-user.rst: "the back-end MAY accept messages with one file descriptor ... MUST
-    # close it without using it".
-    Request.REM_MEM_REG: _Layout((SingleMemRegion,), fds=(0, 1), close_fds=True),
-    Request.SET_STATUS: _Q,
-    Request.GET_STATUS: _E,
-    Request.GET_INTERFACE_VERSIONS: _E,
-    Request.SET_INTERFACE_VERSION: _Layout((VersionString,)),
+#: The payload type of each request kvhost interprets, frontend -> backend. Any other id
+#: (uninterpreted or unknown) is decoded as Raw.
+REQUEST_PAYLOADS: dict[Request, _PayloadType] = {
+    Request.GET_FEATURES: Empty,
+    Request.SET_FEATURES: U64,
+    Request.SET_OWNER: Empty,
+    Request.RESET_OWNER: Empty,
+    Request.SET_MEM_TABLE: MemTable,
+    Request.SET_LOG_BASE: LogBase,
+    Request.SET_LOG_FD: LogFd,
+    Request.SET_VRING_NUM: VringState,
+    Request.SET_VRING_ADDR: VringAddr,
+    Request.SET_VRING_BASE: VringState,
+    Request.GET_VRING_BASE: VringState,
+    Request.SET_VRING_KICK: VringFile,
+    Request.SET_VRING_CALL: VringFile,
+    Request.SET_VRING_ERR: VringFile,
+    Request.GET_PROTOCOL_FEATURES: Empty,
+    Request.SET_PROTOCOL_FEATURES: U64,
+    Request.GET_QUEUE_NUM: Empty,
+    Request.SET_VRING_ENABLE: VringState,
+    Request.SEND_RARP: RarpMac,
+    Request.NET_SET_MTU: U64,
+    Request.RESET_DEVICE: Empty,
+    Request.GET_MAX_MEM_SLOTS: Empty,
+    Request.SET_STATUS: U64,
+    Request.GET_STATUS: Empty,
+    Request.GET_INTERFACE_VERSIONS: Empty,
+    Request.SET_INTERFACE_VERSION: VersionString,
 }
 
-#: Requests the backend always answers, with their reply payload layout.
-INHERENT_REPLIES: dict[Request, _Layout] = {
-    Request.GET_FEATURES: _Q,
-    Request.GET_PROTOCOL_FEATURES: _Q,
-    Request.GET_QUEUE_NUM: _Q,
-    Request.GET_VRING_BASE: _STATE,
-    Request.GET_MAX_MEM_SLOTS: _Q,
-    Request.GET_STATUS: _Q,
-    Request.GET_INTERFACE_VERSIONS: _Layout((VersionList,)),
-    Request.SET_INTERFACE_VERSION: _Q,
+#: Requests the backend always answers, with their reply payload type.
+INHERENT_REPLIES: dict[Request, _PayloadType] = {
+    Request.GET_FEATURES: U64,
+    Request.GET_PROTOCOL_FEATURES: U64,
+    Request.GET_QUEUE_NUM: U64,
+    Request.GET_VRING_BASE: VringState,
+    Request.GET_MAX_MEM_SLOTS: U64,
+    Request.GET_STATUS: U64,
+    Request.GET_INTERFACE_VERSIONS: VersionList,
+    Request.SET_INTERFACE_VERSION: U64,
 }
-#: SET_LOG_BASE is answered when LOG_SHMFD is negotiated; QEMU reads any payload and
-#: backends send either none (DPDK) or a u64 (libvhost-user).
-_LOG_BASE_REPLY = _Layout((Empty, U64))
-_ACK = _Q
 
+_ReplyDecoder = Callable[[bytes, Sequence[int]], Payload]
 
-def _payload_fds(payload: Payload) -> int:
-    """The fd count a payload announces itself (memory tables, vring files)."""
-    if isinstance(payload, MemTable | VringFile):
-        return payload.fd_count
-    return 0
-
-
-# Hot-path tables. Every message goes through these lookups, and under TCG an enum
-# conversion (a Python-level call) costs tens of microseconds: plain dicts keyed by the wire
-# integer replace ``Request(n)``, ``HeaderFlag(n)`` and ``.name`` on the decode path.
+# Keyed by the wire integer: the decoder looks requests up before it knows they are known.
 _REQUEST_BY_ID: dict[int, Request] = {int(r): r for r in Request}
-_LAYOUT_BY_ID: dict[int, _Layout] = {int(r): layout for r, layout in REQUEST_LAYOUTS.items()}
-_FLAGS_BY_VALUE: dict[int, HeaderFlag] = {v: HeaderFlag(v) for v in range(16)}
+_PAYLOAD_BY_ID: dict[int, _PayloadType] = {int(r): t for r, t in REQUEST_PAYLOADS.items()}
+_INHERENT_BY_ID: dict[int, _PayloadType] = {int(r): t for r, t in INHERENT_REPLIES.items()}
 _REPLY_FLAGS = int(HeaderFlag.VERSION | HeaderFlag.REPLY)
-_NEED_REPLY_BIT = int(HeaderFlag.NEED_REPLY)
-_REPLY_BIT = int(HeaderFlag.REPLY)
-_SET_LOG_BASE = int(Request.SET_LOG_BASE)
-_INHERENT_IDS: dict[int, _Layout] = {int(r): layout for r, layout in INHERENT_REPLIES.items()}
-
-
-#: request id -> (request, plain payloads by size, allowed fd counts): the requests
-#: BackendCodec.receive decodes without the general path
-_FAST_REQUESTS: dict[int, tuple[Request, dict[int, tuple[Callable[..., Payload], struct.Struct]],
-                                tuple[int, ...]]] = {
-    int(r): (r, layout._plain, layout.fds)
-    for r, layout in REQUEST_LAYOUTS.items()
-    if layout._plain and layout.fds is not None and not layout.close_fds
-}
-#: request id -> (request, payload type) for the one-type layouts whose payload says how
-#: many fds come with it (memory tables, vring files)
-_PAYLOAD_COUNTS_FDS: dict[int, tuple[Request, _PayloadType]] = {
-    int(r): (r, layout.types[0])
-    for r, layout in REQUEST_LAYOUTS.items()
-    if layout.fds is None and len(layout.types) == 1
-}
-
-
-def request_layout(request: int) -> _Layout:
-    """The layout a request must have (``Raw`` for uninterpreted and unknown ids)."""
-    return _LAYOUT_BY_ID.get(request, _RAW)
+#: the header flags a request may carry
+_REQUEST_FLAGS = frozenset({VHOST_USER_VERSION, VHOST_USER_VERSION | int(HeaderFlag.NEED_REPLY)})
+#: every header flags value the codecs accept, as the flag a Message carries (the lookup
+#: costs a third of building the flag anew)
+_FLAGS_BY_VALUE: dict[int, HeaderFlag] = {v: HeaderFlag(v) for v in {*_REQUEST_FLAGS, _REPLY_FLAGS}}
 
 
 def _request_name(request: int) -> str:
@@ -840,10 +813,6 @@ def _request_name(request: int) -> str:
     if known is not None:
         return known.name
     return f"unknown request {request} (0x{request:x})"
-
-
-def _as_request(request: int) -> Request | int:
-    return _REQUEST_BY_ID.get(request, request)
 
 
 def close_fds(fds: Iterable[int]) -> None:
@@ -865,9 +834,8 @@ def raw_message(request: int, flags: int, payload: bytes, *, size: int | None = 
 class Message:
     """One decoded message. The receiver owns ``fds`` (close them, or hand them on).
 
-    Not frozen, unlike the payloads: a frozen dataclass is built field by field through
-    object.__setattr__, which tripled the cost of the object the codec builds for every
-    message. Treat it as read-only all the same.
+    Treat it as read-only; it is not frozen only because the codec builds one per message
+    and a frozen dataclass is built field by field through ``object.__setattr__``.
     """
 
     request: Request | int
@@ -878,13 +846,12 @@ class Message:
     @property
     def need_reply(self) -> bool:
         """The frontend set NEED_REPLY: it waits for a u64 ack (or the inherent reply)."""
-        # int(): IntFlag's own ``&`` builds a new flag object in Python code
-        return bool(int(self.flags) & _NEED_REPLY_BIT)
+        return HeaderFlag.NEED_REPLY in self.flags
 
     @property
     def is_reply(self) -> bool:
         """The message is a backend's reply."""
-        return bool(int(self.flags) & _REPLY_BIT)
+        return HeaderFlag.REPLY in self.flags
 
     @property
     def known(self) -> bool:
@@ -901,20 +868,26 @@ class Message:
 
         SET_LOG_BASE's LOG_SHMFD reply is not counted: it depends on negotiation.
         """
-        return self.need_reply or self.request in _INHERENT_IDS
+        return self.need_reply or int(self.request) in _INHERENT_BY_ID
 
 
 # --- the codecs ----------------------------------------------------------------------------
 
 
 class _Decoder:
-    """Stream reassembly and fd attribution shared by both codecs (see module docstring)."""
+    """Stream reassembly and fd attribution shared by both codecs (see module docstring).
+
+    Subclasses say what a valid header is (:meth:`_check_header`) and turn one complete
+    message into a :class:`Message` (:meth:`_decode`); everything else is here, once.
+    """
 
     _side: ClassVar[str] = "peer"
 
     def __init__(self) -> None:
+        #: bytes of the messages not yet complete (at most one starts before the last chunk)
         self._buf = bytearray()
-        self._pending_fds: list[int] = []  # fds of the (partial) message at _buf[0]
+        #: fds of the incomplete message at _buf[0]
+        self._held: list[int] = []
         self._failed: str | None = None
 
     @property
@@ -930,7 +903,7 @@ class _Decoder:
     def close(self) -> None:
         """Drop buffered input and close the fds held for an incomplete message."""
         self._buf.clear()
-        fds, self._pending_fds = self._pending_fds, []
+        fds, self._held = self._held, []
         close_fds(fds)
 
     def receive(self, data: bytes, fds: Sequence[int] = ()) -> list[Message]:
@@ -945,18 +918,11 @@ class _Decoder:
             close_fds(new_fds)
             raise RemoteProtocolError(f"connection already failed: {self._failed}")
         try:
-            if not self._buf and len(data) >= HEADER_SIZE and len(new_fds) <= MAX_FDS:
-                # The common case: nothing buffered and the chunk is exactly one message
-                # (every frontend sends one message per sendmsg); its fds are all its own.
-                # On an error new_fds still lists them, and _fail closes them.
-                request, flags, size = HEADER.unpack_from(data)
-                if HEADER_SIZE + size == len(data):
-                    return [self._decode_single(request, flags, size, bytes(data), new_fds)]
-            self._feed(bytes(data), new_fds, out)
+            self._feed(data, new_fds, out)
         except RemoteProtocolError as err:
             self._fail(str(err), new_fds, out)
             raise
-        except Exception as err:  # a decoder bug must still not leak fds or escape typed
+        except Exception as err:  # a decoder bug must still not leak fds or escape untyped
             self._fail(f"internal decoder error: {err!r}", new_fds, out)
             raise RemoteProtocolError(
                 f"could not decode the {self._side}'s message: {err!r}"
@@ -972,138 +938,83 @@ class _Decoder:
         self.close()
 
     def _feed(self, data: bytes, new_fds: list[int], out: list[Message]) -> None:
+        """Append a chunk and decode every message it completes into ``out``.
+
+        ``new_fds`` is emptied as its fds are handed to a message or held; on an exception
+        whatever it still lists, ``_held`` and the fds of ``out`` are the caller's to close.
+        """
         if len(new_fds) > MAX_FDS:
             raise RemoteProtocolError(
                 f"{self._side} sent {len(new_fds)} fds at once; at most {MAX_FDS} are allowed"
             )
-        if not data:
-            if new_fds:
-                raise RemoteProtocolError(f"{self._side} sent fds without any message bytes")
-            return
-        if not self._buf and len(data) >= HEADER_SIZE and self._whole_messages(data, new_fds, out):
-            return
-        old_len = len(self._buf)
+        if new_fds and not data:
+            raise RemoteProtocolError(f"{self._side} sent fds without any message bytes")
+        chunk_start = len(self._buf)
         self._buf += data
-        # Walk the headers to find where messages start; a header is validated as soon as
-        # it is complete so a bogus size fails now instead of after buffering the payload.
-        starts: list[int] = []
-        off = 0
-        while off < len(self._buf):
-            starts.append(off)
-            if off + HEADER_SIZE > len(self._buf):
-                break
-            request, flags, size = HEADER.unpack_from(self._buf, off)
+        buf = self._buf
+
+        # 1. Walk the buffered headers. Each is checked as soon as it is complete, so a
+        #    bogus size fails now instead of after its payload is buffered.
+        complete: list[tuple[int, int, int, int]] = []  # (start, request, flags, size)
+        pos = 0  # ends where the incomplete tail starts (len(buf) when there is none)
+        while pos + HEADER_SIZE <= len(buf):
+            request, flags, size = HEADER.unpack_from(buf, pos)
             self._check_header(request, flags, size)
-            off += HEADER_SIZE + size
-        in_chunk = [s for s in starts if s >= old_len]
-        owner: int | None = None
+            if pos + HEADER_SIZE + size > len(buf):
+                break
+            complete.append((pos, request, flags, size))
+            pos += HEADER_SIZE + size
+
+        # 2. The chunk's fds belong to the last message starting in the chunk.
+        owner = -1
         if new_fds:
-            if not in_chunk:
+            owner = pos if pos < len(buf) else complete[-1][0]
+            if owner < chunk_start:
                 raise RemoteProtocolError(
-                    f"{self._side} sent {len(new_fds)} fds with bytes that continue a message; "
-                    "fds must come with the first byte of their message"
+                    f"{self._side} sent {len(new_fds)} fds with bytes that continue a "
+                    "message; fds must come with the first byte of their message"
                 )
-            owner = in_chunk[-1]
-        consumed = 0
-        for start in starts:
-            if start + HEADER_SIZE > len(self._buf):
-                break
-            request, flags, size = HEADER.unpack_from(self._buf, start)
-            end = start + HEADER_SIZE + size
-            if end > len(self._buf):
-                break
+
+        # 3. Decode each complete message, in order.
+        for start, request, flags, size in complete:
             fds: list[int] = []
             if start == 0:
-                fds, self._pending_fds = self._pending_fds, []
+                fds, self._held = self._held, []
             if start == owner:
-                fds, new_fds[:] = fds + new_fds, []
+                fds += new_fds
+                new_fds.clear()
+            body = bytes(buf[start + HEADER_SIZE : start + HEADER_SIZE + size])
             try:
-                msg = self._decode(
-                    request, flags, bytes(self._buf[start + HEADER_SIZE : end]), fds
-                )
+                out.append(self._decode(request, flags, body, fds))
             except BaseException:
                 close_fds(fds)
                 raise
-            out.append(msg)
-            consumed = end
-        del self._buf[:consumed]
-        if new_fds:
-            # The owner is the trailing incomplete message: hold its fds until it completes.
-            self._pending_fds, new_fds[:] = list(new_fds), []
-
-    def _whole_messages(self, data: bytes, new_fds: list[int], out: list[Message]) -> bool:
-        """The next most common case: several whole messages in one chunk (QEMU sends
-        without waiting, so a busy reader gets them together) and nothing buffered.
-
-        Decodes them one by one as single messages and returns True; returns False, having
-        taken nothing, when the chunk ends inside a message (the general path handles
-        that, validating each header before buffering its payload). The fds belong to the
-        last message: the kernel ends a read after the first part of the stream that
-        carried fds, so they came with the last message's sendmsg.
-        """
-        headers: list[tuple[int, int, int, int]] = []  # (start, request, flags, size)
-        off, end = 0, len(data)
-        unpack = HEADER.unpack_from
-        while off + HEADER_SIZE <= end:
-            request, flags, size = unpack(data, off)
-            headers.append((off, request, flags, size))
-            off += HEADER_SIZE + size
-        if off != end:
-            return False
-        own, new_fds[:] = list(new_fds), []
-        last = headers[-1][0]
-        try:
-            for start, request, flags, size in headers:
-                fds = own if start == last else []
-                one = data[start : start + HEADER_SIZE + size]
-                out.append(self._decode_single(request, flags, size, one, fds))
-        except BaseException:
-            close_fds(own)  # only the last message takes them, and it was not decoded
-            raise
-        return True
+        del buf[:pos]
+        if new_fds:  # the owner is the incomplete message now at _buf[0]
+            self._held = list(new_fds)
+            new_fds.clear()
 
     def _check_header(self, request: int, flags: int, size: int) -> None:
         raise NotImplementedError
 
-    def _decode(self, request: int, flags: int, payload: bytes, fds: list[int]) -> Message:
+    def _decode(self, request: int, flags: int, body: bytes, fds: list[int]) -> Message:
+        """One complete message. Raises RemoteProtocolError; the caller closes ``fds``
+        then."""
         raise NotImplementedError
 
-    def _decode_single(
-        self, request: int, flags: int, size: int, data: bytes, fds: list[int]
-    ) -> Message:
-        """A chunk that is exactly one message (header included in ``data``)."""
-        self._check_header(request, flags, size)
-        return self._decode(request, flags, data[HEADER_SIZE:], fds)
-
-    @staticmethod
-    def _check_common_flags(side: str, request: int, flags: int) -> None:
+    def _check_version_flags(self, request: int, flags: int) -> None:
         version = flags & _VERSION_MASK
         if version != VHOST_USER_VERSION:
             raise RemoteProtocolError(
-                f"{side} sent {_request_name(request)} with protocol version {version} in its "
-                f"header flags 0x{flags:x}; only version 1 exists"
+                f"{self._side} sent {_request_name(request)} with protocol version {version} "
+                f"in its header flags 0x{flags:x}; only version 1 exists"
             )
         unknown = flags & ~_KNOWN_FLAGS
         if unknown:
             raise RemoteProtocolError(
-                f"{side} sent {_request_name(request)} with unknown header flag bits "
+                f"{self._side} sent {_request_name(request)} with unknown header flag bits "
                 f"0x{unknown:x} (flags 0x{flags:x})"
             )
-
-    @staticmethod
-    def _check_fds(name: str, layout: _Layout, payload: Payload, fds: list[int]) -> list[int]:
-        """Check the fd count; return the fds the message keeps (others are closed)."""
-        if layout.fds is None:
-            want: tuple[int, ...] = (_payload_fds(payload),)
-        else:
-            want = layout.fds
-        if len(fds) not in want:
-            expected = " or ".join(str(n) for n in want)
-            raise RemoteProtocolError(f"{name} came with {len(fds)} fds; it needs {expected}")
-        if layout.close_fds:
-            close_fds(fds)
-            return []
-        return fds
 
 
 class BackendCodec(_Decoder):
@@ -1111,68 +1022,33 @@ class BackendCodec(_Decoder):
 
     _side = "frontend"
 
-    # Names are only looked up on the error paths: a well-formed request costs a few dict
-    # lookups and one payload unpack (see the hot-path tables above).
-    _GOOD_FLAGS: ClassVar[frozenset[int]] = frozenset(
-        {VHOST_USER_VERSION, VHOST_USER_VERSION | _NEED_REPLY_BIT}
-    )
-
     def _check_header(self, request: int, flags: int, size: int) -> None:
-        if flags not in self._GOOD_FLAGS:
-            self._check_common_flags("frontend", request, flags)
+        if flags not in _REQUEST_FLAGS:
+            self._check_version_flags(request, flags)
             raise RemoteProtocolError(
                 f"frontend sent {_request_name(request)} with the REPLY flag; only the "
                 "backend sends replies"
             )
-        layout = _LAYOUT_BY_ID.get(request, _RAW)
-        if not layout.size_ok(size):
+        sizes = _PAYLOAD_BY_ID.get(request, Raw).SIZES
+        if size not in sizes:
             raise RemoteProtocolError(
                 f"{_request_name(request)} announces a {size}-byte payload; it must be "
-                f"{layout.describe_size()}"
+                f"{_describe(sizes)}"
             )
 
-    def _decode_single(
-        self, request: int, flags: int, size: int, data: bytes, fds: list[int]
-    ) -> Message:
-        """Well-formed requests of the kinds QEMU sends at every ring start and stop -- one
-        struct, a vring file, a memory table -- with the right fd count are decoded here;
-        anything else goes the general way, which also words every error. The payload
-        types do their own checks. The Message holds the fds."""
-        if flags in self._GOOD_FLAGS:
-            fast = _FAST_REQUESTS.get(request)
-            if fast is not None:
-                req, plain, want = fast
-                entry = plain.get(size)
-                if entry is not None and len(fds) in want:
-                    make, st = entry
-                    payload = make(*st.unpack_from(data, HEADER_SIZE))
-                    return Message(req, _FLAGS_BY_VALUE[flags], payload, tuple(fds))
-            else:
-                counted = _PAYLOAD_COUNTS_FDS.get(request)
-                if counted is not None:
-                    req, kind = counted
-                    try:
-                        payload = kind.unpack(data[HEADER_SIZE:])
-                    except RemoteProtocolError:
-                        payload = None
-                    if payload is not None and len(fds) == _payload_fds(payload):
-                        return Message(req, _FLAGS_BY_VALUE[flags], payload, tuple(fds))
-        return super()._decode_single(request, flags, size, data, fds)
-
-    def _decode(self, request: int, flags: int, payload: bytes, fds: list[int]) -> Message:
-        layout = _LAYOUT_BY_ID.get(request, _RAW)
+    def _decode(self, request: int, flags: int, body: bytes, fds: list[int]) -> Message:
+        kind = _PAYLOAD_BY_ID.get(request, Raw)
         try:
-            body = layout.decode(payload)
+            payload = kind.unpack(body, fds)
+        except _WrongFdCount as err:
+            raise RemoteProtocolError(f"{_request_name(request)} {err}") from None
         except RemoteProtocolError as err:
             raise RemoteProtocolError(f"{_request_name(request)}: {err}") from None
-        want = layout.fds
-        if want is not None and len(fds) in want and not layout.close_fds:
-            kept = fds  # the usual case, checked without building the name
-        else:
-            kept = self._check_fds(_request_name(request), layout, body, fds)
-        return Message(
-            _REQUEST_BY_ID.get(request, request), _FLAGS_BY_VALUE[flags], body, tuple(kept)
-        )
+        if kind is Raw:  # kvhost cannot use what it does not interpret
+            close_fds(fds)
+            fds.clear()  # in place: the caller's error path must not close them again
+        return Message(_REQUEST_BY_ID.get(request, request), _FLAGS_BY_VALUE[flags], payload,
+                       tuple(fds))
 
     @staticmethod
     def reply(msg: Message, payload: Payload) -> bytes:
@@ -1182,19 +1058,21 @@ class BackendCodec(_Decoder):
         the reply type of that request (a u64 ack for everything but the inherent replies).
         """
         request = int(msg.request)
-        layout = _INHERENT_IDS.get(request)
-        if layout is None:
-            if request == _SET_LOG_BASE:
-                layout = _LOG_BASE_REPLY
-            elif msg.need_reply:
-                layout = _ACK
-            else:
-                raise LocalProtocolError(
-                    f"{msg.name} without NEED_REPLY gets no reply; the frontend is not waiting"
-                )
-        if not isinstance(payload, layout.types):
+        kinds: tuple[_PayloadType, ...]
+        inherent = _INHERENT_BY_ID.get(request)
+        if inherent is not None:
+            kinds = (inherent,)
+        elif request == Request.SET_LOG_BASE:
+            kinds = (Empty, U64)
+        elif msg.need_reply:
+            kinds = (U64,)
+        else:
             raise LocalProtocolError(
-                f"the reply to {msg.name} carries {'/'.join(t.__name__ for t in layout.types)}, "
+                f"{msg.name} without NEED_REPLY gets no reply; the frontend is not waiting"
+            )
+        if not isinstance(payload, kinds):
+            raise LocalProtocolError(
+                f"the reply to {msg.name} carries {'/'.join(t.__name__ for t in kinds)}, "
                 f"not {type(payload).__name__}"
             )
         body = payload.pack()
@@ -1219,7 +1097,7 @@ class FrontendCodec(_Decoder):
     def __init__(self) -> None:
         super().__init__()
         self.protocol_features = 0
-        self._awaiting: deque[tuple[Request, _Layout]] = deque()
+        self._awaiting: deque[tuple[Request, _ReplyDecoder]] = deque()
 
     @property
     def awaiting(self) -> tuple[Request, ...]:
@@ -1240,26 +1118,28 @@ class FrontendCodec(_Decoder):
         LocalProtocolError for a payload of the wrong type, a wrong fd count, or NEED_REPLY
         without REPLY_ACK negotiated.
         """
-        layout = REQUEST_LAYOUTS.get(request)
-        if layout is None:
-            layout = _RAW
-        if not isinstance(payload, layout.types):
+        kind = REQUEST_PAYLOADS.get(request, Raw)
+        if not isinstance(payload, kind):
             raise LocalProtocolError(
-                f"{request.name} carries {'/'.join(t.__name__ for t in layout.types)}, "
-                f"not {type(payload).__name__}"
+                f"{request.name} carries {kind.__name__}, not {type(payload).__name__}"
             )
         body = payload.pack()
-        want = (_payload_fds(payload),) if layout.fds is None else layout.fds
-        if len(fds) not in want:
+        want = payload.fd_count
+        if want is None:
+            if len(fds) > MAX_FDS:
+                raise LocalProtocolError(f"{request.name} may carry at most {MAX_FDS} fds")
+        elif len(fds) != want:
             raise LocalProtocolError(
-                f"{request.name} must be sent with {' or '.join(map(str, want))} fds, "
-                f"not {len(fds)}"
+                f"{request.name} must be sent with {want} fds, not {len(fds)}"
             )
-        reply: _Layout | None = INHERENT_REPLIES.get(request)
-        if reply is None and request == Request.SET_LOG_BASE and (
+        reply: _ReplyDecoder | None = None
+        inherent = INHERENT_REPLIES.get(request)
+        if inherent is not None:
+            reply = inherent.unpack
+        elif request == Request.SET_LOG_BASE and (
             self.protocol_features & ProtocolFeature.LOG_SHMFD
         ):
-            reply = _LOG_BASE_REPLY
+            reply = _log_base_reply
         flags = HeaderFlag.VERSION
         if need_reply:
             if reply is None and not self.protocol_features & ProtocolFeature.REPLY_ACK:
@@ -1269,7 +1149,7 @@ class FrontendCodec(_Decoder):
                 )
             flags |= HeaderFlag.NEED_REPLY
             if reply is None:
-                reply = _ACK
+                reply = U64.unpack
         if len(body) > MAX_PAYLOAD:
             raise LocalProtocolError(f"{request.name} payload of {len(body)} bytes is too big")
         if reply is not None:
@@ -1278,7 +1158,7 @@ class FrontendCodec(_Decoder):
 
     def _check_header(self, request: int, flags: int, size: int) -> None:
         if flags != _REPLY_FLAGS:
-            self._check_common_flags("backend", request, flags)
+            self._check_version_flags(request, flags)
             raise RemoteProtocolError(
                 f"backend sent {_request_name(request)} with header flags 0x{flags:x}; its "
                 "messages on this socket are replies and carry exactly VERSION|REPLY (0x5)"
@@ -1292,44 +1172,22 @@ class FrontendCodec(_Decoder):
                 f"payload; at most {limit} bytes are allowed"
             )
 
-    def _expect(self, request: int) -> _Layout:
-        # Header walking may look at several buffered replies before decoding them, so
-        # the match against the queue happens in _decode, in order.
+    def _decode(self, request: int, flags: int, body: bytes, fds: list[int]) -> Message:
+        name = _request_name(request)
         if not self._awaiting:
-            raise RemoteProtocolError(
-                f"backend sent a reply to {_request_name(request)} but no request awaits one"
-            )
-        want, layout = self._awaiting[0]
+            raise RemoteProtocolError(f"backend sent a reply to {name} but no request awaits one")
+        want, unpack = self._awaiting[0]
         if request != want:
             raise RemoteProtocolError(
-                f"backend replied to {_request_name(request)} while the reply to "
-                f"{want.name} was due"
+                f"backend replied to {name} while the reply to {want.name} was due"
             )
-        return layout
-
-    def _decode(self, request: int, flags: int, payload: bytes, fds: list[int]) -> Message:
-        layout = self._expect(request)
-        if fds or not layout.size_ok(len(payload)):
-            self._reply_problem(request, layout, payload, fds)
-        try:
-            body = layout.decode(payload)
-        except RemoteProtocolError as err:
-            raise RemoteProtocolError(
-                f"backend's reply to {_request_name(request)}: {err}"
-            ) from None
-        self._awaiting.popleft()
-        return Message(_REQUEST_BY_ID.get(request, request), _FLAGS_BY_VALUE[flags], body, ())
-
-    @staticmethod
-    def _reply_problem(
-        request: int, layout: _Layout, payload: bytes, fds: list[int]
-    ) -> NoReturn:
-        name = _request_name(request)
         if fds:
             raise RemoteProtocolError(
                 f"backend's reply to {name} came with {len(fds)} fds; kvhost expects none"
             )
-        raise RemoteProtocolError(
-            f"backend's reply to {name} has {len(payload)} payload bytes; it must be "
-            f"{layout.describe_size()}"
-        )
+        try:
+            payload = unpack(body, fds)
+        except RemoteProtocolError as err:
+            raise RemoteProtocolError(f"backend's reply to {name}: {err}") from None
+        self._awaiting.popleft()
+        return Message(want, _FLAGS_BY_VALUE[flags], payload)
