@@ -368,15 +368,6 @@ def read_status(pid: int | str = "self", tid: int | None = None) -> dict[str, st
     return out
 
 
-CAPABILITY_SETS = ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")
-
-
-def capability_sets(pid: int | str = "self", tid: int | None = None) -> dict[str, int]:
-    """The capability sets of a process (or thread) as masks, keyed CapInh... CapAmb."""
-    status = read_status(pid, tid)
-    return {key: int(status[key], 16) for key in CAPABILITY_SETS if key in status}
-
-
 @dataclass(frozen=True, slots=True)
 class Dropped:
     """What :func:`drop` achieved, for the log."""
