@@ -54,8 +54,9 @@ from kvhost.vhost_user.frontend import VhostUserFrontend  # noqa: E402
 from kvhost.vhost_user.protocol import Request as R  # noqa: E402
 from kvhost.virtqueue import SplitRing  # noqa: E402
 from shim.closer import CLOSER  # noqa: E402
-from shim.kernel_backend import KernelBackend, TapSpec  # noqa: E402
+from shim.kernel_backend import KernelBackend  # noqa: E402
 from shim.session import Session  # noqa: E402
+from shim.tap_setup import TapSpec  # noqa: E402
 
 MEMORY = [(0, 0xC0000), (0x100000, 32 << 20)]
 BASE = 0x100000

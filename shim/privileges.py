@@ -17,7 +17,7 @@ Start-up order (``shim.cli``)::
 
 What is left after the drop is what file permissions give the user: ``/dev/vhost-net`` (by
 its group), ``/dev/net/tun`` (world-accessible) and the taps made its own at start-up
-(TUNSETOWNER/TUNSETGROUP, see :meth:`shim.kernel_backend.TapSpec.prepare`).
+(TUNSETOWNER/TUNSETGROUP, see :meth:`shim.tap_setup.TapSpec.prepare`).
 
 Peers: :class:`AllowList` decides from SO_PEERCRED (and SO_PEERGROUPS for ``--allow-gid``)
 whether a connected peer is served at all; :mod:`shim.server` asks it before anything else
