@@ -436,6 +436,26 @@ VNET_HDR_LEN = sizeof("virtio_net_hdr")  # 10
 VNET_HDR_MRG_LEN = sizeof("virtio_net_hdr_v1")  # 12
 VNET_HDR_TUNNEL_LEN = 24  # virtio_net_hdr_v1_hash_tunnel, 6.17+
 
+# --- linux/if_ether.h, linux/if_arp.h: the RARP announcement after migration (shim) --------
+ETH_P_IP = 0x0800
+ETH_P_RARP = 0x8035
+#: the shortest Ethernet frame without its FCS
+ETH_ZLEN = 60
+ARPHRD_ETHER = 1
+#: RARP "request reverse", what QEMU's announce sends
+ARPOP_RREQUEST = 3
+
+# --- linux/prctl.h, linux/capability.h, linux/sched.h, asm/socket.h (shim.privileges, netns)
+PR_SET_KEEPCAPS = 8
+PR_CAPBSET_DROP = 24
+PR_SET_NO_NEW_PRIVS = 38
+PR_CAP_AMBIENT = 47
+PR_CAP_AMBIENT_CLEAR_ALL = 4
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522
+CLONE_NEWNET = 0x40000000
+#: Linux 4.13; Python's socket module names it only on newer builds
+SO_PEERGROUPS = 59
+
 # --- linux/virtio_ring.h -------------------------------------------------------------------
 VRING_DESC_F_NEXT = 1
 VRING_DESC_F_WRITE = 2

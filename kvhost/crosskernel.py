@@ -50,9 +50,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
+from kvhost import abi, netns, qemu_args
 from kvhost import features as fb
 from kvhost import manifest as mf
-from kvhost import netns, qemu_args
 from kvhost import versions as ver
 from kvhost.errors import KvhostError, UsageError
 from kvhost.qemu.errors import QemuError, QemuExited
@@ -63,7 +63,7 @@ from kvhost.scenario import ShimProcess
 SOURCE_KERNEL = "6.12"
 DESTINATION_KERNEL = "6.1"
 TAP = "kvx0"
-ETH_P_RARP = 0x8035
+ETH_P_RARP = abi.ETH_P_RARP
 TEST_ETHERTYPE = 0x88B5  # IEEE 802 local experimental: nothing else in the netns sends it
 GUEST_MAC = bytes.fromhex("525400c70001")
 PEER_MAC = bytes.fromhex("02000000c7ef")

@@ -29,12 +29,19 @@ def read_max_mem_regions(default: int = 64) -> int:
         return default
 
 
-def kernel_error(op: str, device: str, err: OSError | int, hint: str = "") -> KernelError:
-    """The :class:`KernelError` for ``op`` on ``device`` failing with ``err`` (an OSError or
-    an errno; an OSError without one counts as EIO). ``hint`` says what it means for the
-    user. Raise it ``from`` the OSError."""
+def kernel_error(
+    op: str,
+    device: str,
+    err: OSError | int,
+    hint: str = "",
+    *,
+    kind: type[KernelError] = KernelError,
+) -> KernelError:
+    """The :class:`KernelError` (or ``kind``, e.g. DeviceUnavailable) for ``op`` on
+    ``device`` failing with ``err`` (an OSError or an errno; an OSError without one counts
+    as EIO). ``hint`` says what it means for the user. Raise it ``from`` the OSError."""
     code = (err.errno or errno.EIO) if isinstance(err, OSError) else err
-    return KernelError(op, device, code, hint)
+    return kind(op, device, code, hint)
 
 
 def _hint(req: Ioctl, err: int) -> str:
@@ -142,4 +149,4 @@ def open_device(path: str, flags: int = os.O_RDWR) -> int:
             hint = f"{path} exists but no driver is bound: {todo}"
         else:
             hint = ""
-        raise DeviceUnavailable("open", path, code, hint) from err
+        raise kernel_error("open", path, code, hint, kind=DeviceUnavailable) from err

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from kvhost.errors import KernelError, UsageError
+from kvhost.ioctl import kernel_error
 from kvhost.netns import inside
 
 _HINTS: dict[int, str] = {
@@ -29,7 +30,7 @@ _HINTS: dict[int, str] = {
 
 def _kernel_error(op: str, device: str, exc: Exception) -> KernelError:
     code = int(getattr(exc, "code", 0) or errno.EIO)
-    return KernelError(op, device, code, _HINTS.get(code, ""))
+    return kernel_error(op, device, code, _HINTS.get(code, ""))
 
 
 @contextlib.contextmanager

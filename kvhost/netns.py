@@ -24,9 +24,10 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from kvhost.errors import KernelError, KvhostError, UsageError
+from kvhost import abi
+from kvhost.errors import KvhostError, UsageError
+from kvhost.ioctl import kernel_error
 
-_CLONE_NEWNET = 0x40000000
 ETH_P_ALL = 0x0003
 PACKET_OUTGOING = 4
 
@@ -55,8 +56,8 @@ _libc.setns.restype = ctypes.c_int
 
 
 def _setns(fd: int, what: str) -> None:
-    if _libc.setns(fd, _CLONE_NEWNET) != 0:
-        raise KernelError(
+    if _libc.setns(fd, abi.CLONE_NEWNET) != 0:
+        raise kernel_error(
             "setns", what, ctypes.get_errno(), "entering a network namespace needs CAP_SYS_ADMIN"
         )
 

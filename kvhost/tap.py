@@ -37,7 +37,7 @@ from typing import Any
 from kvhost import abi, features
 from kvhost import netns as kvnetns
 from kvhost.errors import KernelError, UsageError
-from kvhost.ioctl import ioctl, open_device
+from kvhost.ioctl import ioctl, kernel_error, open_device
 
 TUN_PATH = "/dev/net/tun"
 MAX_QUEUES = 256  # MAX_TAP_QUEUES in drivers/net/tun.c
@@ -298,8 +298,7 @@ def _socket(family: int, kind: int, proto: int, device: str) -> socket.socket:
     try:
         return socket.socket(family, kind | socket.SOCK_CLOEXEC, proto)
     except OSError as err:
-        code = err.errno or 0
-        raise KernelError("socket", device, code, "needed to configure the link") from err
+        raise kernel_error("socket", device, err, "needed to configure the link") from err
 
 
 @contextlib.contextmanager
@@ -353,18 +352,17 @@ def _getlink(sock: socket.socket, index: int, device: str) -> bytes:
         sock.send(head + body)
         reply = sock.recv(65536)
     except OSError as err:
-        code = err.errno or 0
-        raise KernelError("RTM_GETLINK", device, code, "the rtnetlink query failed") from err
+        raise kernel_error("RTM_GETLINK", device, err, "the rtnetlink query failed") from err
     if len(reply) < abi.NLMSGHDR.size:
-        raise KernelError("RTM_GETLINK", device, errno.EPROTO, f"a {len(reply)}-byte reply")
+        raise kernel_error("RTM_GETLINK", device, errno.EPROTO, f"a {len(reply)}-byte reply")
     length, kind, _, _, _ = abi.NLMSGHDR.unpack_from(reply)
     if kind == abi.NLMSG_ERROR and len(reply) >= abi.NLMSGHDR.size + abi.NLMSGERR.size:
         (error,) = abi.NLMSGERR.unpack_from(reply, abi.NLMSGHDR.size)
         # error 0 is an acknowledgement, which was not asked for: as wrong as any other type
         code = -error or errno.EPROTO
-        raise KernelError("RTM_GETLINK", device, code, "reading the tap's owner failed")
+        raise kernel_error("RTM_GETLINK", device, code, "reading the tap's owner failed")
     if kind != abi.RTM_NEWLINK or length > len(reply):
-        raise KernelError("RTM_GETLINK", device, errno.EPROTO, f"reply type {kind}")
+        raise kernel_error("RTM_GETLINK", device, errno.EPROTO, f"reply type {kind}")
     return reply[abi.NLMSGHDR.size + abi.IFINFOMSG.size : length]
 
 
@@ -402,7 +400,7 @@ def _sysfs_owner_and_group(name: str) -> tuple[int | None, int | None]:
         try:
             ids.append(int(path.read_text()))
         except OSError as err:
-            raise KernelError("read", str(path), err.errno or 0, "the tap's owner") from err
+            raise kernel_error("read", str(path), err, "the tap's owner") from err
     return (ids[0] if ids[0] >= 0 else None), (ids[1] if ids[1] >= 0 else None)
 
 

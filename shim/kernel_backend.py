@@ -80,11 +80,6 @@ VHOST_NET_F_VIRTIO_NET_HDR = 1 << abi.VHOST_NET_F_VIRTIO_NET_HDR
 SNDBUF_UNLIMITED = 0x7FFF_FFFF
 #: one bit of dirty log per guest page of this size
 LOG_PAGE = abi.VHOST_PAGE_SIZE
-ETH_P_RARP = 0x8035
-ETH_P_IP = 0x0800
-ARPHRD_ETHER = 1
-RARP_REQUEST_REVERSE = 3
-ETH_ZLEN = 60
 
 
 def rarp_frame(mac: bytes) -> bytes:
@@ -95,13 +90,15 @@ def rarp_frame(mac: bytes) -> bytes:
     frame = (
         b"\xff" * 6
         + mac
-        + struct.pack("!HHHBBH", ETH_P_RARP, ARPHRD_ETHER, ETH_P_IP, 6, 4, RARP_REQUEST_REVERSE)
+        + struct.pack(
+            "!HHHBBH", abi.ETH_P_RARP, abi.ARPHRD_ETHER, abi.ETH_P_IP, 6, 4, abi.ARPOP_RREQUEST
+        )
         + mac
         + bytes(4)
         + mac
         + bytes(4)
     )
-    return frame + bytes(ETH_ZLEN - len(frame))
+    return frame + bytes(abi.ETH_ZLEN - len(frame))
 
 
 def ring_lengths(num: int) -> tuple[int, int, int]:
@@ -188,7 +185,7 @@ class KernelBackend:
         devices: list[VhostNet] = []
         try:
             if len(tap.fds) < self._pairs:
-                raise KernelError(
+                raise kernel_error(
                     "TUNSETIFF",
                     f"tap {tap.name}",
                     errno.EINVAL,

@@ -32,6 +32,12 @@ HEADERS = (
     "linux/netlink.h",
     "linux/rtnetlink.h",
     "linux/if_link.h",
+    "linux/if_ether.h",
+    "linux/if_arp.h",
+    "linux/prctl.h",
+    "linux/capability.h",
+    "linux/sched.h",
+    "asm/socket.h",
 )
 REFERENCE = Path(__file__).resolve().parents[2] / "shared/reference/kernel-vhost-uapi.md"
 
@@ -43,7 +49,9 @@ _CONST_PREFIXES = ("IFF_", "TUN_F_", "VHOST_F_", "VHOST_NET_F_", "VHOST_VRING_F_
                    "VHOST_FORK_OWNER_", "VRING_DESC_F_", "VRING_USED_F_", "VRING_AVAIL_F_",
                    "VIRTIO_NET_HDR_F_NEEDS_CSUM", "VIRTIO_NET_HDR_GSO_NONE", "IFNAMSIZ",
                    "VHOST_VIRTIO", "NLMSG_ERROR", "NLM_F_REQUEST", "RTM_NEWLINK",
-                   "RTM_GETLINK", "IFLA_", "NETLINK_ROUTE", "NLA_")
+                   "RTM_GETLINK", "IFLA_", "NETLINK_ROUTE", "NLA_", "ETH_P_", "ETH_ZLEN",
+                   "ARPHRD_", "ARPOP_", "PR_", "_LINUX_CAPABILITY_VERSION_3", "CLONE_NEWNET",
+                   "SO_PEERGROUPS")
 #: constants the headers define as enum members, not macros: printed without #ifdef
 _ENUM_PREFIXES = ("IFLA_",)
 
