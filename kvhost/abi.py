@@ -87,10 +87,16 @@ struct vhost_features_array {
     uint64_t count;
     uint64_t features[];
 };
-/* linux/if.h: struct ifreq as TUNSETIFF, TUNGETIFF and TUNSETQUEUE use it */
+/* sys/socket.h (linux/if.h includes it): struct sockaddr, as ifreq carries a MAC */
+struct sockaddr {
+    unsigned short sa_family;
+    char sa_data[14];
+};
+/* linux/if.h: struct ifreq as TUNSETIFF, TUNGETIFF, TUNSETQUEUE and the SIOC ioctls use it */
 struct ifreq {
     char ifr_name[16];
     union {
+        struct sockaddr ifr_hwaddr;
         short ifr_flags;
         int ifr_ifindex;
         int ifr_mtu;
@@ -158,6 +164,7 @@ STRUCT_FIELDS: dict[str, tuple[str, ...]] = {
     "vhost_memory": ("nregions", "padding", "regions"),
     "vhost_features_array": ("count", "features"),
     "ifreq": ("ifr_name", "ifr_ifru"),
+    "sockaddr": ("sa_family", "sa_data"),
     "virtio_net_hdr": ("flags", "gso_type", "hdr_len", "gso_size", "csum_start", "csum_offset"),
     "virtio_net_hdr_v1": (
         "flags",
@@ -379,6 +386,7 @@ SIOCGIFFLAGS = _s("SIOCGIFFLAGS", 0x8913)
 SIOCSIFFLAGS = _s("SIOCSIFFLAGS", 0x8914)
 SIOCGIFMTU = _s("SIOCGIFMTU", 0x8921)
 SIOCSIFMTU = _s("SIOCSIFMTU", 0x8922)
+SIOCSIFHWADDR = _s("SIOCSIFHWADDR", 0x8924)
 SIOCGIFINDEX = _s("SIOCGIFINDEX", 0x8933)
 SIOCBRADDIF = _s("SIOCBRADDIF", 0x89A2)
 #: enum net_device_flags in linux/if.h

@@ -1,4 +1,6 @@
-"""Link configuration over rtnetlink, the only module that talks to pyroute2.
+"""Link inspection and set-up over rtnetlink for the tests, the only module that talks to
+pyroute2. Shipped code never imports it: kvhost configures links one way, with the SIOC
+ioctls of :mod:`kvhost.tap`.
 
 Small verbs on a network interface -- look up, read, bring up, set the MAC, create a bridge,
 delete -- optionally inside a named network namespace, each raising
