@@ -78,8 +78,6 @@ log = logging.getLogger("kvhost.shim")
 VHOST_NET_F_VIRTIO_NET_HDR = 1 << abi.VHOST_NET_F_VIRTIO_NET_HDR
 #: TUNSETSNDBUF value QEMU and DPDK use: never drop in the tap on the way in
 SNDBUF_UNLIMITED = 0x7FFF_FFFF
-#: one bit of dirty log per guest page of this size
-LOG_PAGE = abi.VHOST_PAGE_SIZE
 
 
 def rarp_frame(mac: bytes) -> bytes:
