@@ -658,16 +658,18 @@ class Session:
                 "bit 0, log, is defined)"
             )
         size = ring.num or 1
-        for what, addr, align in (
-            ("descriptor table", a.desc_user_addr, 16),
-            ("avail ring", a.avail_user_addr, 2),
-            ("used ring", a.used_user_addr, 4),
-        ):
-            if addr % align:
-                raise RemoteProtocolError(
-                    f"vring {a.index} (size {size}) {what} at 0x{addr:x} is not "
-                    f"{align}-byte aligned"
-                )
+        if a.desc_user_addr % 16 or a.avail_user_addr % 2 or a.used_user_addr % 4:
+            # the table of names is built only on this error path
+            for what, addr, align in (
+                ("descriptor table", a.desc_user_addr, 16),
+                ("avail ring", a.avail_user_addr, 2),
+                ("used ring", a.used_user_addr, 4),
+            ):
+                if addr % align:
+                    raise RemoteProtocolError(
+                        f"vring {a.index} (size {size}) {what} at 0x{addr:x} is not "
+                        f"{align}-byte aligned"
+                    )
         if a.flags & _VRING_F_LOG and self.log_size is None:
             raise RemoteProtocolError(
                 f"vring {a.index} (size {size}): used-ring logging requested before SET_LOG_BASE"
