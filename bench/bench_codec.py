@@ -20,6 +20,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 if __package__ in (None, ""):
     # a tree on PYTHONPATH wins; otherwise the checkout this script belongs to
@@ -30,6 +31,9 @@ from kvhost.memory import FrontendRegion
 from kvhost.vhost_user import protocol as p
 from kvhost.vhost_user.protocol import Request as R
 from shim.session import Session
+
+if TYPE_CHECKING:  # absent from trees before the shared verb set, which this script measures too
+    from kvhost.vhost import LogRegion, VringConfig
 
 VERSION = versions.parse("org.kernel.vhost-net.v5")
 #: what QEMU 7.2 acks of the shim's protocol features
@@ -65,33 +69,41 @@ class KeepingBackend:
     def reset_owner(self) -> None: ...
     def set_features(self, virtio_features: int) -> None: ...
 
-    def set_mem_table(self, regions: Sequence[FrontendRegion]) -> None:
+    def set_mem_table(
+        self, regions: Sequence[FrontendRegion], rings: Sequence[tuple[int, VringConfig]] = ()
+    ) -> None:
         for r in regions:
             self._keep(r.fd)
 
-    def set_log_base(self, fd: int, mmap_size: int, mmap_offset: int) -> None:
+    # The verbs take both the current shapes and those of trees before the shared verb set
+    # (set_log_base(fd, size, offset), set_vring_addr(ring, flags, desc, used, avail, log),
+    # start_vring/stop_vring), so one script measures either tree.
+    def set_log_base(
+        self, base: int, region: LogRegion | int | None = None, old_offset: int | None = None
+    ) -> None:
+        if old_offset is not None:
+            self._keep(base)
+        elif region is not None and not isinstance(region, int):
+            self._keep(region.fd)
+
+    def set_vring_num(self, index: int, num: int) -> None: ...
+    def set_vring_base(self, index: int, base: int) -> None: ...
+    def set_vring_addr(self, index: int, config: VringConfig | int, *old: int) -> None: ...
+
+    def set_vring_kick(self, index: int, fd: int) -> None:
         self._keep(fd)
 
-    def set_vring_num(self, ring: int, num: int) -> None: ...
-    def set_vring_base(self, ring: int, base: int) -> None: ...
-
-    def set_vring_addr(
-        self, ring: int, flags: int, desc: int, used: int, avail: int, log_addr: int
-    ) -> None: ...
-
-    def set_vring_kick(self, ring: int, fd: int) -> None:
+    def set_vring_call(self, index: int, fd: int) -> None:
         self._keep(fd)
 
-    def set_vring_call(self, ring: int, fd: int) -> None:
+    def set_vring_err(self, index: int, fd: int) -> None:
         self._keep(fd)
 
-    def set_vring_err(self, ring: int, fd: int) -> None:
-        self._keep(fd)
-
+    def set_backend(self, index: int, attach: bool) -> None: ...
     def start_vring(self, ring: int) -> None: ...
     def stop_vring(self, ring: int) -> None: ...
 
-    def get_vring_base(self, ring: int) -> int:
+    def get_vring_base(self, index: int) -> int:
         return 0
 
     def send_rarp(self, mac: bytes) -> None: ...

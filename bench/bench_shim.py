@@ -51,14 +51,15 @@ from kvhost import features, versions  # noqa: E402
 from kvhost import ioctl as kv_ioctl  # noqa: E402
 from kvhost.memory import GuestMemory  # noqa: E402
 from kvhost.tap import Tap, vnet_hdr_len  # noqa: E402
-from kvhost.vhost import VhostNet  # noqa: E402
+from kvhost.vhost import VhostNet, VringConfig  # noqa: E402
 from kvhost.vhost_user import protocol as p  # noqa: E402
 from kvhost.vhost_user.frontend import VhostUserFrontend  # noqa: E402
 from kvhost.vhost_user.protocol import Request as R  # noqa: E402
 from kvhost.virtqueue import SplitRing  # noqa: E402
 from shim.closer import CLOSER  # noqa: E402
-from shim.kernel_backend import KernelBackend, TapSpec  # noqa: E402
+from shim.kernel_backend import KernelBackend  # noqa: E402
 from shim.session import Session  # noqa: E402
+from shim.tap_setup import TapSpec  # noqa: E402
 
 MEMORY = [(0, 0xC0000), (0x100000, 32 << 20)]
 BASE = 0x100000
@@ -182,18 +183,22 @@ class Bare:
             self.dev.set_vring_base(r.index, 0)
             self.dev.set_vring_addr(
                 r.index,
-                self.mem.hva(r.desc_gpa),
-                self.mem.hva(r.used_gpa),
-                self.mem.hva(r.avail_gpa),
-                r.used_gpa,
+                VringConfig(
+                    RING,
+                    0,
+                    self.mem.hva(r.desc_gpa),
+                    self.mem.hva(r.used_gpa),
+                    self.mem.hva(r.avail_gpa),
+                    r.used_gpa,
+                ),
             )
             self.dev.set_vring_kick(r.index, self.kicks[r.index])
             self.dev.set_vring_call(r.index, self.calls[r.index])
-            self.dev.net_set_backend(r.index, self.tap.fds[0])
+            self.dev.set_backend(r.index, self.tap.fds[0])
 
     def stop(self) -> None:
         for r in self.rings:
-            self.dev.net_set_backend(r.index, -1)
+            self.dev.set_backend(r.index, -1)
             self.dev.get_vring_base(r.index)
 
     def close(self) -> None:
@@ -288,9 +293,7 @@ class ShimRound:
             (req.name, *f.codec.request(req, payload, [os.dup(fd) for fd in fds]))
             for req, payload, fds in msgs
         ]
-        self.stop_wire = [
-            f.codec.request(R.GET_VRING_BASE, p.VringState(i, 0))[0] for i in (0, 1)
-        ]
+        self.stop_wire = [f.codec.request(R.GET_VRING_BASE, p.VringState(i, 0))[0] for i in (0, 1)]
 
     def running(self) -> bool:
         return all(v.state.value == "running" for v in self.session.vrings)
@@ -530,7 +533,10 @@ def main() -> int:
     ap.add_argument("--vms", type=int, default=4)
     ap.add_argument("--control-trials", type=int, default=40)
     ap.add_argument(
-        "--profile", type=int, default=0, metavar="ROUNDS",
+        "--profile",
+        type=int,
+        default=0,
+        metavar="ROUNDS",
         help="after the measurements, ROUNDS instrumented rounds showing where the control "
         "path's time goes (kernel ioctls vs Python, cProfile)",
     )

@@ -87,10 +87,16 @@ struct vhost_features_array {
     uint64_t count;
     uint64_t features[];
 };
-/* linux/if.h: struct ifreq as TUNSETIFF, TUNGETIFF and TUNSETQUEUE use it */
+/* sys/socket.h (linux/if.h includes it): struct sockaddr, as ifreq carries a MAC */
+struct sockaddr {
+    unsigned short sa_family;
+    char sa_data[14];
+};
+/* linux/if.h: struct ifreq as TUNSETIFF, TUNGETIFF, TUNSETQUEUE and the SIOC ioctls use it */
 struct ifreq {
     char ifr_name[16];
     union {
+        struct sockaddr ifr_hwaddr;
         short ifr_flags;
         int ifr_ifindex;
         int ifr_mtu;
@@ -160,6 +166,7 @@ STRUCT_FIELDS: dict[str, tuple[str, ...]] = {
     "vhost_memory": ("nregions", "padding", "regions"),
     "vhost_features_array": ("count", "features"),
     "ifreq": ("ifr_name", "ifr_ifru"),
+    "sockaddr": ("sa_family", "sa_data"),
     "virtio_net_hdr": ("flags", "gso_type", "hdr_len", "gso_size", "csum_start", "csum_offset"),
     "virtio_net_hdr_v1": (
         "flags",
@@ -385,6 +392,7 @@ SIOCGIFFLAGS = _s("SIOCGIFFLAGS", 0x8913)
 SIOCSIFFLAGS = _s("SIOCSIFFLAGS", 0x8914)
 SIOCGIFMTU = _s("SIOCGIFMTU", 0x8921)
 SIOCSIFMTU = _s("SIOCSIFMTU", 0x8922)
+SIOCSIFHWADDR = _s("SIOCSIFHWADDR", 0x8924)
 SIOCGIFINDEX = _s("SIOCGIFINDEX", 0x8933)
 SIOCBRADDIF = _s("SIOCBRADDIF", 0x89A2)
 #: enum net_device_flags in linux/if.h
@@ -442,6 +450,26 @@ VNET_HDR_LEN = sizeof("virtio_net_hdr")  # 10
 VNET_HDR_MRG_LEN = sizeof("virtio_net_hdr_v1")  # 12
 VNET_HDR_TUNNEL_LEN = 24  # virtio_net_hdr_v1_hash_tunnel, 6.17+
 
+# --- linux/if_ether.h, linux/if_arp.h: the RARP announcement after migration (shim) --------
+ETH_P_IP = 0x0800
+ETH_P_RARP = 0x8035
+#: the shortest Ethernet frame without its FCS
+ETH_ZLEN = 60
+ARPHRD_ETHER = 1
+#: RARP "request reverse", what QEMU's announce sends
+ARPOP_RREQUEST = 3
+
+# --- linux/prctl.h, linux/capability.h, linux/sched.h, asm/socket.h (shim.privileges, netns)
+PR_SET_KEEPCAPS = 8
+PR_CAPBSET_DROP = 24
+PR_SET_NO_NEW_PRIVS = 38
+PR_CAP_AMBIENT = 47
+PR_CAP_AMBIENT_CLEAR_ALL = 4
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522
+CLONE_NEWNET = 0x40000000
+#: Linux 4.13; Python's socket module names it only on newer builds
+SO_PEERGROUPS = 59
+
 # --- linux/virtio_ring.h -------------------------------------------------------------------
 VRING_DESC_F_NEXT = 1
 VRING_DESC_F_WRITE = 2
@@ -449,12 +477,11 @@ VRING_DESC_F_INDIRECT = 4
 VRING_USED_F_NO_NOTIFY = 1
 VRING_AVAIL_F_NO_INTERRUPT = 1
 
-# --- namespaces and packet sockets ---------------------------------------------------------
-# kvhost.netns enters namespaces; the harness watches taps through AF_PACKET sockets. Python's
+# --- packet sockets ------------------------------------------------------------------------
+# The harness watches taps through AF_PACKET sockets. Python's
 # socket module lacks these names, so they are typed here, where the header test checks them.
-CLONE_NEWNET = 0x40000000  # linux/sched.h
+# (CLONE_NEWNET and ETH_P_RARP are above, with the shim's numbers.)
 ETH_P_ALL = 0x0003  # linux/if_ether.h: every protocol (a packet socket's catch-all)
-ETH_P_RARP = 0x8035  # linux/if_ether.h: what a migrated guest's announcement carries
 #: linux/if_packet.h: sockaddr_ll.sll_pkttype of a frame sent from this host
 PACKET_OUTGOING = 4
 PACKET_STATISTICS = 6  # linux/if_packet.h: getsockopt -> struct tpacket_stats

@@ -2,7 +2,9 @@
 
 ``ioctl()`` turns every errno into a :class:`~kvhost.errors.KernelError` that names the
 request, the device and what the failure most likely means for the user. The hint table is
-data: a per-request entry wins over the generic per-errno entry.
+data: a per-request entry wins over the generic per-errno entry. :func:`kernel_error` is the
+same mapping for every other syscall (socket, write, setns, rtnetlink, prctl...): kvhost
+builds a KernelError from an errno nowhere else.
 """
 
 from __future__ import annotations
@@ -25,6 +27,21 @@ def read_max_mem_regions(default: int = 64) -> int:
         return int(MAX_MEM_REGIONS_PATH.read_text().strip())
     except (OSError, ValueError):
         return default
+
+
+def kernel_error(
+    op: str,
+    device: str,
+    err: OSError | int,
+    hint: str = "",
+    *,
+    kind: type[KernelError] = KernelError,
+) -> KernelError:
+    """The :class:`KernelError` (or ``kind``, e.g. DeviceUnavailable) for ``op`` on
+    ``device`` failing with ``err`` (an OSError or an errno; an OSError without one counts
+    as EIO). ``hint`` says what it means for the user. Raise it ``from`` the OSError."""
+    code = (err.errno or errno.EIO) if isinstance(err, OSError) else err
+    return kind(op, device, code, hint)
 
 
 def _hint(req: Ioctl, err: int) -> str:
@@ -78,8 +95,7 @@ _REQUEST_HINTS: dict[tuple[str, int], Any] = {
     "ownership of the tap (TUNSETOWNER)",
     ("TUNSETIFF", errno.EBUSY): "the tap exists with other flags, or all its queues are taken",
     ("TUNSETIFF", errno.EINVAL): "the tap exists with different flags (multi-queue or not)",
-    ("TUNSETOFFLOAD", errno.EINVAL): "this kernel's tap does not accept one of the offload "
-    "flags",
+    ("TUNSETOFFLOAD", errno.EINVAL): "this kernel's tap does not accept one of the offload flags",
     ("TUNSETVNETHDRSZ", errno.EINVAL): "vnet header size must be at least 10",
 }
 
@@ -98,7 +114,8 @@ def ioctl(fd: int, req: Ioctl, arg: Any = 0, *, device: str, mutate: bool = True
             return 0
         return int(fcntl.ioctl(fd, req.number, arg, mutate))
     except OSError as err:
-        raise KernelError(req.name, device, err.errno or 0, _hint(req, err.errno or 0)) from err
+        code = err.errno or errno.EIO
+        raise kernel_error(req.name, device, code, _hint(req, code)) from err
 
 
 #: device node name -> how to make it appear
@@ -132,4 +149,4 @@ def open_device(path: str, flags: int = os.O_RDWR) -> int:
             hint = f"{path} exists but no driver is bound: {todo}"
         else:
             hint = ""
-        raise DeviceUnavailable("open", path, code, hint) from err
+        raise kernel_error("open", path, code, hint, kind=DeviceUnavailable) from err

@@ -1,4 +1,6 @@
-"""Link configuration over rtnetlink, the only module that talks to pyroute2.
+"""Link inspection and set-up over rtnetlink for the tests, the only module that talks to
+pyroute2. Shipped code never imports it: kvhost configures links one way, with the SIOC
+ioctls of :mod:`kvhost.tap`.
 
 Small verbs on a network interface -- look up, read, bring up, set the MAC, create a bridge,
 delete -- optionally inside a named network namespace, each raising
@@ -17,6 +19,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from kvhost.errors import KernelError, UsageError
+from kvhost.ioctl import kernel_error
 from kvhost.netns import inside
 
 _HINTS: dict[int, str] = {
@@ -29,7 +32,7 @@ _HINTS: dict[int, str] = {
 
 def _kernel_error(op: str, device: str, exc: Exception) -> KernelError:
     code = int(getattr(exc, "code", 0) or errno.EIO)
-    return KernelError(op, device, code, _HINTS.get(code, ""))
+    return kernel_error(op, device, code, _HINTS.get(code, ""))
 
 
 @contextlib.contextmanager

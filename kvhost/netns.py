@@ -20,7 +20,8 @@ import os
 from collections.abc import Iterator
 
 from kvhost import abi
-from kvhost.errors import KernelError, UsageError
+from kvhost.errors import UsageError
+from kvhost.ioctl import kernel_error
 
 #: where ``ip netns add NAME`` pins namespace NAME (a bind mount of its nsfs file)
 NETNS_DIR = "/run/netns"
@@ -32,7 +33,7 @@ _libc.setns.restype = ctypes.c_int
 
 def _setns(fd: int, what: str) -> None:
     if _libc.setns(fd, abi.CLONE_NEWNET) != 0:
-        raise KernelError(
+        raise kernel_error(
             "setns", what, ctypes.get_errno(), "entering a network namespace needs CAP_SYS_ADMIN"
         )
 

@@ -3,12 +3,13 @@
 A :class:`Tap` is created (or attached to, by name) with
 ``IFF_TAP | IFF_NO_PI [| IFF_VNET_HDR] [| IFF_MULTI_QUEUE]``: with more than one queue, each
 queue is its own fd (one per vhost-net device / queue pair). tun ioctls and link settings
-(index, up, MTU, bridge: the classic SIOC* ioctls on a socket of the tap's namespace) go
-through :func:`kvhost.ioctl.ioctl`; one method's ioctls share one socket, made in the tap's
-namespace with one :func:`kvhost.netns.inside` round trip. Nothing here imports pyroute2
-(kvhost.netlink): inside a TCG test VM that import alone costs over a minute, which the shim
-would pay at every start; the little rtnetlink it needs is spoken directly, with the structs
-of :mod:`kvhost.abi`.
+(index, up, MTU, MAC, bridge: the classic SIOC* ioctls on a socket of the tap's namespace)
+go through :func:`kvhost.ioctl.ioctl`; one method's ioctls share one socket, made in the
+tap's namespace with one :func:`kvhost.netns.inside` round trip. This is kvhost's one way
+of configuring a link: one ioctl per change, no library -- pyroute2, whose import alone costs
+over a minute inside a TCG test VM, would be paid at every shim start. The one thing no SIOC
+ioctl reports, a tap's owner and group, is read with a single hand-written RTM_GETLINK
+(structs in :mod:`kvhost.abi`); it changes nothing.
 
 The vnet header the tap carries must match what vhost-net expects (reference section 3):
 without ``VHOST_NET_F_VIRTIO_NET_HDR`` vhost-net passes its header through, so the tap must
@@ -37,7 +38,7 @@ from typing import Any
 from kvhost import abi, features
 from kvhost import netns as kvnetns
 from kvhost.errors import KernelError, UsageError
-from kvhost.ioctl import ioctl, open_device
+from kvhost.ioctl import ioctl, kernel_error, open_device
 
 TUN_PATH = "/dev/net/tun"
 MAX_QUEUES = 256  # MAX_TAP_QUEUES in drivers/net/tun.c
@@ -263,11 +264,18 @@ class Tap:
             self._link_ioctl(sock, abi.SIOCSIFMTU, ifr)
 
     def set_mac(self, mac: str) -> None:
-        """Set the MAC address (``aa:bb:cc:dd:ee:ff``) through rtnetlink: tests use it, the
-        shim never does, so only they pay for importing pyroute2."""
-        from kvhost import netlink
-
-        netlink.set_mac(self.name, mac, self.netns)
+        """Set the MAC address (``aa:bb:cc:dd:ee:ff``; needs CAP_NET_ADMIN)."""
+        try:
+            raw = bytes.fromhex(mac.replace(":", ""))
+        except ValueError:
+            raw = b""
+        if len(raw) != 6:
+            raise UsageError(f"MAC address {mac!r} is not six hex bytes (aa:bb:cc:dd:ee:ff)")
+        ifr = _ifreq(self.name)
+        ifr.ifr_ifru.ifr_hwaddr.sa_family = abi.ARPHRD_ETHER
+        ifr.ifr_ifru.ifr_hwaddr.sa_data = raw
+        with self._link_socket() as sock:
+            self._link_ioctl(sock, abi.SIOCSIFHWADDR, ifr)
 
     def attach_bridge(self, bridge: str) -> None:
         """Enslave the tap to the existing bridge ``bridge`` (UsageError if it is missing)."""
@@ -298,8 +306,7 @@ def _socket(family: int, kind: int, proto: int, device: str) -> socket.socket:
     try:
         return socket.socket(family, kind | socket.SOCK_CLOEXEC, proto)
     except OSError as err:
-        code = err.errno or 0
-        raise KernelError("socket", device, code, "needed to configure the link") from err
+        raise kernel_error("socket", device, err, "needed to configure the link") from err
 
 
 @contextlib.contextmanager
@@ -353,18 +360,17 @@ def _getlink(sock: socket.socket, index: int, device: str) -> bytes:
         sock.send(head + body)
         reply = sock.recv(65536)
     except OSError as err:
-        code = err.errno or 0
-        raise KernelError("RTM_GETLINK", device, code, "the rtnetlink query failed") from err
+        raise kernel_error("RTM_GETLINK", device, err, "the rtnetlink query failed") from err
     if len(reply) < abi.NLMSGHDR.size:
-        raise KernelError("RTM_GETLINK", device, errno.EPROTO, f"a {len(reply)}-byte reply")
+        raise kernel_error("RTM_GETLINK", device, errno.EPROTO, f"a {len(reply)}-byte reply")
     length, kind, _, _, _ = abi.NLMSGHDR.unpack_from(reply)
     if kind == abi.NLMSG_ERROR and len(reply) >= abi.NLMSGHDR.size + abi.NLMSGERR.size:
         (error,) = abi.NLMSGERR.unpack_from(reply, abi.NLMSGHDR.size)
         # error 0 is an acknowledgement, which was not asked for: as wrong as any other type
         code = -error or errno.EPROTO
-        raise KernelError("RTM_GETLINK", device, code, "reading the tap's owner failed")
+        raise kernel_error("RTM_GETLINK", device, code, "reading the tap's owner failed")
     if kind != abi.RTM_NEWLINK or length > len(reply):
-        raise KernelError("RTM_GETLINK", device, errno.EPROTO, f"reply type {kind}")
+        raise kernel_error("RTM_GETLINK", device, errno.EPROTO, f"reply type {kind}")
     return reply[abi.NLMSGHDR.size + abi.IFINFOMSG.size : length]
 
 
@@ -402,7 +408,7 @@ def _sysfs_owner_and_group(name: str) -> tuple[int | None, int | None]:
         try:
             ids.append(int(path.read_text()))
         except OSError as err:
-            raise KernelError("read", str(path), err.errno or 0, "the tap's owner") from err
+            raise kernel_error("read", str(path), err, "the tap's owner") from err
     return (ids[0] if ids[0] >= 0 else None), (ids[1] if ids[1] >= 0 else None)
 
 

@@ -16,6 +16,12 @@ Ring index 0 is RX, 1 is TX (one device per queue pair).
 
 Lifecycle: the object owns its fd from construction (``path`` opened, or ``fd`` adopted)
 until :meth:`VhostNet.close`; calls after ``close`` raise ``ValueError``.
+
+The verb set: names and argument order follow rust-vmm's ``VhostBackend`` (get/set_features,
+set_owner, reset_owner, set_mem_table, set_log_base(base, region), set_vring_num /
+addr(index, :class:`VringConfig`) / base, get_vring_base, set_vring_kick / call / err), and
+the shim's :class:`shim.session.Backend` speaks the same verbs, so the kernel device and the
+vhost-user transport read alike. vhost-net's own extra is :meth:`VhostNet.set_backend`.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import errno
 import os
 import struct
 from collections.abc import Sequence
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
@@ -47,6 +54,38 @@ _VRING_F_LOG = 1 << abi.VHOST_VRING_F_LOG
 # this way never fail with these errnos on kernels that have them (they need no owner and
 # take no ring index), so all three mean "absent".
 ABSENT_ERRNOS = frozenset({errno.ENOTTY, errno.EPERM, errno.ENOBUFS})
+
+
+@dataclass(frozen=True, slots=True)
+class VringConfig:
+    """One split ring's size and addresses, as ``set_vring_addr`` takes them (rust-vmm's
+    ``VringConfigData``): ``desc``/``used``/``avail`` in the address space of whoever the
+    receiver is told to expect (this process for the kernel, the frontend's for the shim),
+    ``log_addr`` the used ring's guest-physical address, logged when ``flags`` has
+    ``1 << VHOST_VRING_F_LOG``. ``size`` is the ring's entry count (the kernel does not take
+    it with the addresses; translators check the ring's extent with it)."""
+
+    size: int
+    flags: int
+    desc: int
+    used: int
+    avail: int
+    log_addr: int = 0
+
+    @property
+    def log(self) -> bool:
+        """Whether the kernel logs used-ring writes (VHOST_VRING_F_LOG)."""
+        return bool(self.flags & _VRING_F_LOG)
+
+
+@dataclass(frozen=True, slots=True)
+class LogRegion:
+    """A dirty log shared as a file (vhost-user's SET_LOG_BASE with LOG_SHMFD): ``size``
+    bytes at ``offset`` of ``fd`` (rust-vmm's ``VhostUserDirtyLogRegion``)."""
+
+    size: int
+    offset: int
+    fd: int
 
 
 class VhostNet:
@@ -131,22 +170,22 @@ class VhostNet:
             return wide
         return self._get_u64(abi.VHOST_GET_FEATURES)
 
-    def set_features(self, value: int) -> None:
-        """Acknowledge ``value``; uses SET_FEATURES_ARRAY only when bits above 63 are set.
+    def set_features(self, virtio_features: int) -> None:
+        """Acknowledge ``virtio_features`` (SET_FEATURES_ARRAY only for bits above 63).
 
         Raises ``ValueError`` for bits beyond 127 and KernelError (EOPNOTSUPP for bits the
         device does not offer; EFAULT for LOG_ALL without an accessible log).
         """
-        if value < 0 or value >> (64 * abi.VHOST_FEATURES_ARRAY_WORDS):
-            raise ValueError(f"feature set 0x{value:x} does not fit 128 bits")
-        if value >> 64:
-            words = features.to_words(value)
+        if virtio_features < 0 or virtio_features >> (64 * abi.VHOST_FEATURES_ARRAY_WORDS):
+            raise ValueError(f"feature set 0x{virtio_features:x} does not fit 128 bits")
+        if virtio_features >> 64:
+            words = features.to_words(virtio_features)
             arr = abi.ffi.new(
                 "struct vhost_features_array *", {"count": len(words), "features": words}
             )
             self._ioctl(abi.VHOST_SET_FEATURES_ARRAY, abi.buffer(arr))
         else:
-            self._ioctl(abi.VHOST_SET_FEATURES, _U64.pack(value))
+            self._ioctl(abi.VHOST_SET_FEATURES, _U64.pack(virtio_features))
 
     def get_backend_features(self) -> int:
         """VHOST_GET_BACKEND_FEATURES (4.19+): a mask of ``1 << VHOST_BACKEND_F_*``."""
@@ -198,9 +237,14 @@ class VhostNet:
             table += region(r.guest_phys_addr, r.memory_size, r.userspace_addr, 0)
         self._ioctl(abi.VHOST_SET_MEM_TABLE, table)
 
-    def set_log_base(self, addr: int) -> None:
-        """The dirty bitmap's address in this process (one bit per 4 KiB guest page)."""
-        self._ioctl(abi.VHOST_SET_LOG_BASE, _U64.pack(addr))
+    def set_log_base(self, base: int, region: LogRegion | None = None) -> None:
+        """The dirty bitmap's address in this process (one bit per 4 KiB guest page).
+
+        The kernel takes an address, never a file: a ``region`` is a ``ValueError``.
+        """
+        if region is not None:
+            raise ValueError("kernel vhost takes the log's address, not a file region")
+        self._ioctl(abi.VHOST_SET_LOG_BASE, _U64.pack(base))
 
     def set_log_fd(self, fd: int) -> None:
         """An eventfd the kernel signals after logging; -1 for none."""
@@ -211,25 +255,19 @@ class VhostNet:
         """Ring size: a power of two from 1 to 32768 (EINVAL otherwise)."""
         self._state(abi.VHOST_SET_VRING_NUM, index, num)
 
-    def set_vring_addr(
-        self,
-        index: int,
-        desc: int,
-        used: int,
-        avail: int,
-        log_guest_addr: int = 0,
-        log: bool = False,
-    ) -> None:
-        """Ring addresses in this process; ``log_guest_addr`` is the used ring's gpa."""
-        flags = _VRING_F_LOG if log else 0
+    def set_vring_addr(self, index: int, config: VringConfig) -> None:
+        """Ring addresses in this process (``config.size`` is not passed: see
+        :meth:`set_vring_num`)."""
         self._ioctl(
             abi.VHOST_SET_VRING_ADDR,
-            abi.VRING_ADDR.pack(index, flags, desc, used, avail, log_guest_addr),
+            abi.VRING_ADDR.pack(
+                index, config.flags, config.desc, config.used, config.avail, config.log_addr
+            ),
         )
 
-    def set_vring_base(self, index: int, num: int) -> None:
+    def set_vring_base(self, index: int, base: int) -> None:
         """The next avail index the device will read (the migrated ring position)."""
-        self._state(abi.VHOST_SET_VRING_BASE, index, num)
+        self._state(abi.VHOST_SET_VRING_BASE, index, base)
 
     def get_vring_base(self, index: int) -> int:
         """The device's next avail index; also stops the ring (QEMU calls it on stop)."""
@@ -255,7 +293,7 @@ class VhostNet:
         return self._state(abi.VHOST_GET_VRING_BUSYLOOP_TIMEOUT, index)
 
     # -- vhost-net -----------------------------------------------------------------------
-    def net_set_backend(self, index: int, fd: int) -> None:
+    def set_backend(self, index: int, fd: int) -> None:
         """Attach a tap/macvtap/AF_PACKET fd to ring ``index`` (-1 detaches).
 
         The device does not take ownership of ``fd`` (the kernel holds its own reference).

@@ -145,14 +145,6 @@ class SplitRing:
         """The device's ``used.idx``."""
         return int(_U16.unpack(self.memory.read(self.used_gpa + 2, 2))[0])
 
-    def used_flags(self) -> int:
-        """The device's ``used.flags`` (``VRING_USED_F_NO_NOTIFY``: kicks not needed)."""
-        return int(_U16.unpack(self.memory.read(self.used_gpa, 2))[0])
-
-    def set_avail_flags(self, flags: int) -> None:
-        """Store ``avail.flags`` (``VRING_AVAIL_F_NO_INTERRUPT`` suppresses calls)."""
-        self.memory.write(self.avail_gpa, _U16.pack(flags))
-
     def pop_used(self) -> list[tuple[int, int]]:
         """Collect ``(head id, bytes written)`` of every chain the device returned since
         the last call, oldest first, and free their descriptors.

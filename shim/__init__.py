@@ -8,6 +8,7 @@ kick/call eventfds and the tap go straight to vhost-net and no packet passes thr
 
 * :mod:`shim.session`: the per-connection state machine (sans-IO).
 * :mod:`shim.kernel_backend`: the translation into kernel calls.
+* :mod:`shim.tap_setup`: which tap a connection gets; the tap prepared for ``--user``.
 * :mod:`shim.server`: sockets, fd passing, signals.
 * :mod:`shim.cli`: the ``kvhost-shim`` program.
 """

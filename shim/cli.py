@@ -33,10 +33,11 @@ from kvhost.tap import TUN_PATH, Tap
 from shim import eventlog, privileges
 from shim.closer import CLOSER
 from shim.eventlog import event
-from shim.kernel_backend import KernelBackend, PreparedTap, TapSpec
+from shim.kernel_backend import KernelBackend
 from shim.privileges import VHOST_NET_PATH, AllowList, Identity
 from shim.server import ShimConfig, ShimServer
 from shim.session import Backend, unservable_reason
+from shim.tap_setup import PreparedTap, TapSpec
 
 log = logging.getLogger("kvhost.shim")
 

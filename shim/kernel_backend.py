@@ -27,25 +27,29 @@ tap gets 12 at SET_OWNER, when QEMU connects: every modern driver negotiates it,
 SET_FEATURES that QEMU sends inside the guest's DRIVER_OK write has one ioctl less to wait for.
 
 Safety: the kernel writes the dirty log and the used rings through *this* process's
-addresses, so every address handed to it is checked first -- rings inside a mapped region
-(for their full size), the log large enough for the highest guest-physical address (a short
-log would let the kernel set bits in whatever the shim has mapped next to it). Bad values are
-:class:`~kvhost.errors.RemoteProtocolError`: the frontend sent them.
+addresses, so every address handed to it is checked first. The session has checked what the
+protocol decides (ring index, size, flags, alignment, order, the log covering guest memory);
+this object checks what only its mappings can tell: each ring part inside one mapped region
+for its full size, a logged used ring inside guest memory, the log file long enough, and
+no LOG_ALL before it mapped a log. Bad values are :class:`~kvhost.errors.RemoteProtocolError`:
+the frontend sent them.
 
 Ownership: every fd passed to a method is this object's from the call on (closed once the
 kernel holds its own reference, and on every error path). :meth:`KernelBackend.close`
-detaches the rings at once, then hands the tap, the vhost-net devices, guest memory and the
-log to the process's :data:`shim.closer.CLOSER`, which owns them from then on and closes
-them on its own thread in that order (memory last: the kernel may touch it until its device
-is gone) -- closing a vhost-net fd takes 30-40 ms under TCG, too long to stall the event
-loop that serves every other connection.
+(called once the session has detached the rings) hands the tap, the vhost-net devices,
+guest memory and the log to the process's :data:`shim.closer.CLOSER`, which owns them from
+then on and closes them on its own thread in that order (memory last: the kernel may touch
+it until its device is gone) -- closing a vhost-net fd takes 30-40 ms under TCG, too long
+to stall the event loop that serves every other connection.
 
-Redundant kernel calls are skipped, because QEMU repeats its whole start sequence at every
-DRIVER_OK on the same connection: a SET_FEATURES with the features already applied, a
-SET_MEM_TABLE describing the same regions of the same files (compared by device and inode),
-a SET_VRING_NUM with the current size and a SET_VRING_ADDR translating to the addresses the
-kernel already has issue no ioctl (the checks still run). The kernel keeps all of these
-across a ring stop, so what it ends up with is exactly what a replay would have set.
+State: kernel handles only -- the tap, the devices, the mapped memory table and log --
+plus two shadows of what the kernel already has, kept because QEMU repeats its whole start
+sequence at every DRIVER_OK on the same connection and tests/test_kernel_shim.py counts the
+ioctls such a restart issues: the tap's offloads and header length (TUNSETOFFLOAD /
+TUNSETVNETHDRSZ skipped when unchanged) and each ring's translated addresses
+(VHOST_SET_VRING_ADDR skipped when they translate to what the kernel has). A SET_MEM_TABLE
+describing the same regions of the same files (compared by device and inode) keeps the
+mapping and issues nothing. Repeated features and ring sizes are filtered by the session.
 """
 
 from __future__ import annotations
@@ -58,15 +62,13 @@ import mmap
 import os
 import struct
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 from kvhost import abi, features
-from kvhost import netns as kvnetns
-from kvhost.errors import KernelError, KvhostError, RemoteProtocolError, UsageError
-from kvhost.ioctl import read_max_mem_regions
+from kvhost.errors import KernelError, RemoteProtocolError, UsageError
+from kvhost.ioctl import kernel_error, read_max_mem_regions
 from kvhost.memory import FrontendRegion, MappedTable, address_of
 from kvhost.tap import Tap, vnet_hdr_len
-from kvhost.vhost import VhostNet
+from kvhost.vhost import LogRegion, VhostNet, VringConfig
 from kvhost.vhost_user.protocol import MEMORY_BASELINE_NREGIONS, close_fds
 from shim.closer import CLOSER, Closer
 from shim.eventlog import event
@@ -77,13 +79,6 @@ log = logging.getLogger("kvhost.shim")
 VHOST_NET_F_VIRTIO_NET_HDR = 1 << abi.VHOST_NET_F_VIRTIO_NET_HDR
 #: TUNSETSNDBUF value QEMU and DPDK use: never drop in the tap on the way in
 SNDBUF_UNLIMITED = 0x7FFF_FFFF
-#: one bit of dirty log per guest page of this size
-LOG_PAGE = abi.VHOST_PAGE_SIZE
-ETH_P_RARP = 0x8035
-ETH_P_IP = 0x0800
-ARPHRD_ETHER = 1
-RARP_REQUEST_REVERSE = 3
-ETH_ZLEN = 60
 
 
 def rarp_frame(mac: bytes) -> bytes:
@@ -94,28 +89,15 @@ def rarp_frame(mac: bytes) -> bytes:
     frame = (
         b"\xff" * 6
         + mac
-        + struct.pack("!HHHBBH", ETH_P_RARP, ARPHRD_ETHER, ETH_P_IP, 6, 4, RARP_REQUEST_REVERSE)
+        + struct.pack(
+            "!HHHBBH", abi.ETH_P_RARP, abi.ARPHRD_ETHER, abi.ETH_P_IP, 6, 4, abi.ARPOP_RREQUEST
+        )
         + mac
         + bytes(4)
         + mac
         + bytes(4)
     )
-    return frame + bytes(ETH_ZLEN - len(frame))
-
-
-@dataclass(frozen=True, slots=True)
-class RingAddr:
-    """A ring's addresses as the frontend sent them (its virtual addresses)."""
-
-    flags: int
-    desc: int
-    used: int
-    avail: int
-    log_guest_addr: int
-
-    @property
-    def log(self) -> bool:
-        return bool(self.flags & (1 << abi.VHOST_VRING_F_LOG))
+    return frame + bytes(abi.ETH_ZLEN - len(frame))
 
 
 def ring_lengths(num: int) -> tuple[int, int, int]:
@@ -124,284 +106,18 @@ def ring_lengths(num: int) -> tuple[int, int, int]:
     return 16 * num, 6 + 2 * num, 6 + 8 * num
 
 
-@dataclass(frozen=True, slots=True)
-class TapSpec:
-    """Which tap a connection gets: the existing tap ``name`` (``create`` False) or a new one
-    (named ``name``, or ``tapN`` by the kernel), in namespace ``netns``.
-
-    ``mtu`` and ``bridge`` are applied to either; a created tap is also brought up (an
-    existing tap's link state is the operator's).
-
-    Two ways to use it: :meth:`open` per connection (the shim keeps its privileges, each
-    connection gets a tap of its own), or :meth:`prepare` once at start-up for a shim that
-    then drops them (``--user``): see :class:`PreparedTap`.
-    """
-
-    queues: int = 1
-    name: str | None = None
-    create: bool = True
-    bridge: str | None = None
-    netns: str | None = None
-    mtu: int | None = None
-
-    def open(self) -> Tap:
-        """Open or create the tap. Raises KernelError / UsageError saying what failed."""
-        tap = self._attach()
-        try:
-            self._configure(tap)
-        except BaseException:
-            tap.close()
-            raise
-        return tap
-
-    def prepare(self, uid: int, gid: int) -> PreparedTap:
-        """At start-up, as root: create (or open) the tap, apply MTU/bridge/up, and let
-        ``uid``/``gid`` attach to it later without any capability.
-
-        A created tap is made persistent (it must outlive the start-up fds) and given to
-        them (TUNSETOWNER, TUNSETGROUP). An existing one must already be persistent (else
-        another process owns its lifetime); it is changed only as far as needed -- nothing
-        when ``uid`` may attach already (it owns the tap, or the tap has no owner and group
-        ``gid``), else TUNSETOWNER ``uid``, and TUNSETGROUP ``gid`` when another group is set --
-        and :meth:`PreparedTap.release` puts back what was changed. Raises KernelError /
-        UsageError; a tap it created is removed again on failure, an existing one gets its
-        owner and group back.
-        """
-        tap = self._attach()
-        restore = _Ownership(None, None)
-        try:
-            flags = tap.get_iff()[1]
-            if not self.create and not flags & abi.IFF_PERSIST:
-                raise UsageError(
-                    f"tap {tap.name} is not persistent, so another process owns its lifetime; "
-                    f"with --user the shim needs a persistent tap ('ip tuntap add {tap.name} "
-                    "mode tap', or omit --tap and let the shim create one)"
-                )
-            if self.create:
-                tap.set_persist(True)
-                tap.set_owner(uid)
-                tap.set_group(gid)
-            else:
-                restore = _give(tap, uid, gid)
-            self._configure(tap)
-            prepared = PreparedTap(
-                tap.name,
-                self.queues,
-                multi_queue=bool(flags & abi.IFF_MULTI_QUEUE),
-                created=self.create,
-                netns=self.netns,
-                restore=restore,
-            )
-        except BaseException:
-            with contextlib.suppress(KvhostError):
-                if self.create:
-                    tap.set_persist(False)
-                else:
-                    restore.apply(tap)
-            tap.close()
-            raise
-        tap.close()
-        return prepared
-
-    def _attach(self) -> Tap:
-        if self.create:
-            return Tap.create(self.name, queues=self.queues, netns=self.netns)
-        if self.name is None:
-            raise UsageError("an existing tap needs a name")
-        return self._open_existing(self.name)
-
-    def _configure(self, tap: Tap) -> None:
-        if self.mtu is not None:
-            tap.set_mtu(self.mtu)
-        if self.bridge is not None:
-            tap.attach_bridge(self.bridge)
-        if self.create:
-            tap.set_up()
-
-    def _open_existing(self, name: str) -> Tap:
-        try:
-            return Tap.open(name, queues=self.queues, netns=self.netns)
-        except KernelError as err:
-            if err.errno != errno.EINVAL or self.queues != 1:
-                raise
-        # a multiqueue tap serving one queue pair
-        return Tap.open(name, queues=1, netns=self.netns, multi_queue=True)
-
-
-@dataclass(frozen=True, slots=True)
-class _Ownership:
-    """What :meth:`TapSpec.prepare` changed on an operator's tap: the previous owner and
-    group to put back (None: that one was not changed). The kernel cannot unset an owner
-    (TUNSETOWNER refuses -1), so a tap that had none gets root (uid 0), which lets nobody
-    attach who could not before except processes with euid 0 that lack CAP_NET_ADMIN."""
-
-    owner: int | None
-    group: int | None
-    had_owner: bool = True
-
-    @property
-    def changed(self) -> bool:
-        return self.owner is not None or self.group is not None
-
-    def apply(self, tap: Tap) -> None:
-        if self.owner is not None:
-            tap.set_owner(self.owner)
-        if self.group is not None:
-            tap.set_group(self.group)
-
-    def describe(self) -> str:
-        parts = []
-        if self.owner is not None:
-            parts.append(
-                f"owner uid {self.owner}"
-                + ("" if self.had_owner else " (it had none; the kernel cannot clear an owner)")
-            )
-        if self.group is not None:
-            parts.append(f"group gid {self.group}")
-        return " and ".join(parts) or "nothing to restore"
-
-
-def _give(tap: Tap, uid: int, gid: int) -> _Ownership:
-    """Let ``uid`` (running as ``gid``) attach to the existing tap, changing no more than
-    needed; what to put back. Both tun rules are met: the old one (up to Linux 5.14: a set
-    owner or group must match) and the new one (a set owner or group matches)."""
-    owner, group = tap.owner_and_group()
-    if (owner == uid and group in (None, gid)) or (owner is None and group == gid):
-        return _Ownership(None, None)
-    if owner is None and group is not None:
-        # only a group is set: handing the group over is enough under both rules, and it
-        # can be put back exactly (an owner, once set, cannot be cleared)
-        tap.set_group(gid)
-        return _Ownership(None, group)
-    tap.set_owner(uid)
-    restore = _Ownership(0 if owner is None else owner, None, had_owner=owner is not None)
-    if group is not None and group != gid:
-        try:
-            tap.set_group(gid)
-        except BaseException:
-            with contextlib.suppress(KvhostError):
-                restore.apply(tap)
-            raise
-        restore = _Ownership(restore.owner, group, restore.had_owner)
-    return restore
-
-
-class _UnprivilegedTap(Tap):
-    """A tap attached by a shim without CAP_NET_ADMIN: link changes are impossible, so an
-    MTU request succeeds only when the tap already has that MTU."""
-
-    def set_mtu(self, n: int) -> None:
-        current = self.get_mtu()
-        if current == n:
-            return
-        raise UsageError(
-            f"tap {self.name} has MTU {current} and the shim, running without CAP_NET_ADMIN "
-            f"(--user), cannot change it to {n}; start the shim with --mtu {n}"
-        )
-
-
-class PreparedTap:
-    """A persistent tap :meth:`TapSpec.prepare` made the shim user's; :meth:`open` is the
-    per-connection ``open_tap`` of :class:`KernelBackend`, :meth:`release` undoes the
-    preparation at exit.
-
-    Each connection attaches to the tap by name (TUNSETIFF: the tun driver lets the tap's
-    owner do that without capabilities) and detaches when its backend closes the tap. One
-    connection at a time: while one holds the tap, another is refused at SET_OWNER (a
-    multi-queue tap would otherwise take both frontends' queues). NET_SET_MTU succeeds only
-    for the MTU the tap has (:class:`_UnprivilegedTap`).
-
-    ``netns``: the tap lives there. Until :meth:`enter_netns` the calling thread is assumed
-    to be elsewhere and every attach enters ``netns`` for its duration (root only); after
-    it, attaches happen where the thread is. With ``--netns`` the shim calls
-    :meth:`enter_netns` before dropping privileges, so reopening needs no setns then.
-    """
-
-    def __init__(
-        self,
-        name: str,
-        queues: int,
-        *,
-        multi_queue: bool,
-        created: bool,
-        netns: str | None,
-        restore: _Ownership | None = None,
-    ) -> None:
-        self.name = name
-        self.queues = queues
-        self.multi_queue = multi_queue
-        #: the shim created it, so :meth:`release` deletes it at exit
-        self.created = created
-        self.netns = netns
-        #: what :meth:`release` gives back to an operator's tap
-        self.restore = restore if restore is not None else _Ownership(None, None)
-        self._entered = False
-        self._holder: Tap | None = None
-
-    @property
-    def ownership_note(self) -> str:
-        """What :meth:`TapSpec.prepare` did to the tap's ownership, for the log."""
-        if self.created:
-            return "created it, persistent, owned by the shim's user and group"
-        if not self.restore.changed:
-            return "left its owner and group as they were: the shim's user may attach"
-        return f"gave it to the shim's user; at exit it gets back {self.restore.describe()}"
-
-    def enter_netns(self) -> None:
-        """Move the calling thread into the tap's namespace for good (no-op without one).
-        Raises UsageError / KernelError (see :func:`kvhost.netns.enter`)."""
-        if self.netns is not None and not self._entered:
-            kvnetns.enter(self.netns)
-            self._entered = True
-
-    def _where(self) -> str | None:
-        return None if self._entered else self.netns
-
-    def open(self) -> Tap:
-        """Attach one fd per queue. Raises UsageError while another connection holds the
-        tap, KernelError when the kernel refuses (ownership changed, tap gone)."""
-        holder = self._holder
-        if holder is not None and holder.fds:
-            # also when the previous connection's tap still waits in the closer thread:
-            # KernelBackend.set_owner drains the closer and retries once for that case
-            raise UsageError(
-                f"tap {self.name} already serves another connection of this shim; one "
-                "frontend at a time"
-            )
-        tap = _UnprivilegedTap.open(
-            self.name, queues=self.queues, multi_queue=self.multi_queue, netns=self._where()
-        )
-        self._holder = tap
-        return tap
-
-    def release(self) -> str:
-        """Undo :meth:`TapSpec.prepare`: delete the tap the shim created (attach one queue,
-        clear TUNSETPERSIST, close -- the last fd gone, the kernel deletes it), or give an
-        operator's tap back its previous owner and group (it is never deleted). Works
-        after the drop (the tap is the user's). Returns what it did, for the log. Raises
-        KernelError / UsageError.
-        """
-        if not self.created and not self.restore.changed:
-            return f"tap {self.name} left as it was"
-        tap = Tap.open(self.name, queues=1, multi_queue=self.multi_queue, netns=self._where())
-        try:
-            if self.created:
-                tap.set_persist(False)
-            else:
-                self.restore.apply(tap)
-        finally:
-            tap.close()
-        if self.created:
-            return f"tap {self.name} removed"
-        return f"tap {self.name} released: {self.restore.describe()} restored"
-
-
 class KernelBackend:
     """Implements :class:`shim.session.Backend` with kernel vhost-net and a tap.
 
-    ``open_tap`` is called at :meth:`set_owner` (a :meth:`TapSpec.open`, or a test's own).
-    ``vhost_path`` is the vhost-net device node. ``closer`` takes over the kernel objects at
-    :meth:`close` (see the module docstring).
+    ``open_tap`` is called at :meth:`set_owner` (a :meth:`shim.tap_setup.TapSpec.open`, a
+    :meth:`shim.tap_setup.PreparedTap.open`, or a test's own). ``vhost_path`` is the
+    vhost-net device node. ``closer`` takes over the kernel objects at :meth:`close` (see
+    the module docstring).
+
+    It trusts its caller, the session, for everything the protocol decides (ring index,
+    size bounds, address flags and alignment, ordering, the log covering memory) and keeps
+    only kernel handles: the tap, the devices, the mapped table and log, plus the two
+    shadows of kernel state listed in the module docstring.
     """
 
     def __init__(
@@ -426,21 +142,11 @@ class KernelBackend:
         self.kernel_features = 0
         self.table: MappedTable | None = None
         self._log: mmap.mmap | None = None
-        self._log_addr = 0
-        self._log_size = 0
-        self._acked = 0
-        self._nums: dict[int, int] = {}
-        self._addrs: dict[int, RingAddr] = {}
-        #: ring -> the size its addresses were checked against
-        self._checked: dict[int, int] = {}
-        self._attached: set[int] = set()
         self._closer = closer
         #: (TUNSETOFFLOAD flags, vnet header length) the tap has; None: unknown
         self._tap_state: tuple[int, int] | None = None
-        #: features applied to the devices and the tap, None until the first SET_FEATURES
-        self._applied_features: int | None = None
-        #: ring -> (desc, used, avail, log_guest_addr, log) the kernel has
-        self._kernel_addrs: dict[int, tuple[int, int, int, int, bool]] = {}
+        #: ring -> the translated addresses the kernel has
+        self._kernel_addrs: dict[int, VringConfig] = {}
 
     # -- the Backend protocol ---------------------------------------------------------
 
@@ -452,11 +158,15 @@ class KernelBackend:
     def max_mem_regions(self) -> int:
         return self._max_regions
 
+    def get_features(self) -> int:
+        """The kernel's vhost-net feature bits (0 before :meth:`set_owner`)."""
+        return self.kernel_features
+
     def set_owner(self) -> None:
         """Open the tap and one vhost-net per queue pair; VHOST_SET_OWNER each.
 
         VHOST_SET_OWNER creates the vhost worker (~20 ms under TCG), which is why QEMU's
-        connect-time SET_OWNER is where it happens.
+        connect-time SET_OWNER is where it happens. Idempotent.
         """
         if self.devices:
             return
@@ -474,7 +184,7 @@ class KernelBackend:
         devices: list[VhostNet] = []
         try:
             if len(tap.fds) < self._pairs:
-                raise KernelError(
+                raise kernel_error(
                     "TUNSETIFF",
                     f"tap {tap.name}",
                     errno.EINVAL,
@@ -509,33 +219,29 @@ class KernelBackend:
         )
 
     def reset_owner(self) -> None:
-        """VHOST_RESET_OWNER then VHOST_SET_OWNER on each device; drops memory and log."""
-        self._detach_all()
-        for dev in self._devs():
+        """VHOST_RESET_OWNER then VHOST_SET_OWNER on each device; drops memory and log.
+        The session has detached every ring first."""
+        for dev in self.devices:
             dev.reset_owner()
             dev.set_owner()
         self._drop_memory()
-        self._nums.clear()
-        self._addrs.clear()
-        self._checked.clear()
         self._kernel_addrs.clear()
-        self._acked = 0
-        self._applied_features = None
 
     def set_features(self, virtio_features: int) -> None:
+        """The devices get the kernel's share of the bits (never bit 27), the tap the
+        offloads and header length they imply -- each tap ioctl only when the tap has
+        another value."""
         if virtio_features & features.LOG_ALL and self._log is None:
+            # kept here, not in the session: a guard of this backend's own handles (the
+            # kernel must never log without the log this object mapped for it)
             raise RemoteProtocolError(
                 "SET_FEATURES with LOG_ALL before SET_LOG_BASE: the kernel has no dirty log "
                 "to write to"
             )
-        devices, tap = self._devs(), self._tap()
-        if virtio_features == self._applied_features:
-            self._acked = virtio_features
-            return  # QEMU repeats SET_FEATURES at every DRIVER_OK and per queue pair
-        self._applied_features = None  # unknown until every call below succeeded
         kernel = virtio_features & self.kernel_features & ~VHOST_NET_F_VIRTIO_NET_HDR
-        for dev in devices:
+        for dev in self.devices:
             dev.set_features(kernel)
+        tap = self._tap()
         offload, hdr_len = _tap_settings(virtio_features)
         known, self._tap_state = self._tap_state, None  # unknown until both calls succeed
         if known is None or known[0] != offload:
@@ -543,11 +249,13 @@ class KernelBackend:
         if known is None or known[1] != hdr_len:
             tap.set_vnet_hdr_size(hdr_len)
         self._tap_state = (offload, hdr_len)
-        self._acked = self._applied_features = virtio_features
 
-    def set_mem_table(self, regions: Sequence[FrontendRegion]) -> None:
-        """Map the regions, install them in every device, re-point configured rings at the
-        new mappings, then unmap the old table.
+    def set_mem_table(
+        self, regions: Sequence[FrontendRegion], rings: Sequence[tuple[int, VringConfig]] = ()
+    ) -> None:
+        """Map the regions, install them in every device, re-point ``rings`` (the ones
+        with addresses, in the frontend's terms) at the new mappings, then unmap the old
+        table -- in that order, so a running ring never points at unmapped memory.
 
         The same regions of the same files as the current table (QEMU resends its table at
         every DRIVER_OK) change nothing: their fds are closed and the mapping kept.
@@ -557,14 +265,12 @@ class KernelBackend:
             return
         new = MappedTable(regions, max_regions=self._max_regions, error=RemoteProtocolError)
         try:
-            if self._log is not None:
-                self._check_log_covers(new, self._log_size)
             vhost_regions = new.vhost_regions()
-            for dev in self._devs():
+            for dev in self.devices:
                 dev.set_mem_table(vhost_regions)
             old, self.table = self.table, new
-            for ring in sorted(self._addrs):
-                self._apply_addr(ring)
+            for index, config in rings:
+                self.set_vring_addr(index, config)
         except BaseException:
             if self.table is new:
                 self.table = None
@@ -573,108 +279,85 @@ class KernelBackend:
         if old is not None:
             old.close()
 
-    def set_log_base(self, fd: int, mmap_size: int, mmap_offset: int) -> None:
+    def set_log_base(self, base: int, region: LogRegion | None = None) -> None:
+        """Map ``region`` (the frontend's log file; ``base`` unused, as in rust-vmm's
+        vhost-user) and hand its address in this process to the kernel."""
+        if region is None:
+            raise ValueError("the shim's log comes as a file region (LOG_SHMFD)")
         try:
-            if mmap_size <= 0:
-                raise RemoteProtocolError(f"SET_LOG_BASE with an empty log ({mmap_size} bytes)")
-            st = os.fstat(fd)
-            if st.st_size < mmap_offset + mmap_size:
+            st = os.fstat(region.fd)
+            if st.st_size < region.offset + region.size:
                 raise RemoteProtocolError(
                     f"SET_LOG_BASE: the log fd has 0x{st.st_size:x} bytes, the log needs "
-                    f"0x{mmap_offset + mmap_size:x} (offset + size)"
+                    f"0x{region.offset + region.size:x} (offset + size)"
                 )
-            if self.table is not None:
-                self._check_log_covers(self.table, mmap_size)
             try:
                 mm = mmap.mmap(
-                    fd, mmap_offset + mmap_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE
+                    region.fd,
+                    region.offset + region.size,
+                    mmap.MAP_SHARED,
+                    mmap.PROT_READ | mmap.PROT_WRITE,
                 )
             except (OSError, ValueError) as err:
                 raise RemoteProtocolError(f"SET_LOG_BASE: cannot map the log: {err}") from err
         finally:
-            os.close(fd)
-        addr = address_of(mm) + mmap_offset
+            os.close(region.fd)
+        addr = address_of(mm) + region.offset
         try:
-            for dev in self._devs():
+            for dev in self.devices:
                 dev.set_log_base(addr)
         except BaseException:
             mm.close()
             raise
-        old, self._log, self._log_addr, self._log_size = self._log, mm, addr, mmap_size
+        old, self._log = self._log, mm
         if old is not None:
             old.close()
 
-    def set_vring_num(self, ring: int, num: int) -> None:
-        dev, i = self._ring(ring)
-        if self._nums.get(ring) == num:
-            return  # the kernel keeps the size across a stop
-        self._nums.pop(ring, None)
-        dev.set_vring_num(i, num)
-        self._nums[ring] = num
+    def set_vring_num(self, index: int, num: int) -> None:
+        self.devices[index >> 1].set_vring_num(index & 1, num)
 
-    def set_vring_base(self, ring: int, base: int) -> None:
-        dev, i = self._ring(ring)
-        dev.set_vring_base(i, base)
+    def set_vring_base(self, index: int, base: int) -> None:
+        self.devices[index >> 1].set_vring_base(index & 1, base)
 
-    def set_vring_addr(
-        self, ring: int, flags: int, desc: int, used: int, avail: int, log_addr: int
-    ) -> None:
-        known = 1 << abi.VHOST_VRING_F_LOG
-        if flags & ~known:
-            raise RemoteProtocolError(
-                f"SET_VRING_ADDR for vring {ring} has unknown flags 0x{flags:x} (only bit 0, "
-                "log, is defined)"
-            )
-        previous = self._addrs.get(ring)
-        self._addrs[ring] = RingAddr(flags, desc, used, avail, log_addr)
+    def get_vring_base(self, index: int) -> int:
+        return self.devices[index >> 1].get_vring_base(index & 1)
+
+    def set_vring_addr(self, index: int, config: VringConfig) -> None:
+        """Translate the frontend's addresses into this process's (each part inside one
+        region for the ring's full size, the logged used ring inside guest memory) and give
+        them to the kernel unless it has exactly these."""
+        translated = self._translate(index, config)
+        if self._kernel_addrs.get(index) != translated:
+            self._kernel_addrs.pop(index, None)
+            self.devices[index >> 1].set_vring_addr(index & 1, translated)
+            self._kernel_addrs[index] = translated
+
+    def set_vring_kick(self, index: int, fd: int) -> None:
         try:
-            self._apply_addr(ring)
-        except BaseException:
-            if previous is None:
-                del self._addrs[ring]
-            else:
-                self._addrs[ring] = previous
-            raise
-
-    def set_vring_kick(self, ring: int, fd: int) -> None:
-        try:
-            dev, i = self._ring(ring)
-            dev.set_vring_kick(i, fd)
+            self.devices[index >> 1].set_vring_kick(index & 1, fd)
         finally:
             os.close(fd)
 
-    def set_vring_call(self, ring: int, fd: int) -> None:
+    def set_vring_call(self, index: int, fd: int) -> None:
         try:
-            dev, i = self._ring(ring)
-            dev.set_vring_call(i, fd)
+            self.devices[index >> 1].set_vring_call(index & 1, fd)
         finally:
             if fd >= 0:
                 os.close(fd)
 
-    def set_vring_err(self, ring: int, fd: int) -> None:
+    def set_vring_err(self, index: int, fd: int) -> None:
         try:
-            dev, i = self._ring(ring)
-            dev.set_vring_err(i, fd)
+            self.devices[index >> 1].set_vring_err(index & 1, fd)
         finally:
             if fd >= 0:
                 os.close(fd)
 
-    def start_vring(self, ring: int) -> None:
-        dev, i = self._ring(ring)
-        if self._checked.get(ring) != self._nums.get(ring, 1):
-            # the size changed after the addresses were checked
-            self._translate(ring, self._addrs[ring])
-        dev.net_set_backend(i, self._tap().fds[ring // 2])
-        self._attached.add(ring)
+    # -- vhost-net's extras -----------------------------------------------------------
 
-    def stop_vring(self, ring: int) -> None:
-        dev, i = self._ring(ring)
-        dev.net_set_backend(i, abi.VHOST_FILE_UNBIND)
-        self._attached.discard(ring)
-
-    def get_vring_base(self, ring: int) -> int:
-        dev, i = self._ring(ring)
-        return dev.get_vring_base(i)
+    def set_backend(self, index: int, attach: bool) -> None:
+        """VHOST_NET_SET_BACKEND: the ring's tap queue (queue pair ``index // 2``), or -1."""
+        fd = self._tap().fds[index >> 1] if attach else abi.VHOST_FILE_UNBIND
+        self.devices[index >> 1].set_backend(index & 1, fd)
 
     def send_rarp(self, mac: bytes) -> None:
         """Write the RARP frame into tap queue 0 behind a zeroed virtio-net header.
@@ -687,27 +370,24 @@ class KernelBackend:
         try:
             os.write(tap.fds[0], header + rarp_frame(mac))
         except OSError as err:
-            raise KernelError("write", f"tap {tap.name}", err.errno or 0, "RARP not sent") from err
+            raise kernel_error("write", f"tap {tap.name}", err, "RARP not sent") from err
 
     def set_mtu(self, mtu: int) -> None:
         self._tap().set_mtu(mtu)
 
     def close(self) -> None:
-        """Detach every ring now; hand the tap, devices, memory and log to the closer.
+        """Hand the tap, devices, memory and log to the closer; idempotent.
 
-        Returns without waiting for the kernel to tear the devices down: from this call on
-        the closer owns those objects (see the module docstring), and this backend holds
-        nothing. Idempotent.
+        The session has detached every ring. Returns without waiting for the kernel to tear
+        the devices down: from this call on the closer owns those objects (see the module
+        docstring), and this backend holds nothing.
         """
-        with contextlib.suppress(KvhostError, OSError, ValueError):
-            self._detach_all()
         tap, self.tap = self.tap, None
         devices, self.devices = self.devices, []
         table, self.table = self.table, None
         log_map, self._log = self._log, None
         self._tap_state = None
         self._kernel_addrs.clear()
-        self._applied_features = None
         if tap is None and not devices and table is None and log_map is None:
             return
         self._closer.submit(
@@ -717,79 +397,24 @@ class KernelBackend:
 
     # -- helpers ----------------------------------------------------------------------
 
-    def _devs(self) -> list[VhostNet]:
-        if not self.devices:
-            raise RemoteProtocolError("no vhost-net device yet: SET_OWNER must come first")
-        return self.devices
-
     def _tap(self) -> Tap:
         if self.tap is None:
             raise RemoteProtocolError("no tap yet: SET_OWNER must come first")
         return self.tap
 
-    def _ring(self, ring: int) -> tuple[VhostNet, int]:
-        devs = self.devices
-        if 0 <= ring < 2 * len(devs):
-            return devs[ring >> 1], ring & 1
-        devs = self._devs()  # raises before SET_OWNER
-        if not 0 <= ring < 2 * len(devs):
-            raise RemoteProtocolError(
-                f"vring {ring} does not exist: this backend serves vrings 0-{2 * len(devs) - 1}"
-            )
-        return devs[ring // 2], ring % 2
-
-    def _translate(self, ring: int, a: RingAddr) -> tuple[int, int, int]:
+    def _translate(self, index: int, a: VringConfig) -> VringConfig:
         if self.table is None:
-            raise RemoteProtocolError(f"vring {ring} addresses need a memory table first")
-        num = self._nums.get(ring, 1)
-        desc_len, avail_len, used_len = ring_lengths(num)
-        if a.desc % 16 or a.avail % 2 or a.used % 4:
-            for name, addr, align in (
-                ("descriptor table", a.desc, 16),
-                ("avail ring", a.avail, 2),
-                ("used ring", a.used, 4),
-            ):
-                if addr % align:
-                    raise RemoteProtocolError(
-                        f"vring {ring} (size {num}) {name} at 0x{addr:x} is not {align}-byte "
-                        "aligned"
-                    )
+            raise RemoteProtocolError(f"vring {index} addresses need a memory table first")
+        desc_len, avail_len, used_len = ring_lengths(a.size)
         try:
             desc = self.table.translate_frontend_va(a.desc, desc_len)
             avail = self.table.translate_frontend_va(a.avail, avail_len)
             used = self.table.translate_frontend_va(a.used, used_len)
             if a.log:
-                if self._log is None:
-                    raise RemoteProtocolError("used-ring logging requested before SET_LOG_BASE")
-                self.table.translate_gpa(a.log_guest_addr, used_len)
+                self.table.translate_gpa(a.log_addr, used_len)
         except RemoteProtocolError as err:
-            raise RemoteProtocolError(f"vring {ring} (size {num}): {err}") from None
-        return desc, used, avail
-
-    def _apply_addr(self, ring: int) -> None:
-        a = self._addrs[ring]
-        desc, used, avail = self._translate(ring, a)
-        dev, i = self._ring(ring)
-        values = (desc, used, avail, a.log_guest_addr, a.log)
-        if self._kernel_addrs.get(ring) != values:
-            self._kernel_addrs.pop(ring, None)
-            dev.set_vring_addr(i, desc, used, avail, a.log_guest_addr, a.log)
-            self._kernel_addrs[ring] = values
-        self._checked[ring] = self._nums.get(ring, 1)
-
-    def _check_log_covers(self, table: MappedTable, log_size: int) -> None:
-        top = max((r.guest_phys_addr + r.memory_size for r in table.vhost_regions()), default=0)
-        need = -(-top // (LOG_PAGE * 8))
-        if log_size < need:
-            raise RemoteProtocolError(
-                f"dirty log of {log_size} bytes covers guest memory up to "
-                f"0x{log_size * 8 * LOG_PAGE:x}, but memory reaches 0x{top:x} (needs {need} "
-                "bytes)"
-            )
-
-    def _detach_all(self) -> None:
-        for ring in sorted(self._attached):
-            self.stop_vring(ring)
+            raise RemoteProtocolError(f"vring {index} (size {a.size}): {err}") from None
+        return VringConfig(a.size, a.flags, desc, used, avail, a.log_addr)
 
     def _drop_memory(self) -> None:
         if self.table is not None:

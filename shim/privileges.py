@@ -17,7 +17,7 @@ Start-up order (``shim.cli``)::
 
 What is left after the drop is what file permissions give the user: ``/dev/vhost-net`` (by
 its group), ``/dev/net/tun`` (world-accessible) and the taps made its own at start-up
-(TUNSETOWNER/TUNSETGROUP, see :meth:`shim.kernel_backend.TapSpec.prepare`).
+(TUNSETOWNER/TUNSETGROUP, see :meth:`shim.tap_setup.TapSpec.prepare`).
 
 Peers: :class:`AllowList` decides from SO_PEERCRED (and SO_PEERGROUPS for ``--allow-gid``)
 whether a connected peer is served at all; :mod:`shim.server` asks it before anything else
@@ -42,19 +42,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvhost.errors import DeviceUnavailable, KernelError, UsageError
-from kvhost.ioctl import open_device
+from kvhost import abi
+from kvhost.errors import DeviceUnavailable, UsageError
+from kvhost.ioctl import kernel_error, open_device
 
-# linux/prctl.h
-PR_SET_KEEPCAPS = 8
-PR_CAPBSET_DROP = 24
-PR_SET_NO_NEW_PRIVS = 38
-PR_CAP_AMBIENT = 47
-PR_CAP_AMBIENT_CLEAR_ALL = 4
-# linux/capability.h
-_LINUX_CAPABILITY_VERSION_3 = 0x20080522
-# asm-generic/socket.h (Linux 4.13); Python's socket module does not name it
-SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
+SO_PEERGROUPS = abi.SO_PEERGROUPS
 
 #: (uid_t)-1 means "leave unchanged" to the kernel: not an id anyone can have
 ID_MAX = 0xFFFF_FFFE
@@ -317,8 +309,12 @@ def check_device_access(who: Identity, path: str = VHOST_NET_PATH) -> None:
     try:
         st = os.stat(path)
     except FileNotFoundError as err:
-        raise DeviceUnavailable(
-            "open", path, errno.ENOENT, "load the module with 'modprobe vhost_net'"
+        raise kernel_error(
+            "open",
+            path,
+            err,
+            "load the module with 'modprobe vhost_net'",
+            kind=DeviceUnavailable,
         ) from err
     if who.uid == st.st_uid:
         bits = st.st_mode >> 6
@@ -368,15 +364,6 @@ def read_status(pid: int | str = "self", tid: int | None = None) -> dict[str, st
     return out
 
 
-CAPABILITY_SETS = ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")
-
-
-def capability_sets(pid: int | str = "self", tid: int | None = None) -> dict[str, int]:
-    """The capability sets of a process (or thread) as masks, keyed CapInh... CapAmb."""
-    status = read_status(pid, tid)
-    return {key: int(status[key], 16) for key in CAPABILITY_SETS if key in status}
-
-
 @dataclass(frozen=True, slots=True)
 class Dropped:
     """What :func:`drop` achieved, for the log."""
@@ -398,7 +385,7 @@ def _drop_bounding_set() -> bool:
     CAP_SETPCAP): the drop of the other sets still leaves nothing to use."""
     for cap in range(_last_cap() + 1):
         try:
-            _prctl(PR_CAPBSET_DROP, cap)
+            _prctl(abi.PR_CAPBSET_DROP, cap)
         except OSError as err:
             if err.errno == errno.EINVAL:  # a cap this kernel does not know: done
                 break
@@ -409,7 +396,7 @@ def _drop_bounding_set() -> bool:
 
 
 def _capset_zero() -> None:
-    header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
+    header = _CapHeader(abi._LINUX_CAPABILITY_VERSION_3, 0)
     data = (_CapData * 2)()
     _libc_call("capset", ctypes.addressof(header), ctypes.addressof(data))
 
@@ -427,12 +414,12 @@ def drop(who: Identity) -> Dropped:
         )
     op = "prctl(PR_SET_KEEPCAPS, 0)"
     try:
-        _prctl(PR_SET_KEEPCAPS, 0)
+        _prctl(abi.PR_SET_KEEPCAPS, 0)
         op = "prctl(PR_CAPBSET_DROP)"
         bounding = _drop_bounding_set()
         op = "prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)"
         try:
-            _prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
+            _prctl(abi.PR_CAP_AMBIENT, abi.PR_CAP_AMBIENT_CLEAR_ALL)
         except OSError as err:
             if err.errno != errno.EINVAL:  # before Linux 4.3: no ambient set to clear
                 raise
@@ -447,10 +434,10 @@ def drop(who: Identity) -> Dropped:
         op = "capset(0, 0, 0)"
         _capset_zero()
         op = "prctl(PR_SET_NO_NEW_PRIVS, 1)"
-        _prctl(PR_SET_NO_NEW_PRIVS, 1)
+        _prctl(abi.PR_SET_NO_NEW_PRIVS, 1)
     except OSError as err:
-        raise KernelError(
-            op, "the shim process", err.errno or 0, f"dropping privileges to {who} failed"
+        raise kernel_error(
+            op, "the shim process", err, f"dropping privileges to {who} failed"
         ) from err
     threads = verify(who)
     return Dropped(who, bounding, threads)
@@ -478,7 +465,7 @@ def verify(who: Identity) -> int:
         if status.get("NoNewPrivs") != "1":
             problems.append(f"NoNewPrivs is {status.get('NoNewPrivs')}")
         if problems:
-            raise KernelError(
+            raise kernel_error(
                 "drop privileges",
                 f"/proc/self/task/{tid}/status",
                 errno.EPERM,

@@ -28,19 +28,39 @@ the unit tests) as a plain verb with plain arguments:
   ``KVHOST_INTERFACE_VERSION`` protocol bit may select another version the shim can serve
   with SET_INTERFACE_VERSION, until the first SET_FEATURES locks the version.
 
-Each vring has its own :class:`VringState`::
+Each vring has its own :class:`Vring`: a :class:`VringState` and what the backend was given
+(``enabled``, ``num``, ``addr``)::
 
-        STOPPED --SET_VRING_KICK--> STARTED <--disable / incomplete-- RUNNING
-           ^                           |  --enabled and configured-->    |
-           +------ GET_VRING_BASE -----+---------------------------------+
+                 SET_VRING_NUM / _BASE / _ADDR (only while STOPPED, except ADDR)
+                         |  (the session checks them, then passes them on)
+                         v
+        STOPPED --SET_VRING_KICK--> STARTED <--disabled / not configured-- RUNNING
+           ^                           |  --enabled, num, addr and table-->   |
+           |                           |    (VHOST_NET_SET_BACKEND tap)       |
+           +------- GET_VRING_BASE ----+--------------------------------------+
+                                          (VHOST_NET_SET_BACKEND -1 first)
 
 A ring is *started* by its kick fd (vhost-user: the backend starts a ring on a kick; the
 kernel polls the kick fd itself, so receiving it is the start) and stopped by GET_VRING_BASE.
-A started ring *runs* -- the tap queue is attached with VHOST_NET_SET_BACKEND -- only while it
-is also enabled (SET_VRING_ENABLE; rings start enabled when PROTOCOL_FEATURES is not
-negotiated), has a size and addresses, and a memory table exists. QEMU's real order is
+A started ring *runs* -- the tap queue is attached with the backend's ``set_backend`` --
+only while it is also enabled (SET_VRING_ENABLE; rings start enabled when PROTOCOL_FEATURES
+is not negotiated), has a size and addresses, and a memory table exists. QEMU's real order is
 accepted: SET_VRING_CALL/ERR and SET_VRING_ENABLE before the rings are configured, and
 SET_VRING_ENABLE before SET_FEATURES/SET_MEM_TABLE at DRIVER_OK.
+
+The session owns every protocol rule about a ring, and the backend sees only values that
+passed them: the index (below 2 x the queue pairs the version allows), the size (a power of
+two up to the version's maximum, unchanged while the ring is not STOPPED), the address
+flags (only VHOST_VRING_F_LOG; logging only after SET_LOG_BASE) and alignment (descriptor
+table 16, avail 2, used 4 bytes), that addresses come after a memory table, that the dirty log
+covers all guest memory (checked whichever of the two comes last), and that a kick carries
+an fd (the codec has already matched fd counts to the payloads). What needs the mapped
+memory -- translating addresses, checking a ring lies inside one region for its full size
+-- is the backend's, with the size the session passes in :class:`~kvhost.vhost.VringConfig`;
+a ring resized after its addresses were given gets them again, with the new size, before it
+runs; a new memory table comes with the configured rings, to move them before the old table
+is unmapped. Values the kernel keeps across a ring stop are passed on only when they change:
+SET_FEATURES and SET_VRING_NUM, which QEMU resends at every DRIVER_OK.
 
 Replies: requests with a reply payload get it; any other request carrying NEED_REPLY gets a
 REPLY_ACK u64 (0 = success) once REPLY_ACK is negotiated -- a failure value when the request
@@ -61,6 +81,7 @@ every fd not handed over is closed before :meth:`Session.handle` returns.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import enum
 import logging
 import os
@@ -68,7 +89,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from kvhost import features, versions
+from kvhost import abi, features, versions
 from kvhost.errors import (
     KernelError,
     KvhostError,
@@ -77,6 +98,7 @@ from kvhost.errors import (
     VersionError,
 )
 from kvhost.memory import FrontendRegion
+from kvhost.vhost import LogRegion, VringConfig
 from kvhost.vhost_user import protocol as p
 from shim.eventlog import event
 
@@ -102,6 +124,9 @@ _KVHOST_VERSION = int(p.ProtocolFeature.KVHOST_INTERFACE_VERSION)
 #: requests that never get a REPLY_ACK (they have a reply of their own)
 _NO_ACK = frozenset(int(r) for r in p.INHERENT_REPLIES) | {int(p.Request.SET_LOG_BASE)}
 _NEED_REPLY = int(p.HeaderFlag.NEED_REPLY)
+_VRING_F_LOG = 1 << abi.VHOST_VRING_F_LOG
+#: one bit of dirty log per guest page of this size
+_LOG_PAGE = abi.VHOST_PAGE_SIZE
 #: request id -> the encoded success ack (bytes are immutable: built once, sent many times)
 _ACK_OK: dict[int, bytes] = {}
 
@@ -133,10 +158,18 @@ class VringState(enum.Enum):
 class Backend(Protocol):
     """The verbs the session needs from whatever really runs the rings.
 
-    Rings are numbered as on the wire (queue pair ``i // 2``, ``i % 2`` = 0 RX, 1 TX). Every
-    method taking an fd takes ownership of it (closes it, also on error). Methods raise
-    :class:`RemoteProtocolError` for bad frontend input they detect (addresses outside memory)
-    and :class:`KernelError` when the kernel refuses.
+    The names and argument order are :class:`kvhost.vhost.VhostNet`'s (rust-vmm's
+    ``VhostBackend``): what differs is only the address space -- memory regions come as
+    the frontend's files and addresses, the log as a :class:`~kvhost.vhost.LogRegion`.
+    vhost-net's extra, :meth:`set_backend`, and the two vhost-user net requests follow.
+
+    The session calls a verb only with values it has validated (ring index, size, flags,
+    alignment, fd presence, order): a backend checks nothing the protocol decides. Rings
+    are numbered as on the wire (queue pair ``index // 2``, ``index % 2`` = 0 RX, 1 TX).
+    Every method taking an fd takes ownership of it (closes it, also on error). Methods
+    raise :class:`RemoteProtocolError` for bad frontend input only they can see (an
+    address outside the mapped memory, a log file too short) and :class:`KernelError`
+    when the kernel refuses.
     """
 
     @property
@@ -153,43 +186,42 @@ class Backend(Protocol):
         """Open the kernel devices and take ownership (VHOST_SET_OWNER)."""
 
     def reset_owner(self) -> None:
-        """Back to the state right after :meth:`set_owner` (rings detached, table dropped)."""
+        """Back to the state right after :meth:`set_owner` (table and log dropped); every
+        ring is detached first."""
 
     def set_features(self, virtio_features: int) -> None:
         """Apply negotiated virtio features (PROTOCOL_FEATURES removed; LOG_ALL kept)."""
 
-    def set_mem_table(self, regions: Sequence[FrontendRegion]) -> None:
-        """Map the regions and give the kernel the new table."""
-
-    def set_log_base(self, fd: int, mmap_size: int, mmap_offset: int) -> None:
-        """Map the dirty log and hand it to the kernel."""
-
-    def set_vring_num(self, ring: int, num: int) -> None: ...
-
-    def set_vring_base(self, ring: int, base: int) -> None: ...
-
-    def set_vring_addr(
-        self, ring: int, flags: int, desc: int, used: int, avail: int, log_addr: int
+    def set_mem_table(
+        self, regions: Sequence[FrontendRegion], rings: Sequence[tuple[int, VringConfig]] = ()
     ) -> None:
-        """Frontend virtual addresses; the backend translates and checks them."""
+        """Map the regions and give the kernel the new table; ``rings`` (those with
+        addresses) move to it before the old table goes."""
 
-    def set_vring_kick(self, ring: int, fd: int) -> None: ...
+    def set_log_base(self, base: int, region: LogRegion | None = None) -> None:
+        """Map the dirty log ``region`` and hand it to the kernel (``base`` unused)."""
 
-    def set_vring_call(self, ring: int, fd: int) -> None:
-        """``fd`` -1 unbinds."""
+    def set_vring_num(self, index: int, num: int) -> None: ...
 
-    def set_vring_err(self, ring: int, fd: int) -> None:
-        """``fd`` -1 unbinds."""
+    def set_vring_base(self, index: int, base: int) -> None: ...
 
-    def start_vring(self, ring: int) -> None:
-        """Attach the ring's tap queue (VHOST_NET_SET_BACKEND tap fd)."""
-
-    def stop_vring(self, ring: int) -> None:
-        """Detach the ring's tap queue (VHOST_NET_SET_BACKEND -1)."""
-
-    def get_vring_base(self, ring: int) -> int:
+    def get_vring_base(self, index: int) -> int:
         """The kernel's next avail index of a detached ring."""
         ...
+
+    def set_vring_addr(self, index: int, config: VringConfig) -> None:
+        """Frontend virtual addresses; the backend translates them into its own."""
+
+    def set_vring_kick(self, index: int, fd: int) -> None: ...
+
+    def set_vring_call(self, index: int, fd: int) -> None:
+        """``fd`` -1 unbinds."""
+
+    def set_vring_err(self, index: int, fd: int) -> None:
+        """``fd`` -1 unbinds."""
+
+    def set_backend(self, index: int, attach: bool) -> None:
+        """Attach the ring's tap queue, or detach it (VHOST_NET_SET_BACKEND tap fd / -1)."""
 
     def send_rarp(self, mac: bytes) -> None:
         """Inject a RARP announcement from ``mac`` into the tap."""
@@ -197,7 +229,7 @@ class Backend(Protocol):
     def set_mtu(self, mtu: int) -> None: ...
 
     def close(self) -> None:
-        """Detach and close everything; idempotent."""
+        """Close everything; every ring is detached first. Idempotent."""
 
 
 @dataclass(slots=True)
@@ -207,8 +239,10 @@ class Vring:
     index: int
     state: VringState = VringState.STOPPED
     enabled: bool = False
+    #: the size the backend has (None: never set)
     num: int | None = None
-    addressed: bool = False
+    #: the addresses (frontend's) the backend has, with the size they were checked for
+    addr: VringConfig | None = None
 
 
 @dataclass(slots=True)
@@ -217,9 +251,8 @@ class _Pending:
 
     fds: list[int] = field(default_factory=list)
 
-    def take(self, n: int, what: str) -> list[int]:
-        if len(self.fds) != n:
-            raise RemoteProtocolError(f"{what} needs {n} file descriptor(s), got {len(self.fds)}")
+    def take(self) -> list[int]:
+        """All of them: the codec checked their number against the payload."""
         out, self.fds = self.fds, []
         return out
 
@@ -284,6 +317,10 @@ class Session:
         self.protocol_features = 0
         self.acked_features: int | None = None
         self.has_mem_table = False
+        #: the guest-physical end of the memory table (0: none yet)
+        self.memory_top = 0
+        #: bytes of dirty log the backend has (None: no SET_LOG_BASE yet)
+        self.log_size: int | None = None
         self.vrings = [Vring(i) for i in range(2 * backend.queue_pairs)]
         #: vrings 0 .. _ring_limit - 1 exist (2 x queue_pairs; kept current with the version)
         self._ring_limit = 2 * self.queue_pairs
@@ -423,15 +460,23 @@ class Session:
 
     def _sync(self, ring: Vring) -> None:
         """Attach or detach the ring's tap queue to match its state."""
+        addr = ring.addr
         want = (
             ring.state is not VringState.STOPPED
             and ring.enabled
             and ring.num is not None
-            and ring.addressed
+            and addr is not None
             and self.has_mem_table
         )
         if want and ring.state is VringState.STARTED:
-            self.backend.start_vring(ring.index)
+            assert addr is not None and ring.num is not None
+            if addr.size != ring.num:
+                # resized after SET_VRING_ADDR: the addresses must hold the new size
+                ring.addr = None
+                addr = dataclasses.replace(addr, size=ring.num)
+                self.backend.set_vring_addr(ring.index, addr)
+                ring.addr = addr
+            self.backend.set_backend(ring.index, True)
             ring.state = VringState.RUNNING
             event(
                 "vring",
@@ -442,13 +487,13 @@ class Session:
                 result="running",
             )
         elif not want and ring.state is VringState.RUNNING:
-            self.backend.stop_vring(ring.index)
+            self.backend.set_backend(ring.index, False)
             ring.state = VringState.STARTED
 
     def _stop_all(self) -> None:
         for ring in self.vrings:
             if ring.state is VringState.RUNNING:
-                self.backend.stop_vring(ring.index)
+                self.backend.set_backend(ring.index, False)
             ring.state = VringState.STOPPED
 
     def _log_vring_base(self, request: str, index: int, base: int) -> None:
@@ -483,9 +528,14 @@ class Session:
                 f"{self.version.label}: {', '.join(features.names(extra))} "
                 f"(offered 0x{self.offered_features:x}, got 0x{acked:x})"
             )
-        first = self.acked_features is None
+        previous = self.acked_features
+        first = previous is None
+        # QEMU repeats SET_FEATURES at every DRIVER_OK and per queue pair; the kernel and
+        # the tap keep what they were given (the restart test counts the ioctls)
+        if acked != previous:
+            self.acked_features = None  # unknown until the backend took it
+            self.backend.set_features(acked & ~features.PROTOCOL_FEATURES)
         self.acked_features = acked
-        self.backend.set_features(acked & ~features.PROTOCOL_FEATURES)
         if not acked & features.PROTOCOL_FEATURES:
             # without PROTOCOL_FEATURES there is no SET_VRING_ENABLE: rings start enabled
             for ring in self.vrings:
@@ -537,6 +587,8 @@ class Session:
         self.backend.reset_owner()
         self.acked_features = None
         self.has_mem_table = False
+        self.memory_top = 0
+        self.log_size = None
         self.vrings = [Vring(i) for i in range(len(self.vrings))]
         return None
 
@@ -549,13 +601,20 @@ class Session:
                 f"SET_MEM_TABLE carries {len(payload.regions)} regions; this host's vhost "
                 f"accepts at most {limit}"
             )
-        fds = pending.take(len(payload.regions), "SET_MEM_TABLE")
+        top = max((r.guest_phys_addr + r.memory_size for r in payload.regions), default=0)
+        if self.log_size is not None:
+            _check_log_covers(self.log_size, top)
+        fds = pending.take()
         regions = [
             FrontendRegion(r.guest_phys_addr, r.memory_size, r.userspace_addr, r.mmap_offset, fd)
             for r, fd in zip(payload.regions, fds, strict=True)
         ]
-        self.backend.set_mem_table(regions)
+        self.has_mem_table = False  # unknown until the backend took it
+        self.backend.set_mem_table(
+            regions, [(r.index, r.addr) for r in self.vrings if r.addr is not None]
+        )
         self.has_mem_table = True
+        self.memory_top = top
         for ring in self.vrings:
             self._sync(ring)
         return None
@@ -568,8 +627,13 @@ class Session:
             )
         payload = msg.payload
         assert isinstance(payload, p.LogBase)
-        (fd,) = pending.take(1, "SET_LOG_BASE")
-        self.backend.set_log_base(fd, payload.mmap_size, payload.mmap_offset)
+        if payload.mmap_size <= 0:
+            raise RemoteProtocolError(f"SET_LOG_BASE with an empty log ({payload.mmap_size} bytes)")
+        _check_log_covers(payload.mmap_size, self.memory_top)
+        (fd,) = pending.take()
+        self.log_size = None  # unknown until the backend took it
+        self.backend.set_log_base(0, LogRegion(payload.mmap_size, payload.mmap_offset, fd))
+        self.log_size = payload.mmap_size
         event(
             "dirty_log",
             f"{self.name}: dirty log mapped ({payload.mmap_size} bytes)",
@@ -588,6 +652,9 @@ class Session:
                 f"SET_VRING_NUM {num} for vring {index}: ring size must be a power of two "
                 f"from 1 to {limit} under interface version {self.version.label}"
             )
+        if ring.num == num:
+            return None  # the kernel keeps the size across a stop (QEMU resends it)
+        ring.num = None
         self.backend.set_vring_num(index, num)
         ring.num = num
         return None
@@ -613,15 +680,34 @@ class Session:
                 f"SET_VRING_ADDR for vring {a.index} before SET_MEM_TABLE: its addresses "
                 "cannot be translated"
             )
-        self.backend.set_vring_addr(
-            a.index,
-            a.flags,
-            a.desc_user_addr,
-            a.used_user_addr,
-            a.avail_user_addr,
-            a.log_guest_addr,
+        if a.flags & ~_VRING_F_LOG:
+            raise RemoteProtocolError(
+                f"SET_VRING_ADDR for vring {a.index} has unknown flags 0x{a.flags:x} (only "
+                "bit 0, log, is defined)"
+            )
+        size = ring.num or 1
+        if a.desc_user_addr % 16 or a.avail_user_addr % 2 or a.used_user_addr % 4:
+            # the table of names is built only on this error path
+            for what, addr, align in (
+                ("descriptor table", a.desc_user_addr, 16),
+                ("avail ring", a.avail_user_addr, 2),
+                ("used ring", a.used_user_addr, 4),
+            ):
+                if addr % align:
+                    raise RemoteProtocolError(
+                        f"vring {a.index} (size {size}) {what} at 0x{addr:x} is not "
+                        f"{align}-byte aligned"
+                    )
+        if a.flags & _VRING_F_LOG and self.log_size is None:
+            raise RemoteProtocolError(
+                f"vring {a.index} (size {size}): used-ring logging requested before SET_LOG_BASE"
+            )
+        config = VringConfig(
+            size, a.flags, a.desc_user_addr, a.used_user_addr, a.avail_user_addr, a.log_guest_addr
         )
-        ring.addressed = True
+        ring.addr = None  # unknown until the backend took it
+        self.backend.set_vring_addr(a.index, config)
+        ring.addr = config
         self._sync(ring)
         return None
 
@@ -630,12 +716,8 @@ class Session:
         assert isinstance(payload, p.VringFile)
         ring = self._vring(payload.index, msg)
         if payload.no_fd:
-            if pending.fds:
-                pending.take(0, f"{msg.name} with the no-fd flag")
             return ring, -1
-        if len(pending.fds) != 1:
-            pending.take(1, msg.name)  # raises; the name is built only on this error path
-        (fd,) = pending.take(1, "")
+        (fd,) = pending.take()
         return ring, fd
 
     def _set_vring_kick(self, msg: p.Message, pending: _Pending) -> p.Payload | None:
@@ -665,7 +747,7 @@ class Session:
         index = msg.payload.index  # type: ignore[union-attr]  # the layout made it a VringState
         ring = self._vring(index, msg)
         if ring.state is VringState.RUNNING:
-            self.backend.stop_vring(index)
+            self.backend.set_backend(index, False)
         ring.state = VringState.STOPPED
         base = self.backend.get_vring_base(index)
         self._log_vring_base("GET_VRING_BASE", index, base)
@@ -781,6 +863,18 @@ _HANDLERS: dict[int, tuple[bool, _Handler]] = {
     int(p.Request.GET_INTERFACE_VERSIONS): (_BEFORE_OWNER, Session._get_interface_versions),
     int(p.Request.SET_INTERFACE_VERSION): (_BEFORE_OWNER, Session._set_interface_version),
 }
+
+
+def _check_log_covers(log_size: int, top: int) -> None:
+    """A log too short for guest memory would let the kernel set bits in whatever the shim
+    has mapped next to it."""
+    need = -(-top // (_LOG_PAGE * 8))
+    if log_size < need:
+        raise RemoteProtocolError(
+            f"dirty log of {log_size} bytes covers guest memory up to "
+            f"0x{log_size * 8 * _LOG_PAGE:x}, but memory reaches 0x{top:x} (needs {need} "
+            "bytes)"
+        )
 
 
 def _u64(msg: p.Message) -> int:

@@ -36,6 +36,10 @@ HEADERS = (
     "linux/sched.h",
     "linux/if_ether.h",
     "linux/if_packet.h",
+    "linux/if_arp.h",
+    "linux/prctl.h",
+    "linux/capability.h",
+    "asm/socket.h",
 )
 REFERENCE = Path(__file__).resolve().parents[2] / "shared/reference/kernel-vhost-uapi.md"
 
@@ -48,8 +52,9 @@ _CONST_PREFIXES = ("IFF_", "TUN_F_", "VHOST_F_", "VHOST_NET_F_", "VHOST_VRING_F_
                    "VIRTIO_NET_HDR_F_NEEDS_CSUM", "VIRTIO_NET_HDR_GSO_NONE", "IFNAMSIZ",
                    "VHOST_VIRTIO", "NLMSG_ERROR", "NLM_F_REQUEST", "RTM_NEWLINK",
                    "RTM_GETLINK", "IFLA_", "NETLINK_ROUTE", "NLA_", "CLONE_NEWNET",
-                   "ETH_P_", "PACKET_OUTGOING", "PACKET_STATISTICS", "SOL_PACKET",
-                   "SO_RCVBUFFORCE")
+                   "ETH_P_", "ETH_ZLEN", "PACKET_OUTGOING", "PACKET_STATISTICS", "SOL_PACKET",
+                   "SO_RCVBUFFORCE", "ARPHRD_", "ARPOP_", "PR_", "_LINUX_CAPABILITY_VERSION_3",
+                   "SO_PEERGROUPS")
 #: constants the headers define as enum members, not macros: printed without #ifdef
 _ENUM_PREFIXES = ("IFLA_",)
 

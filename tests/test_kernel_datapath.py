@@ -30,7 +30,7 @@ import pytest
 from kvhost import abi, features
 from kvhost.memory import GuestMemory
 from kvhost.tap import Tap, vnet_hdr_len
-from kvhost.vhost import RX, TX, VhostNet
+from kvhost.vhost import RX, TX, VhostNet, VringConfig
 from kvhost.virtqueue import SplitRing
 
 pytestmark = pytest.mark.kernel
@@ -94,7 +94,10 @@ def datapath(netns_quiet: str) -> Iterator[Datapath]:
             dev.set_vring_num(i, RING)
             dev.set_vring_base(i, 0)
             dev.set_vring_addr(
-                i, mem.hva(ring.desc_gpa), mem.hva(ring.used_gpa), mem.hva(ring.avail_gpa)
+                i,
+                VringConfig(
+                    RING, 0, mem.hva(ring.desc_gpa), mem.hva(ring.used_gpa), mem.hva(ring.avail_gpa)
+                ),
             )
             dev.set_vring_kick(i, k)
             dev.set_vring_call(i, c)
@@ -102,10 +105,10 @@ def datapath(netns_quiet: str) -> Iterator[Datapath]:
             kick.append(k)
             call.append(c)
         for i in (RX, TX):
-            dev.net_set_backend(i, tap.fileno())
+            dev.set_backend(i, tap.fileno())
         yield Datapath(mem, dev, tap, rings, kick, call, hdr_len)
         for i in (RX, TX):
-            dev.net_set_backend(i, -1)
+            dev.set_backend(i, -1)
 
 
 def _packet_socket(stack: ExitStack) -> socket.socket:

@@ -40,7 +40,7 @@ from kvhost.tap import Tap
 from kvhost.vhost_user.frontend import BackendRefused, VhostUserFrontend
 from shim import privileges
 from shim.cli import main
-from shim.kernel_backend import TapSpec
+from shim.tap_setup import TapSpec
 
 pytestmark = pytest.mark.kernel
 

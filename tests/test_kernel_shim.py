@@ -32,9 +32,10 @@ from kvhost.memory import GuestMemory, MemoryRegion
 from kvhost.vhost_user import protocol as p
 from kvhost.vhost_user.frontend import NetDevice, VersionRefused, VhostUserFrontend
 from kvhost.vhost_user.protocol import Request as R
-from shim.kernel_backend import KernelBackend, TapSpec
+from shim.kernel_backend import KernelBackend
 from shim.server import ShimConfig, ShimServer
 from shim.session import Backend
+from shim.tap_setup import TapSpec
 
 pytestmark = pytest.mark.kernel
 

@@ -15,7 +15,7 @@ from kvhost.errors import KernelError
 from kvhost.ioctl import read_max_mem_regions
 from kvhost.memory import GuestMemory, MemoryRegion
 from kvhost.tap import Tap
-from kvhost.vhost import RX, TX, VhostNet
+from kvhost.vhost import RX, TX, VhostNet, VringConfig
 from kvhost.virtqueue import SplitRing
 
 pytestmark = pytest.mark.kernel
@@ -38,10 +38,14 @@ def _setup_rings(dev: VhostNet, mem: GuestMemory, stack: ExitStack) -> list[Spli
         dev.set_vring_base(i, 0)
         dev.set_vring_addr(
             i,
-            mem.hva(ring.desc_gpa),
-            mem.hva(ring.used_gpa),
-            mem.hva(ring.avail_gpa),
-            log_guest_addr=ring.used_gpa,
+            VringConfig(
+                RING,
+                0,
+                mem.hva(ring.desc_gpa),
+                mem.hva(ring.used_gpa),
+                mem.hva(ring.avail_gpa),
+                log_addr=ring.used_gpa,
+            ),
         )
         for setter in (dev.set_vring_kick, dev.set_vring_call, dev.set_vring_err):
             efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -71,10 +75,10 @@ def test_every_ioctl_in_qemu_order(netns: str, memory: GuestMemory, fd_leak_chec
         assert dev.get_busyloop_timeout(TX) == 50
         dev.set_busyloop_timeout(TX, 0)
         for i in (RX, TX):
-            dev.net_set_backend(i, tap.fileno())
+            dev.set_backend(i, tap.fileno())
         # stop, as QEMU does: detach, then read where each ring stopped
         for i in (RX, TX):
-            dev.net_set_backend(i, -1)
+            dev.set_backend(i, -1)
             assert dev.get_vring_base(i) == 0
         # a migrated ring position survives a stop
         dev.set_vring_base(TX, 4711)
@@ -139,7 +143,9 @@ def test_misaligned_avail_ring_is_einval(memory: GuestMemory) -> None:
         dev.set_mem_table(memory.regions)
         dev.set_vring_num(TX, RING)
         with pytest.raises(KernelError) as info:
-            dev.set_vring_addr(TX, memory.hva(0), memory.hva(0x2000), memory.hva(0x1001))
+            dev.set_vring_addr(
+                TX, VringConfig(RING, 0, memory.hva(0), memory.hva(0x2000), memory.hva(0x1001))
+            )
     assert (info.value.op, info.value.errno) == ("VHOST_SET_VRING_ADDR", errno.EINVAL)
 
 
@@ -171,7 +177,7 @@ def test_non_tap_backend_is_enotsock(kind: str, memory: GuestMemory, fd_leak_che
             fd = os.open("/dev/null", os.O_RDWR | os.O_CLOEXEC)
             stack.callback(os.close, fd)
         with pytest.raises(KernelError) as info:
-            dev.net_set_backend(TX, fd)
+            dev.set_backend(TX, fd)
     assert (info.value.op, info.value.errno) == ("VHOST_NET_SET_BACKEND", errno.ENOTSOCK)
     assert "not a tap" in str(info.value)
 

@@ -24,6 +24,7 @@ import pytest
 from kvhost import features, versions
 from kvhost.errors import KernelError, VersionError
 from kvhost.memory import FrontendRegion
+from kvhost.vhost import LogRegion, VringConfig
 from kvhost.vhost_user import protocol as p
 from kvhost.vhost_user.protocol import Request as R
 from shim.server import ShimConfig, ShimServer
@@ -85,7 +86,9 @@ class RecordingBackend:
     def set_features(self, virtio_features: int) -> None:
         self._rec("set_features", virtio_features)
 
-    def set_mem_table(self, regions: Sequence[FrontendRegion]) -> None:
+    def set_mem_table(
+        self, regions: Sequence[FrontendRegion], rings: Sequence[tuple[int, VringConfig]] = ()
+    ) -> None:
         for r in regions:
             os.close(r.fd)
         self._rec(
@@ -93,44 +96,42 @@ class RecordingBackend:
             [(r.guest_phys_addr, r.memory_size, r.userspace_addr, r.mmap_offset) for r in regions],
         )
 
-    def set_log_base(self, fd: int, mmap_size: int, mmap_offset: int) -> None:
+    def set_log_base(self, base: int, region: LogRegion | None = None) -> None:
+        assert region is not None
+        os.close(region.fd)
+        self._rec("set_log_base", region.size, region.offset)
+
+    def set_vring_num(self, index: int, num: int) -> None:
+        self._rec("set_vring_num", index, num)
+
+    def set_vring_base(self, index: int, base: int) -> None:
+        self._rec("set_vring_base", index, base)
+
+    def set_vring_addr(self, index: int, config: VringConfig) -> None:
+        c = config
+        self._rec("set_vring_addr", index, c.flags, c.desc, c.used, c.avail, c.log_addr)
+
+    def set_vring_kick(self, index: int, fd: int) -> None:
         os.close(fd)
-        self._rec("set_log_base", mmap_size, mmap_offset)
+        self._rec("set_vring_kick", index)
 
-    def set_vring_num(self, ring: int, num: int) -> None:
-        self._rec("set_vring_num", ring, num)
-
-    def set_vring_base(self, ring: int, base: int) -> None:
-        self._rec("set_vring_base", ring, base)
-
-    def set_vring_addr(
-        self, ring: int, flags: int, desc: int, used: int, avail: int, log_addr: int
-    ) -> None:
-        self._rec("set_vring_addr", ring, flags, desc, used, avail, log_addr)
-
-    def set_vring_kick(self, ring: int, fd: int) -> None:
-        os.close(fd)
-        self._rec("set_vring_kick", ring)
-
-    def set_vring_call(self, ring: int, fd: int) -> None:
+    def set_vring_call(self, index: int, fd: int) -> None:
         if fd >= 0:
             os.close(fd)
-        self._rec("set_vring_call", ring, fd >= 0)
+        self._rec("set_vring_call", index, fd >= 0)
 
-    def set_vring_err(self, ring: int, fd: int) -> None:
+    def set_vring_err(self, index: int, fd: int) -> None:
         if fd >= 0:
             os.close(fd)
-        self._rec("set_vring_err", ring, fd >= 0)
+        self._rec("set_vring_err", index, fd >= 0)
 
-    def start_vring(self, ring: int) -> None:
-        self._rec("start_vring", ring)
+    def set_backend(self, index: int, attach: bool) -> None:
+        # recorded as the two verbs the tests read: a ring attached or detached
+        self._rec("attach" if attach else "detach", index)
 
-    def stop_vring(self, ring: int) -> None:
-        self._rec("stop_vring", ring)
-
-    def get_vring_base(self, ring: int) -> int:
-        self._rec("get_vring_base", ring)
-        return self.bases.get(ring, 0)
+    def get_vring_base(self, index: int) -> int:
+        self._rec("get_vring_base", index)
+        return self.bases.get(index, 0)
 
     def send_rarp(self, mac: bytes) -> None:
         self._rec("send_rarp", mac)
@@ -179,9 +180,7 @@ class Peer:
             replies.extend(self.codec.receive(chunk))
         return replies
 
-    def u64(
-        self, request: R, value: int | None = None, *, need_reply: bool = False
-    ) -> int | None:
+    def u64(self, request: R, value: int | None = None, *, need_reply: bool = False) -> int | None:
         payload: p.Payload = p.EMPTY if value is None else p.U64(value)
         replies = self.send(request, payload, need_reply=need_reply)
         if not replies:
@@ -290,8 +289,8 @@ def test_qemu_72_startup_and_driver_ok_sequence(fd_leak_check: None) -> None:
     assert set_features == [("set_features", GUEST)]  # PROTOCOL_FEATURES never reaches it
     # each ring attaches right after its kick, before the trailing SET_VRING_CALL
     v = backend.verbs()
-    assert v[v.index("set_vring_kick") + 1] == "start_vring"
-    assert v.count("start_vring") == 2
+    assert v[v.index("set_vring_kick") + 1] == "attach"
+    assert v.count("attach") == 2
     assert v.index("set_owner") < v.index("set_features") < v.index("set_mem_table")
     # quit
     backend.bases = {0: 7, 1: 9}
@@ -299,9 +298,9 @@ def test_qemu_72_startup_and_driver_ok_sequence(fd_leak_check: None) -> None:
         (reply,) = peer.vring_state(R.GET_VRING_BASE, i, 0)
         assert reply.payload == p.VringState(i, want)
     assert backend.calls[-4:] == [
-        ("stop_vring", 0),
+        ("detach", 0),
         ("get_vring_base", 0),
-        ("stop_vring", 1),
+        ("detach", 1),
         ("get_vring_base", 1),
     ]
     assert [r.state for r in session.vrings] == [VringState.STOPPED, VringState.STOPPED]
@@ -323,7 +322,7 @@ def test_multiqueue_init_repeats_per_pair_and_owner_is_taken_once(fd_leak_check:
     for i in range(8):
         peer.vring_state(R.SET_VRING_ENABLE, i, 1)
         peer.configure_ring(i)
-    assert sorted(backend.rings("start_vring")) == list(range(8))
+    assert sorted(backend.rings("attach")) == list(range(8))
     assert session.state is ConnectionState.OWNED
 
 
@@ -395,7 +394,7 @@ def test_without_protocol_features_rings_start_enabled(fd_leak_check: None) -> N
     peer.u64(R.SET_FEATURES, GUEST)
     peer.mem_table([(0, 1 << 20, 0x7F00_0000_0000)])
     peer.configure_ring(0)
-    assert ("start_vring", 0) in backend.calls
+    assert ("attach", 0) in backend.calls
     assert session.vrings[0].state is VringState.RUNNING
 
 
@@ -472,11 +471,11 @@ def test_enable_and_disable_attach_and_detach(fd_leak_check: None) -> None:
     peer.mem_table([(0, 1 << 20, 0x7F00_0000_0000)])
     peer.configure_ring(0)
     assert session.vrings[0].state is VringState.STARTED  # not enabled yet
-    assert "start_vring" not in backend.verbs()
+    assert "attach" not in backend.verbs()
     peer.vring_state(R.SET_VRING_ENABLE, 0, 1)
-    assert backend.calls[-1] == ("start_vring", 0)
+    assert backend.calls[-1] == ("attach", 0)
     peer.vring_state(R.SET_VRING_ENABLE, 0, 0)
-    assert backend.calls[-1] == ("stop_vring", 0)
+    assert backend.calls[-1] == ("detach", 0)
     assert session.vrings[0].state is VringState.STARTED
     # a ring stopped by GET_VRING_BASE needs a new kick before it runs again
     peer.vring_state(R.GET_VRING_BASE, 0, 0)
@@ -495,7 +494,7 @@ def test_resizing_a_running_ring_fails_the_connection(fd_leak_check: None) -> No
     assert session.state is ConnectionState.FAILED
     assert "GET_VRING_BASE first" in (session.error or "")
     # failing stops the running ring before closing the devices
-    assert backend.calls[-2:] == [("stop_vring", 0), ("close",)]
+    assert backend.calls[-2:] == [("detach", 0), ("close",)]
 
 
 @pytest.mark.parametrize("num", [0, 3, 2048, 1 << 20])
@@ -697,7 +696,7 @@ def test_reset_owner_stops_rings_and_forgets_setup(fd_leak_check: None) -> None:
     peer.mem_table([(0, 1 << 20, 0x7F00_0000_0000)])
     peer.configure_ring(0)
     peer.send(R.RESET_OWNER)
-    assert backend.calls[-2:] == [("stop_vring", 0), ("reset_owner",)]
+    assert backend.calls[-2:] == [("detach", 0), ("reset_owner",)]
     assert session.vrings[0].state is VringState.STOPPED
     assert not session.has_mem_table
     peer.send(R.SET_VRING_ADDR, p.VringAddr(0, 0, 0x1000, 0x3000, 0x2000, 0))
@@ -710,7 +709,7 @@ def test_close_stops_running_rings() -> None:
     peer.mem_table([(0, 1 << 20, 0x7F00_0000_0000)])
     peer.configure_ring(1)
     session.close()
-    assert backend.calls[-2:] == [("stop_vring", 1), ("close",)]
+    assert backend.calls[-2:] == [("detach", 1), ("close",)]
     assert session.done
 
 
@@ -967,3 +966,132 @@ def test_server_refuses_an_fd_that_is_not_a_unix_stream_socket() -> None:
     finally:
         os.close(r)
         os.close(w)
+
+
+# --- ring rules the session owns (the backend receives validated values) ------------------
+
+
+def _addr(index: int, va: int, flags: int = 0, log: int = 0) -> p.VringAddr:
+    return p.VringAddr(index, flags, va, va + 0x2000, va + 0x1000, log)
+
+
+@pytest.mark.parametrize(
+    ("addr", "text"),
+    [
+        (_addr(0, 0x7F00_0000_0000, flags=2), "unknown flags 0x2"),
+        (_addr(0, 0x7F00_0000_0008), "descriptor table at 0x7f0000000008 is not 16-byte"),
+        (p.VringAddr(0, 0, 0x7F00_0000_0000, 0x7F00_0000_2002, 0x7F00_0000_1000, 0), "used ring"),
+        (p.VringAddr(0, 0, 0x7F00_0000_0000, 0x7F00_0000_2000, 0x7F00_0000_1001, 0), "avail ring"),
+        (_addr(0, 0x7F00_0000_0000, flags=1), "logging requested before SET_LOG_BASE"),
+    ],
+)
+def test_bad_ring_addresses_never_reach_the_backend(addr: p.VringAddr, text: str) -> None:
+    session, backend, peer = owned()
+    peer.mem_table([(0, 1 << 20, 0x7F00_0000_0000)])
+    peer.vring_state(R.SET_VRING_NUM, 0, 256)
+    peer.send(R.SET_VRING_ADDR, addr)
+    assert session.state is ConnectionState.FAILED
+    assert text in (session.error or "")
+    assert "set_vring_addr" not in backend.verbs()
+
+
+def test_a_log_too_short_for_memory_is_refused_either_way_round() -> None:
+    # 1 GiB of guest memory needs 32 KiB of log (one bit per 4 KiB page)
+    session, backend, peer = owned()
+    peer.mem_table([(0, 1 << 30, 0x7F00_0000_0000)])
+    peer.send(R.SET_LOG_BASE, p.LogBase(4096, 0), [os.memfd_create("log", os.MFD_CLOEXEC)])
+    assert "needs 32768 bytes" in (session.error or "")
+    assert "set_log_base" not in backend.verbs()
+
+    session, backend, peer = owned()
+    peer.send(R.SET_LOG_BASE, p.LogBase(4096, 0), [os.memfd_create("log", os.MFD_CLOEXEC)])
+    peer.mem_table([(0, 1 << 30, 0x7F00_0000_0000)])
+    assert "needs 32768 bytes" in (session.error or "")
+    assert "set_mem_table" not in backend.verbs()
+
+
+def test_repeats_the_kernel_keeps_are_not_passed_on(fd_leak_check: None) -> None:
+    """QEMU resends SET_FEATURES and SET_VRING_NUM at every DRIVER_OK; the kernel keeps both
+    across a ring stop, so the backend hears each value once."""
+    session, backend, peer = owned()
+    for _ in range(2):
+        peer.u64(R.SET_FEATURES, GUEST | features.PROTOCOL_FEATURES)
+        peer.mem_table([(0, 1 << 20, 0x7F00_0000_0000)])
+        peer.vring_state(R.SET_VRING_ENABLE, 0, 1)
+        peer.configure_ring(0)
+        peer.send(R.GET_VRING_BASE, p.VringState(0, 0))
+    assert backend.verbs().count("set_features") == 1
+    assert backend.verbs().count("set_vring_num") == 1
+    assert backend.verbs().count("set_vring_base") == 2
+    assert session.state is ConnectionState.OWNED
+
+
+def test_a_new_table_carries_the_configured_rings_and_a_resize_rechecks_addresses(
+    fd_leak_check: None,
+) -> None:
+    session, backend, peer = owned()
+    seen: list[list[tuple[int, VringConfig]]] = []
+    original = backend.set_mem_table
+
+    def spy(
+        regions: Sequence[FrontendRegion], rings: Sequence[tuple[int, VringConfig]] = ()
+    ) -> None:
+        seen.append(list(rings))
+        original(regions, rings)
+
+    backend.set_mem_table = spy  # type: ignore[method-assign]
+    peer.u64(R.SET_FEATURES, GUEST | features.PROTOCOL_FEATURES)
+    peer.mem_table([(0, 1 << 20, 0x7F00_0000_0000)])
+    peer.vring_state(R.SET_VRING_ENABLE, 0, 1)
+    peer.configure_ring(0)
+    peer.mem_table([(0, 2 << 20, 0x7F00_0000_0000)])
+    va = 0x7F00_0000_0000
+    assert seen == [[], [(0, VringConfig(256, 0, va, va + 0x2000, va + 0x1000, 0))]]
+    # stopped, resized, restarted without new addresses: the old ones are checked again
+    peer.send(R.GET_VRING_BASE, p.VringState(0, 0))
+    peer.vring_state(R.SET_VRING_NUM, 0, 512)
+    backend.calls.clear()
+    peer.vring_file(R.SET_VRING_KICK, 0)
+    assert backend.calls == [
+        ("set_vring_kick", 0),
+        ("set_vring_addr", 0, 0, va, va + 0x2000, va + 0x1000, 0),
+        ("attach", 0),
+    ]
+    assert session.vrings[0].addr == VringConfig(512, 0, va, va + 0x2000, va + 0x1000, 0)
+
+
+def test_the_backends_share_the_kernel_devices_verbs() -> None:
+    """One verb set (rust-vmm's VhostBackend): the same names and parameters for the
+    kernel device, the shim's backend and the recording one. vhost-net's set_backend is a
+    device extra: the shim's takes attach/detach, the tap fd being its own handle."""
+    import inspect
+
+    from kvhost.vhost import VhostNet
+    from shim.kernel_backend import KernelBackend
+    from shim.session import Backend
+
+    verbs = [
+        "set_owner",
+        "reset_owner",
+        "set_features",
+        "set_mem_table",
+        "set_log_base",
+        "set_vring_num",
+        "set_vring_addr",
+        "set_vring_base",
+        "get_vring_base",
+        "set_vring_kick",
+        "set_vring_call",
+        "set_vring_err",
+    ]
+
+    def params(cls: type, verb: str) -> list[str]:
+        """The parameters every caller passes (a transport may add optional ones)."""
+        found = inspect.signature(getattr(cls, verb)).parameters.values()
+        return [q.name for q in found if q.default is inspect.Parameter.empty]
+
+    for verb in verbs:
+        want = params(VhostNet, verb)
+        for cls in (Backend, KernelBackend, RecordingBackend):
+            assert params(cls, verb) == want, (cls.__name__, verb)
+    assert hasattr(KernelBackend, "get_features") and hasattr(VhostNet, "get_features")
