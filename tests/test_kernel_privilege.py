@@ -33,7 +33,8 @@ import pytest
 from peers import in_child, knock
 from test_kernel_shim import BASE_GPA, MEMORY, captured, packet_socket, test_frames
 
-from kvhost import abi, netlink
+from harness import netlink
+from kvhost import abi
 from kvhost.errors import RemoteProtocolError, UsageError
 from kvhost.memory import GuestMemory
 from kvhost.tap import Tap

@@ -25,7 +25,8 @@ from typing import ClassVar, Protocol
 
 import pytest
 
-from kvhost import abi, features, netlink, versions
+from harness import netlink
+from kvhost import abi, features, versions
 from kvhost import ioctl as kv_ioctl
 from kvhost.errors import RemoteProtocolError
 from kvhost.memory import GuestMemory, MemoryRegion

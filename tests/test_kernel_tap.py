@@ -9,7 +9,8 @@ from collections.abc import Callable
 
 import pytest
 
-from kvhost import abi, netlink
+from harness import netlink
+from kvhost import abi
 from kvhost import netns as kvnetns
 from kvhost.errors import KernelError, UsageError
 from kvhost.features import TAP_OFFLOAD_BITS

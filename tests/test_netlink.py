@@ -7,8 +7,8 @@ import os
 
 import pytest
 
+from harness import netlink
 from harness import netns as testns
-from kvhost import netlink
 from kvhost.errors import UsageError
 
 
