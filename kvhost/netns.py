@@ -1,10 +1,10 @@
 """Network namespaces: entering one, for good or for the body of a ``with``.
 
-Deliberately free of pyroute2 (kvhost.netlink): inside a TCG test VM importing it costs a
+Deliberately free of pyroute2 (the harness's netlink): inside a TCG test VM importing it costs a
 minute or more, and the shim enters its ``--netns`` at every start. Namespaces made with
 ``ip netns add`` are entered with setns(2) through ctypes: :func:`enter` (for good)
 and :func:`inside` (for a ``with`` body) are the only places kvhost's own code calls setns --
-the shim's ``--netns``, :mod:`kvhost.tap`, :mod:`kvhost.netlink` (instead of pyroute2's own
+the shim's ``--netns``, :mod:`kvhost.tap`, :mod:`harness.netlink` (instead of pyroute2's own
 namespace switching) and the tests go through them. Throw-away namespaces and taps for tests
 are the harness's (:mod:`harness.netns`).
 
