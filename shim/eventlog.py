@@ -14,9 +14,11 @@ lines, errors) goes through the same :class:`EventFormatter`, so the stream is u
 Event names: ``listening``, ``accepted``, ``refused``, ``version``, ``closed``,
 ``stopping``, ``tap``, ``privileges``, ``error``; per connection, what it did to the kernel
 device: ``features`` (each SET_FEATURES: ``features``; the first at info level, the
-rest debug), ``vring_base`` (debug: ``request`` GET_/SET_VRING_BASE, ``vring``, ``base``),
-``dirty_log`` (``bytes`` mapped), ``rarp`` (``mac`` announced), ``vring`` (debug: ``vring``
-started, ``result`` ``running``) and ``devices`` (SET_OWNER opened ``tap`` and ``devices``
+rest debug), ``vring_base`` (``request`` GET_VRING_BASE -- a ring stopped, with ``took_us``,
+the time from the request to its reply being ready -- or, at debug, SET_VRING_BASE; ``vring``,
+``base``), ``dirty_log`` (``bytes`` mapped), ``rarp`` (``mac`` announced), ``vring`` (``vring``
+started, ``result`` ``running``, ``start_us``: microseconds since the first ring message of
+this start) and ``devices`` (SET_OWNER opened ``tap`` and ``devices``
 vhost-net devices; ``features``: the kernel's).
 """
 

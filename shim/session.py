@@ -85,6 +85,7 @@ import dataclasses
 import enum
 import logging
 import os
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -326,6 +327,10 @@ class Session:
         self._ring_limit = 2 * self.queue_pairs
         #: the one-sentence reason the connection failed, for the server's log line
         self.error: str | None = None
+        #: monotonic ns of the first ring message of a start (NUM/BASE/ADDR/KICK while no ring
+        #: runs), so each ``vring`` running event says how long the start took in the shim's
+        #: hands -- on a migration's destination, that is the shim's share of the downtime
+        self._start_began: int | None = None
 
     # -- public API ------------------------------------------------------------------
 
@@ -478,13 +483,15 @@ class Session:
                 ring.addr = addr
             self.backend.set_backend(ring.index, True)
             ring.state = VringState.RUNNING
+            began = self._start_began
+            start_us = None if began is None else (time.monotonic_ns() - began) // 1000
             event(
                 "vring",
                 f"{self.name}: vring {ring.index} running",
-                level=logging.DEBUG,
                 connection=self.name,
                 vring=ring.index,
                 result="running",
+                start_us=start_us,
             )
         elif not want and ring.state is VringState.RUNNING:
             self.backend.set_backend(ring.index, False)
@@ -496,16 +503,27 @@ class Session:
                 self.backend.set_backend(ring.index, False)
             ring.state = VringState.STOPPED
 
-    def _log_vring_base(self, request: str, index: int, base: int) -> None:
+    def _log_vring_base(self, request: str, index: int, base: int, **extra: object) -> None:
+        # a ring stop (GET) is an operator-visible moment (shutdown, migration); a ring's
+        # restore (SET) is detail
         event(
             "vring_base",
             f"{self.name}: {request} vring {index} base {base}",
-            level=logging.DEBUG,
+            level=logging.INFO if request == "GET_VRING_BASE" else logging.DEBUG,
             connection=self.name,
             request=request,
             vring=index,
             base=base,
+            **extra,
         )
+
+    def _ring_message(self) -> None:
+        """A message that configures or starts a ring: the first one while no ring runs
+        begins a start."""
+        if self._start_began is None and not any(
+            r.state is VringState.RUNNING for r in self.vrings
+        ):
+            self._start_began = time.monotonic_ns()
 
     def _require_stopped(self, ring: Vring, msg: p.Message) -> None:
         if ring.state is not VringState.STOPPED:
@@ -643,6 +661,7 @@ class Session:
         return p.U64(REPLY_OK)
 
     def _set_vring_num(self, msg: p.Message, pending: _Pending) -> p.Payload | None:
+        self._ring_message()
         index, num = _vring_state(msg)
         ring = self._vring(index, msg)
         self._require_stopped(ring, msg)
@@ -660,6 +679,7 @@ class Session:
         return None
 
     def _set_vring_base(self, msg: p.Message, pending: _Pending) -> p.Payload | None:
+        self._ring_message()
         index, base = _vring_state(msg)
         ring = self._vring(index, msg)
         self._require_stopped(ring, msg)
@@ -672,6 +692,7 @@ class Session:
         return None
 
     def _set_vring_addr(self, msg: p.Message, pending: _Pending) -> p.Payload | None:
+        self._ring_message()
         a = msg.payload
         assert isinstance(a, p.VringAddr)
         ring = self._vring(a.index, msg)
@@ -721,6 +742,7 @@ class Session:
         return ring, fd
 
     def _set_vring_kick(self, msg: p.Message, pending: _Pending) -> p.Payload | None:
+        self._ring_message()
         ring, fd = self._vring_fd(msg, pending)
         if fd < 0:
             raise RemoteProtocolError(
@@ -744,13 +766,17 @@ class Session:
         return None
 
     def _get_vring_base(self, msg: p.Message, pending: _Pending) -> p.Payload | None:
+        t0 = time.monotonic_ns()
         index = msg.payload.index  # type: ignore[union-attr]  # the layout made it a VringState
         ring = self._vring(index, msg)
         if ring.state is VringState.RUNNING:
             self.backend.set_backend(index, False)
         ring.state = VringState.STOPPED
+        self._start_began = None
         base = self.backend.get_vring_base(index)
-        self._log_vring_base("GET_VRING_BASE", index, base)
+        # on a migration's source, the sum over the rings is the shim's share of the downtime
+        took_us = (time.monotonic_ns() - t0) // 1000
+        self._log_vring_base("GET_VRING_BASE", index, base, took_us=took_us)
         return p.VringState(index, base)
 
     def _set_vring_enable(self, msg: p.Message, pending: _Pending) -> p.Payload | None:

@@ -713,6 +713,67 @@ def test_close_stops_running_rings() -> None:
     assert session.done
 
 
+
+class _SlowBackend(RecordingBackend):
+    """Kernel calls that take ``DELAY`` seconds: the ring-stop and ring-start events must
+    account for them."""
+
+    DELAY = 0.02
+
+    def set_vring_num(self, index: int, num: int) -> None:
+        time.sleep(self.DELAY)
+        super().set_vring_num(index, num)
+
+    def get_vring_base(self, index: int) -> int:
+        time.sleep(self.DELAY)
+        return super().get_vring_base(index)
+
+
+def _events(caplog: pytest.LogCaptureFixture, name: str) -> list[tuple[int, dict[str, object]]]:
+    return [
+        (r.levelno, r.kvhost_event)  # type: ignore[attr-defined]
+        for r in caplog.records
+        if getattr(r, "kvhost_event", {}).get("event") == name
+    ]
+
+
+def test_ring_stop_and_start_events_time_the_shim_s_share(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """What bench_qemu sums into the shim's share of migration downtime: each GET_VRING_BASE
+    says how long it took (request to reply), each running ring how long since the first ring
+    message of its start; both at info level, so a default shim logs them."""
+    caplog.set_level(logging.DEBUG, logger="kvhost.shim")
+    backend = _SlowBackend()
+    session = Session(backend, V5, name="test")
+    peer = Peer(session)
+    peer.negotiate()
+    peer.send(R.SET_OWNER)
+    peer.u64(R.SET_FEATURES, GUEST)
+    peer.mem_table([(0, 1 << 20, 0x7F00_0000_0000)])
+    for i in (0, 1):
+        peer.configure_ring(i)
+    running = _events(caplog, "vring")
+    assert [(lvl, e["vring"]) for lvl, e in running] == [(logging.INFO, 0), (logging.INFO, 1)]
+    first, second = (int(e["start_us"]) for _, e in running)  # type: ignore[call-overload]
+    # one start, measured from ring 0's SET_VRING_NUM: both slow SET_VRING_NUMs lie in ring 1's
+    assert first >= 1e6 * backend.DELAY and second >= 2e6 * backend.DELAY and second > first
+    for i in (0, 1):
+        peer.vring_state(R.GET_VRING_BASE, i, 0)
+    stops = [(lvl, e) for lvl, e in _events(caplog, "vring_base")
+             if e["request"] == "GET_VRING_BASE"]  # fmt: skip
+    assert [(lvl, e["vring"]) for lvl, e in stops] == [(logging.INFO, 0), (logging.INFO, 1)]
+    assert all(int(e["took_us"]) >= 1e6 * backend.DELAY for _, e in stops)  # type: ignore[call-overload]
+    # a new start is timed from its own first ring message, not the previous start's
+    caplog.clear()
+    t0 = time.monotonic()
+    peer.configure_ring(0)
+    elapsed_us = (time.monotonic() - t0) * 1e6
+    ((_, again),) = _events(caplog, "vring")
+    assert 0 <= int(again["start_us"]) <= elapsed_us  # type: ignore[call-overload]
+    session.close()
+
+
 # --- the socket layer around the session (shim.server), still with recording backends ------
 
 
