@@ -26,6 +26,8 @@ if __package__ in (None, ""):
     # a tree on PYTHONPATH wins; otherwise the checkout this script belongs to
     sys.path.append(str(Path(__file__).resolve().parent.parent))
 
+from harness.device import GUEST
+from harness.device import QEMU_PROTOCOL as PROTOCOL
 from kvhost import features, versions
 from kvhost.memory import FrontendRegion
 from kvhost.vhost_user import protocol as p
@@ -36,15 +38,6 @@ if TYPE_CHECKING:  # absent from trees before the shared verb set, which this sc
     from kvhost.vhost import LogRegion, VringConfig
 
 VERSION = versions.parse("org.kernel.vhost-net.v5")
-#: what QEMU 7.2 acks of the shim's protocol features
-PROTOCOL = int(
-    p.ProtocolFeature.MQ
-    | p.ProtocolFeature.LOG_SHMFD
-    | p.ProtocolFeature.RARP
-    | p.ProtocolFeature.REPLY_ACK
-    | p.ProtocolFeature.MTU
-)
-GUEST = features.mask(["VERSION_1", "MRG_RXBUF", "EVENT_IDX", "CSUM", "GUEST_CSUM"])
 TABLE = p.MemTable((
     p.MemRegion(0, 0xC0000, 0x7F00_0000_0000, 0),
     p.MemRegion(0x100000, 0x3F00000, 0x7F00_0010_0000, 0x100000),

@@ -9,6 +9,18 @@ from harness.qemu.legacy_pci import LegacyVirtioNet
 from harness.qemu.machine import Machine
 from harness.qemu.virtio_pci import DriverState, VirtioNetDriver
 from kvhost import features, versions
+from kvhost.vhost_user import protocol as p
+
+#: what QEMU 7.2 acks of the shim's protocol features (it does not know bit 63)
+QEMU_PROTOCOL = int(
+    p.ProtocolFeature.MQ
+    | p.ProtocolFeature.LOG_SHMFD
+    | p.ProtocolFeature.RARP
+    | p.ProtocolFeature.REPLY_ACK
+    | p.ProtocolFeature.MTU
+)
+#: the device bits a modern Linux guest driver acks of a v5 backend, in short
+GUEST = features.mask(["VERSION_1", "MRG_RXBUF", "EVENT_IDX", "CSUM", "GUEST_CSUM"])
 
 #: QEMU 7.2's vhost-user ``user_feature_bits``: the device bits QEMU masks with the
 #: backend's GET_FEATURES and the only bits it forwards in SET_FEATURES. Everything else

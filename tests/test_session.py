@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from harness.device import GUEST, QEMU_PROTOCOL
 from kvhost import features, versions
 from kvhost.errors import KernelError, VersionError
 from kvhost.memory import FrontendRegion
@@ -40,15 +41,6 @@ V1 = versions.parse("org.kernel.vhost-net.v1")
 V4 = versions.parse("org.kernel.vhost-net.v4")
 V5 = versions.parse("org.kernel.vhost-net.v5")
 
-#: what QEMU 7.2 acks of the shim's protocol features (it does not know bit 63)
-QEMU_PROTOCOL = int(
-    p.ProtocolFeature.MQ
-    | p.ProtocolFeature.LOG_SHMFD
-    | p.ProtocolFeature.RARP
-    | p.ProtocolFeature.REPLY_ACK
-    | p.ProtocolFeature.MTU
-)
-GUEST = features.mask(["VERSION_1", "MRG_RXBUF", "EVENT_IDX", "CSUM", "GUEST_CSUM"])
 
 
 class RecordingBackend:
