@@ -350,34 +350,6 @@ class MappedTable:
                 return False
         return True
 
-    def add(self, region: FrontendRegion) -> MemoryRegion:
-        """Map one more region (vhost-user ADD_MEM_REG); takes ownership of its fd."""
-        try:
-            self._validate([region])
-        except BaseException:
-            _close_quietly(region.fd)
-            raise
-        m = self._map(region)
-        self._mapped.append(m)
-        return self._vhost_region(m)
-
-    def remove(self, guest_phys_addr: int, memory_size: int, userspace_addr: int) -> None:
-        """Unmap the region matching all three values (vhost-user REM_MEM_REG)."""
-        for i, m in enumerate(self._mapped):
-            f = m.front
-            if (f.guest_phys_addr, f.memory_size, f.userspace_addr) == (
-                guest_phys_addr,
-                memory_size,
-                userspace_addr,
-            ):
-                m.close()
-                del self._mapped[i]
-                return
-        raise self._error(
-            f"no memory region gpa 0x{guest_phys_addr:x} size 0x{memory_size:x} at "
-            f"0x{userspace_addr:x} to remove"
-        )
-
     def __len__(self) -> int:
         return len(self._mapped)
 
