@@ -20,6 +20,7 @@ import pytest
 from kvhost import features as fb
 from kvhost.errors import LocalProtocolError, RemoteProtocolError, UsageError
 from kvhost.memory import GuestMemory
+from kvhost.vhost import LogRegion
 from kvhost.vhost_user import protocol as p
 from kvhost.vhost_user.frontend import (
     BackendRefused,
@@ -303,7 +304,7 @@ def test_log_base_waits_for_reply_with_log_shmfd(
     front.handshake()
     log = os.memfd_create("log", os.MFD_CLOEXEC)
     try:
-        front.set_log_base(log, 4096)
+        front.set_log_base(0, LogRegion(4096, 0, log))
         front.send_rarp("52:54:00:12:34:56")
     finally:
         os.close(log)

@@ -30,6 +30,7 @@ from kvhost import abi, features, versions
 from kvhost import ioctl as kv_ioctl
 from kvhost.errors import RemoteProtocolError
 from kvhost.memory import GuestMemory, MemoryRegion
+from kvhost.vhost import LogRegion
 from kvhost.vhost_user import protocol as p
 from kvhost.vhost_user.frontend import NetDevice, VersionRefused, VhostUserFrontend
 from kvhost.vhost_user.protocol import Request as R
@@ -292,7 +293,7 @@ def test_dirty_log_marks_pages_the_kernel_writes(
             mmap.mmap(log_fd, log_size) as log_map,
         ):
             dev = start(fe, mem)
-            fe.set_log_base(log_fd, log_size)
+            fe.set_log_base(0, LogRegion(log_size, 0, log_fd))
             fe.set_features(fe.acked_features | features.LOG_ALL)
             for ring in dev.rings:
                 fe.set_vring_addr_for(ring, log=True)

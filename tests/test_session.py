@@ -1115,11 +1115,13 @@ def test_a_new_table_carries_the_configured_rings_and_a_resize_rechecks_addresse
 
 def test_the_backends_share_the_kernel_devices_verbs() -> None:
     """One verb set (rust-vmm's VhostBackend): the same names and parameters for the
-    kernel device, the shim's backend and the recording one. vhost-net's set_backend is a
+    kernel device, the shim's backend, the recording one and the vhost-user frontend (the
+    other transport). vhost-net's set_backend is a
     device extra: the shim's takes attach/detach, the tap fd being its own handle."""
     import inspect
 
     from kvhost.vhost import VhostNet
+    from kvhost.vhost_user.frontend import VhostUserFrontend
     from shim.kernel_backend import KernelBackend
     from shim.session import Backend
 
@@ -1145,6 +1147,6 @@ def test_the_backends_share_the_kernel_devices_verbs() -> None:
 
     for verb in verbs:
         want = params(VhostNet, verb)
-        for cls in (Backend, KernelBackend, RecordingBackend):
+        for cls in (Backend, KernelBackend, RecordingBackend, VhostUserFrontend):
             assert params(cls, verb) == want, (cls.__name__, verb)
     assert hasattr(KernelBackend, "get_features") and hasattr(VhostNet, "get_features")

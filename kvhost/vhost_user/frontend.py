@@ -47,6 +47,7 @@ from kvhost import abi
 from kvhost import features as fb
 from kvhost.errors import LocalProtocolError, RemoteProtocolError, UsageError, VersionError
 from kvhost.memory import GuestMemory, MemoryRegion
+from kvhost.vhost import LogRegion, VringConfig
 from kvhost.vhost_user import protocol as p
 from kvhost.virtqueue import SplitRing
 
@@ -314,13 +315,14 @@ class VhostUserFrontend:
         self.features = self._u64_reply(p.Request.GET_FEATURES)
         return self.features
 
-    def set_features(self, features: int, *, ack: bool | None = None) -> None:
+    def set_features(self, virtio_features: int, *, ack: bool | None = None) -> None:
         """SET_FEATURES. Acked when REPLY_ACK is negotiated and ``ack`` (default: while
         logging, as QEMU does, or always with ``always_ack``)."""
-        want = self._ack_wanted(bool(features & fb.LOG_ALL)) if ack is None else ack
+        bits = virtio_features
+        want = self._ack_wanted(bool(bits & fb.LOG_ALL)) if ack is None else ack
         self._acked(p.Request.SET_FEATURES,
-                    self._request(p.Request.SET_FEATURES, p.U64(features), ack=want))
-        self.acked_features = features
+                    self._request(p.Request.SET_FEATURES, p.U64(bits), ack=want))
+        self.acked_features = bits
 
     def get_protocol_features(self) -> int:
         """GET_PROTOCOL_FEATURES (only after GET_FEATURES offered bit 30)."""
@@ -372,9 +374,10 @@ class VhostUserFrontend:
                 "SET_PROTOCOL_FEATURES first"
             )
 
-    def set_mem_table(self, memory: GuestMemory | Sequence[MemoryRegion]) -> None:
+    def set_mem_table(self, regions: GuestMemory | Sequence[MemoryRegion]) -> None:
         """SET_MEM_TABLE with every region's memfd (at most 8 regions)."""
-        regions = memory.regions if isinstance(memory, GuestMemory) else list(memory)
+        if isinstance(regions, GuestMemory):
+            regions = regions.regions
         fds = [r.fd for r in regions]
         if any(fd is None for fd in fds):
             raise UsageError("every memory region sent to a backend needs its fd")
@@ -414,20 +417,21 @@ class VhostUserFrontend:
             )
         return reply.payload.num
 
-    def set_vring_addr(
-        self, index: int, desc: int, used: int, avail: int, log_guest_addr: int = 0,
-        log: bool = False,
-    ) -> None:
-        """SET_VRING_ADDR with addresses in *this process* (like QEMU's)."""
-        payload = p.VringAddr(index, 1 if log else 0, desc, used, avail, log_guest_addr)
+    def set_vring_addr(self, index: int, config: VringConfig) -> None:
+        """SET_VRING_ADDR with addresses in *this process* (like QEMU's); the same verb as
+        :meth:`kvhost.vhost.VhostNet.set_vring_addr` (``config.size`` is not sent: vhost-user
+        gives the size with SET_VRING_NUM)."""
+        c = config
+        payload = p.VringAddr(index, c.flags, c.desc, c.used, c.avail, c.log_addr)
         self._acked(p.Request.SET_VRING_ADDR, self._request(
-            p.Request.SET_VRING_ADDR, payload, ack=self._ack_wanted(log)))
+            p.Request.SET_VRING_ADDR, payload, ack=self._ack_wanted(c.log)))
 
     def set_vring_addr_for(self, ring: SplitRing, *, log: bool = False) -> None:
         """SET_VRING_ADDR for a :class:`SplitRing` (hva of each part, used ring's GPA)."""
         mem = ring.memory
-        self.set_vring_addr(ring.index, mem.hva(ring.desc_gpa), mem.hva(ring.used_gpa),
-                            mem.hva(ring.avail_gpa), ring.used_gpa, log)
+        self.set_vring_addr(ring.index, VringConfig(
+            ring.size, 1 << abi.VHOST_VRING_F_LOG if log else 0, mem.hva(ring.desc_gpa),
+            mem.hva(ring.used_gpa), mem.hva(ring.avail_gpa), ring.used_gpa))
 
     def set_vring_kick(self, index: int, fd: int | None) -> None:
         """SET_VRING_KICK; ``None`` sends the no-fd flag (backend polls)."""
@@ -446,12 +450,18 @@ class VhostUserFrontend:
         self._acked(request, self._request(request, payload, [] if fd is None else [fd],
                                            ack=self._ack_wanted(False)))
 
-    def set_log_base(self, fd: int, size: int, offset: int = 0) -> None:
-        """SET_LOG_BASE with the dirty log's memfd (LOG_SHMFD); waits for the backend's
-        reply, as QEMU does."""
+    def set_log_base(self, base: int, region: LogRegion | None = None) -> None:
+        """SET_LOG_BASE with the dirty log's file (LOG_SHMFD), the same verb as
+        :meth:`kvhost.vhost.VhostNet.set_log_base`: over vhost-user the log is always a
+        ``region`` and ``base`` (an address in the kernel's case) must be 0. Waits for the
+        backend's reply, as QEMU does."""
+        if region is None or base:
+            raise UsageError("vhost-user shares the dirty log as a file: pass base 0 and a "
+                             "LogRegion")
         if not self.protocol_features & p.ProtocolFeature.LOG_SHMFD:
             raise LocalProtocolError("SET_LOG_BASE with an fd needs LOG_SHMFD negotiated")
-        self._request(p.Request.SET_LOG_BASE, p.LogBase(size, offset), [fd])
+        self._request(p.Request.SET_LOG_BASE, p.LogBase(region.size, region.offset),
+                      [region.fd])
 
     def set_log_fd(self, fd: int) -> None:
         """SET_LOG_FD: the eventfd the backend signals after logging."""
