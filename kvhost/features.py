@@ -18,8 +18,6 @@ import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from enum import Enum
-from importlib import resources
-from importlib.abc import Traversable
 from pathlib import Path
 from typing import Any
 
@@ -30,13 +28,16 @@ from kvhost import abi
 DATA_DIR_ENV = "KVHOST_DATA_DIR"
 
 
-def data_file(name: str) -> Traversable:
+def data_file(name: str) -> Path:
     """The data file ``name`` of this process: the shipped one, or the copy in
     ``$KVHOST_DATA_DIR`` when that is set."""
     override = os.environ.get(DATA_DIR_ENV)
     if override:
         return Path(override) / name
-    return resources.files("kvhost").joinpath("data", name)
+    # beside the module, not through importlib.resources: kvhost is installed as files
+    # (never zipped), and resources' import pulls zipfile, tempfile and compression modules
+    # into every shim process (about 40 ms and their memory, once per VM)
+    return Path(__file__).resolve().parent / "data" / name
 
 
 class Kind(Enum):

@@ -37,7 +37,6 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cache
-from importlib.abc import Traversable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -241,7 +240,7 @@ def _registry() -> tuple[InterfaceVersion, ...]:
     return load_registry(fb.data_file("versions.json"))
 
 
-def load_registry(path: Path | Traversable) -> tuple[InterfaceVersion, ...]:
+def load_registry(path: Path) -> tuple[InterfaceVersion, ...]:
     """The versions of the registry file at ``path``, oldest first; :func:`registry` reads
     the shipped one (or ``$KVHOST_DATA_DIR``'s copy, see kvhost.features.data_file).
 
