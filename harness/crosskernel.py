@@ -509,7 +509,8 @@ def run_scenario(state: Path, *, source_kernel: str = SOURCE_KERNEL,
     boots: dict[str, Any] = {}
     for phase, kernel in (("source", source_kernel), ("destination", destination_kernel)):
         print(f"[crosskernel] {phase} phase on Linux {plan[phase + '_kernel']} "
-              f"(pinned cases use {plan['pin']})", file=out, flush=True)
+              f"(pinned cases use {plan['pin']}; python {sys.executable}, prefix "
+              f"{sys.prefix})", file=out, flush=True)
         t0 = time.monotonic()
         rc = testvm.run([sys.executable, "-m", "harness.crosskernel", phase,
                          "--state", str(state)], kernel=kernel, rwdirs=(str(state),), out=out)
