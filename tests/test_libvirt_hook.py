@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -217,3 +218,51 @@ def test_bad_invocations_say_how_it_is_called() -> None:
     done = subprocess.run([sys.executable, "-m", "kvhost.libvirt_hook", "vm1"], input="",
                           capture_output=True, text=True, env=env, timeout=60, check=False)
     assert done.returncode == 2 and "usage:" in done.stderr
+
+
+# --- kvhost install-host ------------------------------------------------------------------
+
+
+def test_install_host_installs_the_hook_running_this_installation(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from kvhost.cli import main
+    from kvhost.commands import host as hostcmd
+
+    root = tmp_path / "root"
+    assert main(["install-host", "--root", str(root)]) == 0
+    out = capsys.readouterr().out
+    path = root / hostcmd.HOOK_FILE
+    assert f"installed {path}" in out and "restart libvirtd" in out
+    assert oct(path.stat().st_mode & 0o777) == "0o755"
+    text = path.read_text()
+    assert text.startswith("#!/bin/sh\n")
+    last = shlex.split(text.splitlines()[-1])
+    assert last == [f"PYTHONPATH={REPO}", "exec", sys.executable, "-m", "kvhost.libvirt_hook",
+                    "$@"]  # fmt: skip
+    # as libvirt runs it: an empty environment but for LC_ALL, PATH and HOME, cwd /
+    env = {"LC_ALL": "C", "PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root"}
+    plain = subprocess.run([str(path), "vm1", "prepare", "begin", "-"], input=b"<domain/>",
+                           env=env, cwd="/", capture_output=True, timeout=60, check=False)
+    assert (plain.returncode, plain.stderr) == (0, b"")
+    h = Host(tmp_path)
+    refused = subprocess.run(
+        [str(path), "--manifest", str(h.m61), "--socket-dir", str(h.sockets), "vm1", "migrate",
+         "begin", "-"],
+        input=h.xml(version=V[7]), env=env, cwd="/", capture_output=True, timeout=60,
+        check=False,
+    )
+    assert refused.returncode == 1 and b"VM vm1 cannot migrate here" in refused.stderr
+
+
+def test_install_host_passes_a_non_default_manifest_to_the_hook(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from kvhost.cli import main
+    from kvhost.commands import host as hostcmd
+
+    root = tmp_path / "root"
+    assert main(["install-host", "--root", str(root), "--manifest", "/var/lib/k.json"]) == 0
+    capsys.readouterr()
+    last = shlex.split((root / hostcmd.HOOK_FILE).read_text().splitlines()[-1])
+    assert last[-3:] == ["--manifest", "/var/lib/k.json", "$@"]
