@@ -64,14 +64,15 @@ class Host:
         return data
 
     def run(self, op: str, subop: str, xml: bytes, manifest: Path | None = None,
-            domain: str = "vm1") -> subprocess.CompletedProcess[str]:
+            domain: str = "vm1", init: str = "direct") -> subprocess.CompletedProcess[str]:
         argv = [sys.executable, "-m", "kvhost.libvirt_hook",
                 "--socket-dir", str(self.sockets), "--state-dir", str(self.state),
-                "--config-dir", str(self.config), "--init", "direct", "--timeout", "20",
+                "--config-dir", str(self.config), "--init", init, "--timeout", "20",
                 "--shim", f"{sys.executable} {self.shim}"]
         if manifest is not None:
             argv += ["--manifest", str(manifest)]
-        env = {"LC_ALL": "C", "PATH": os.environ["PATH"], "HOME": "/root",
+        path = f"{self.tmp / 'bin'}:{os.environ['PATH']}"  # a fake systemctl, when made
+        env = {"LC_ALL": "C", "PATH": path, "HOME": "/root",
                "PYTHONPATH": str(REPO)}  # what libvirt passes, plus where kvhost is
         return subprocess.run([*argv, domain, op, subop, "-"], input=xml.decode(), text=True,
                               capture_output=True, env=env, timeout=60, check=False)
@@ -218,6 +219,62 @@ def test_bad_invocations_say_how_it_is_called() -> None:
     done = subprocess.run([sys.executable, "-m", "kvhost.libvirt_hook", "vm1"], input="",
                           capture_output=True, text=True, env=env, timeout=60, check=False)
     assert done.returncode == 2 and "usage:" in done.stderr
+
+
+FAKE_SYSTEMCTL = """\
+#!/bin/sh
+# systemctl as far as the hook uses it: start/stop one kvhost-shim@NAME instance
+echo "$@" >> {log}
+name=${{2#kvhost-shim@}}; name=${{name%.service}}
+case "$1" in
+start) setsid {python} {shim} --socket-path {sockets}/$name.sock \
+           --interface-version "$(sed -n 's/^KVHOST_INTERFACE_VERSION=//p' {state}/$name.env)" \
+           > {state}/$name.unit-log 2>&1 < /dev/null &
+       echo $! > {state}/$name.unit-pid ;;
+stop) pidfile={state}/$name.unit-pid
+      [ -f $pidfile ] && kill $(cat $pidfile); rm -f $pidfile ;;
+is-failed) exit 1 ;;
+esac
+"""
+
+
+def fake_systemctl(host: Host) -> Path:
+    bindir = host.tmp / "bin"
+    bindir.mkdir()
+    log = host.tmp / "systemctl.log"
+    script = bindir / "systemctl"
+    script.write_text(FAKE_SYSTEMCTL.format(log=log, python=sys.executable, shim=host.shim,
+                                            sockets=host.sockets, state=host.state))
+    script.chmod(0o755)
+    return log
+
+
+def test_under_systemd_the_unit_gets_the_version_through_its_env_file(host: Host) -> None:
+    calls = fake_systemctl(host)
+    xml = host.xml(version=V[5])
+    done = host.run("prepare", "begin", xml, host.m61, init="systemd")
+    assert done.returncode == 0, done.stderr
+    assert (host.state / "vm1.env").read_text() == f"KVHOST_INTERFACE_VERSION={V[5]}\n"
+    # (while it waits for the socket the hook also asks 'is-failed', to stop waiting early)
+    assert [c for c in calls.read_text().splitlines() if not c.startswith("is-failed")] == [
+        "start kvhost-shim@vm1.service"
+    ]
+    assert hook._listening(str(host.sockets / "vm1.sock"))
+    pid = int((host.state / "vm1.unit-pid").read_text())
+    done = host.run("release", "end", xml, init="systemd")
+    assert done.returncode == 0, done.stderr
+    assert calls.read_text().splitlines()[-1] == "stop kvhost-shim@vm1.service"
+    assert gone(pid) and not (host.state / "vm1.env").exists()
+    assert not (host.sockets / "vm1.sock").exists()
+
+
+def test_under_systemd_a_name_the_unit_would_escape_is_refused(host: Host) -> None:
+    calls = fake_systemctl(host)
+    xml = host.xml(version=V[5]).replace(b"vm1.sock", b"vm-1.sock")
+    done = host.run("prepare", "begin", xml, host.m61, init="systemd")
+    assert done.returncode == 1
+    assert "escaped instance name 'vm\\\\x2d1'" in done.stderr, done.stderr
+    assert not calls.exists()
 
 
 # --- kvhost install-host ------------------------------------------------------------------
