@@ -29,18 +29,22 @@ Two ways to run the shim, chosen by ``--init`` (default ``auto``: systemd when i
 
 Most domains have no kvhost interface, and libvirt runs the hook for every one of them on
 every start and stop; so this module imports only ``os`` and ``sys`` until a byte search
-of the XML says kvhost has something to do.
+of the XML says kvhost has something to do. ``install-host`` runs it with ``python -S``
+(site-packages, and the editable-install finders in them, cost more than everything else on
+that path) and the slow path adds site-packages itself.
 """
 
 from __future__ import annotations
 
 import os
 import sys
-from typing import TYPE_CHECKING, NoReturn
 
+#: typing costs milliseconds to import; mypy treats this name as True all the same
+TYPE_CHECKING = False
 if TYPE_CHECKING:  # the fast path imports nothing from kvhost
     from collections.abc import Callable
     from pathlib import Path
+    from typing import NoReturn
 
     from kvhost import libvirt as lv
     from kvhost import versions as ver
@@ -106,6 +110,12 @@ def main(argv: list[str] | None = None) -> int:
     data = sys.stdin.buffer.read()
     if (op, subop) not in HANDLED or not _relevant(op, data, opts):
         return 0
+    if sys.flags.no_site:
+        # the hook file runs 'python -S' (no site-packages: faster for the many domains
+        # that end above); kvhost's dependencies live there
+        import site
+
+        site.main()
     try:
         _Hook(domain, opts).run(op, data)
     except HookError as err:

@@ -295,8 +295,8 @@ def test_install_host_installs_the_hook_running_this_installation(
     text = path.read_text()
     assert text.startswith("#!/bin/sh\n")
     last = shlex.split(text.splitlines()[-1])
-    assert last == [f"PYTHONPATH={REPO}", "exec", sys.executable, "-m", "kvhost.libvirt_hook",
-                    "$@"]  # fmt: skip
+    assert last == [f"PYTHONPATH={REPO}", "exec", sys.executable, "-S", "-m",
+                    "kvhost.libvirt_hook", "$@"]  # fmt: skip
     # as libvirt runs it: an empty environment but for LC_ALL, PATH and HOME, cwd /
     env = {"LC_ALL": "C", "PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root"}
     plain = subprocess.run([str(path), "vm1", "prepare", "begin", "-"], input=b"<domain/>",

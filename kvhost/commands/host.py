@@ -193,7 +193,8 @@ def render_hook(python: str, code_dir: str, manifest: str | None = None) -> str:
     """The libvirt hook script: ``python -m kvhost.libvirt_hook`` with kvhost imported from
     ``code_dir`` (this installation's, whatever PYTHONPATH libvirt's clean environment
     lacks). ``manifest`` is passed on when it is not the default path. Raises UsageError."""
-    words = [_check_program(python, "the interpreter"), "-m", "kvhost.libvirt_hook"]
+    # -S: most domains need nothing from kvhost; the hook adds site-packages when one does
+    words = [_check_program(python, "the interpreter"), "-S", "-m", "kvhost.libvirt_hook"]
     if manifest is not None:
         words += ["--manifest", manifest]
     return (
