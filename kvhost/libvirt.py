@@ -145,13 +145,24 @@ def _escape(text: str) -> str:
     )
 
 
-def _escape_attr(text: str) -> str:
-    return _escape(text).replace("\n", "&#10;").replace("\t", "&#9;")
+def _escape_attr(text: str, quote: str = "'") -> str:
+    if quote == '"':  # libxml2's attribute escaping
+        text = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+        text = text.replace('"', "&quot;")
+    else:
+        text = _escape(text)
+    return text.replace("\n", "&#10;").replace("\t", "&#9;")
+
+
+def _escape_libxml2_text(text: str) -> str:
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
 def serialize(doc: Document) -> bytes:
     """The document in libvirt's style: single-quoted attributes, ``<x/>``, declarations on
-    the elements that had them (new kvhost/qemu elements get theirs where libvirt puts them)."""
+    the elements that had them (new kvhost/qemu elements get theirs where libvirt puts them).
+    Inside ``<metadata>`` libvirt hands its elements to libxml2, which writes double quotes
+    and escapes less; so does this."""
     out: list[str] = []
 
     def qname(tag: str, scope: dict[str, str], new: list[tuple[str, str]]) -> str:
@@ -164,7 +175,8 @@ def serialize(doc: Document) -> bytes:
             new.append((prefix, uri))
         return f"{scope[uri]}:{local}"
 
-    def walk(e: ET.Element, scope: dict[str, str]) -> None:
+    def walk(e: ET.Element, scope: dict[str, str], q: str = "'") -> None:
+        text_escape = _escape if q == "'" else _escape_libxml2_text
         tag: object = e.tag  # a str, or ET.Comment / ET.ProcessingInstruction for those nodes
         if tag is ET.Comment:
             out.append(f"<!--{e.text or ''}-->")
@@ -178,9 +190,9 @@ def serialize(doc: Document) -> bytes:
             name = qname(str(e.tag), scope, new)
             attrs = [(qname(k, scope, new), v) for k, v in e.attrib.items()]
             xmlns = [
-                f" xmlns{':' if p else ''}{p}='{_escape_attr(uri)}'" for p, uri in new
+                f" xmlns{':' if p else ''}{p}={q}{_escape_attr(uri, q)}{q}" for p, uri in new
             ]
-            items = [f" {k}='{_escape_attr(v)}'" for k, v in attrs]
+            items = [f" {k}={q}{_escape_attr(v, q)}{q}" for k, v in attrs]
             # libvirt writes the root's declarations after its attributes, and metadata
             # elements (libxml2's dump) with the declaration first
             out.append(f"<{name}" + "".join(items + xmlns if e is doc.root else xmlns + items))
@@ -188,11 +200,12 @@ def serialize(doc: Document) -> bytes:
                 out.append("/>")
             else:
                 out.append(">")
-                out.append(_escape(e.text or ""))
+                out.append(text_escape(e.text or ""))
+                inner = '"' if e.tag == "metadata" and e in doc.root else q
                 for child in e:
-                    walk(child, scope)
+                    walk(child, scope, inner)
                 out.append(f"</{name}>")
-        out.append(_escape(e.tail or ""))
+        out.append(text_escape(e.tail or ""))
 
     walk(doc.root, {})
     return doc.prolog + "".join(out).encode() + doc.epilogue
