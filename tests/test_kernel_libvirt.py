@@ -298,3 +298,64 @@ def test_a_native_vhost_net_interface_reaches_qemu_pinned(libvirtd: Path, tmp_pa
         virsh("destroy", name)
         virsh("undefine", name)
         sh(["ip", "link", "del", tap])
+
+
+def _stamp_stdin(xml: str, *args: str) -> str:
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{PATH}")
+    done = subprocess.run([sys.executable, "-m", "kvhost.cli", "libvirt", "stamp", "-", *args],
+                          input=xml, capture_output=True, text=True, env=env, timeout=300,
+                          check=False)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_save_and_restore_go_through_the_hook(libvirtd: Path, tmp_path: Path) -> None:
+    """save: release end stops the shim; restore: restore begin checks the version in the
+    image's XML (refusing one this kernel lacks), prepare begin starts the shim again."""
+    name, sock = "kvt4", SOCKETS / "kvt4.sock"
+    raw = tmp_path / "kvt4.xml"
+    raw.write_text(_stamp_stdin(DOMAIN.format(name=name, socket=sock, results=RESULTS)))
+    assert virsh("define", str(raw)).returncode == 0
+    image = tmp_path / "kvt4.save"
+    try:
+        assert virsh("start", name).returncode == 0
+        first = int((STATE / f"{name}.pid").read_text())
+        saved = virsh("save", name, str(image))
+        assert saved.returncode == 0, saved.stderr
+        for _ in range(100):
+            if not _alive(first):
+                break
+            time.sleep(0.1)
+        assert not _alive(first) and not sock.exists() and not (STATE / f"{name}.pid").exists()
+        # the image's XML recorded for a 6.12 fleet: this 6.1 host must refuse to restore it
+        m612 = tmp_path / "612.json"
+        mf.write_atomic(m612, mf.encode(mf.build(probe_612())))
+        image_xml = virsh("save-image-dumpxml", str(image)).stdout
+        bad = tmp_path / "bad.xml"
+        bad.write_text(_stamp_stdin(image_xml, "--force", "--manifest", str(m612)))
+        defined = virsh("save-image-define", str(image), str(bad))
+        assert defined.returncode == 0, defined.stderr
+        refused = virsh("restore", str(image))
+        err = " ".join(refused.stderr.split())
+        assert refused.returncode != 0 and f"VM {name} cannot be restored here" in err, err
+        assert V[7] in err and "RING_RESET" in err, err
+        assert not (STATE / f"{name}.pid").exists()
+        # back to the version this host serves: the restore goes through
+        good = tmp_path / "good.xml"
+        good.write_text(_stamp_stdin(image_xml, "--force"))
+        assert virsh("save-image-define", str(image), str(good)).returncode == 0
+        restored = virsh("restore", str(image))
+        assert restored.returncode == 0, restored.stderr
+        second = int((STATE / f"{name}.pid").read_text())
+        assert _alive(second) and _listening(str(sock))
+        cmdline = Path(f"/proc/{second}/cmdline").read_bytes().split(b"\0")
+        assert cmdline[cmdline.index(b"--interface-version") + 1] == V[5].encode()
+        assert virsh("destroy", name).returncode == 0
+        for _ in range(100):
+            if not _alive(second):
+                break
+            time.sleep(0.1)
+        assert not _alive(second) and not sock.exists()
+    finally:
+        virsh("destroy", name)
+        virsh("undefine", name)
