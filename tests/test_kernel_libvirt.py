@@ -5,9 +5,14 @@ sets libvirt up as /work/shared/reference/libvirt-in-test-vm.md describes, insta
 with ``kvhost install-host --root`` staging and copies it into the overlay's /etc, then:
 a domain stamped with this kernel's latest version starts with the shim the hook started
 at that version, and leaves nothing behind after ``virsh destroy``; a domain stamped with a
-version this kernel cannot serve does not start, and virsh shows the hook's line.
+version this kernel cannot serve does not start, and virsh shows the hook's line; save stops
+the shim, restore of an image recording such a version is refused and of one recording this
+host's version brings the shim back; a native ``<driver name='vhost'>`` interface reaches
+QEMU with exactly the ``kvhost qemu-args`` properties.
 
-Nothing here skips: without libvirt, a writable /etc or vhost-net the tests fail and say why.
+Inside the test VM nothing here skips: without libvirt, a writable /etc or vhost-net the
+tests fail and say why. Outside it (a host with vhost-net runs the kernel tier directly)
+they skip with that reason: they rewrite /etc/passwd and /etc/libvirt.
 """
 
 from __future__ import annotations
@@ -113,6 +118,12 @@ def _kill_pidfile(path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def libvirtd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    if not os.environ.get("KVHOST_IN_TESTVM"):
+        # it rewrites /etc/passwd, /etc/libvirt and starts its own libvirtd: never on a
+        # real host, whose vhost-net lets the kernel tier run outside the VM
+        pytest.skip("runs only inside the disposable test VM: KVHOST_FORCE_VM=1 ./run-tests, "
+                    "or python -m kvhost.testvm --overlay-rwdir /etc --overlay-rwdir /var/lib "
+                    "-- python -m pytest -m kernel tests/test_kernel_libvirt.py")
     for prog in ("libvirtd", "virtlogd", "virsh"):
         if shutil.which(prog, path=PATH) is None:
             pytest.fail(f"{prog} is not installed: run scripts/install-deps (it installs "
