@@ -79,6 +79,7 @@ def run(
     *,
     kernel: str = DEFAULT_KERNEL,
     rwdirs: tuple[str, ...] = (),
+    overlay_rwdirs: tuple[str, ...] = (),
     memory: str = "2G",
     cpus: int = 2,
     quiet: bool = False,
@@ -116,6 +117,8 @@ def run(
     ]
     for d in rwdirs:
         argv += ["--rwdir", d]
+    for d in overlay_rwdirs:  # writable in the VM, the writes never reach the host
+        argv += [f"--overlay-rwdir={d}"]
     argv += ["--exec", str(script)]
     if not quiet:
         print(f"[testvm] booting Linux {kernel_release(image)} under QEMU TCG "
@@ -165,6 +168,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="6.1 (linux-image-amd64), 6.12, or a path to a vmlinuz")
     parser.add_argument("--rwdir", action="append", default=[],
                         help="host directory the VM may write to (repeatable)")
+    parser.add_argument("--overlay-rwdir", action="append", default=[],
+                        help="directory writable in the VM, changes kept from the host "
+                        "(e.g. /etc for libvirt's configuration; repeatable)")
     parser.add_argument("--memory", default="2G")
     parser.add_argument("--cpus", type=int, default=2)
     parser.add_argument("cmd", nargs=argparse.REMAINDER)
@@ -173,8 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     if not cmd:
         parser.error("give the command to run after --")
     try:
-        return run(cmd, kernel=args.kernel, rwdirs=tuple(args.rwdir), memory=args.memory,
-                   cpus=args.cpus)
+        return run(cmd, kernel=args.kernel, rwdirs=tuple(args.rwdir),
+                   overlay_rwdirs=tuple(args.overlay_rwdir), memory=args.memory, cpus=args.cpus)
     except UsageError as err:
         print(f"harness.testvm: {err}", file=sys.stderr)
         return 2

@@ -16,7 +16,7 @@ from kvhost import __version__
 from kvhost.errors import KvhostError, UsageError, VersionError
 
 #: modules of kvhost.commands, in the order their subcommands appear in --help
-COMMAND_MODULES: tuple[str, ...] = ("probe", "versions", "host")
+COMMAND_MODULES: tuple[str, ...] = ("probe", "versions", "host", "libvirt")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -137,7 +137,10 @@ def test_systemd_verifies_the_installed_unit(installed: tuple[Path, str]) -> Non
 def test_unit_runs_one_shim_per_vm_with_its_recorded_version(installed: tuple[Path, str]) -> None:
     root, _ = installed
     unit = (root / UNIT).read_text()
-    assert setting(unit, "EnvironmentFile") == ["/etc/kvhost/shim/%i.env"]
+    assert setting(unit, "EnvironmentFile") == [
+        "/etc/kvhost/shim/%i.env",
+        "-/run/kvhost/shim/%i.env",  # the libvirt hook's, read last
+    ]
     argv = shlex.split(setting(unit, "ExecStart")[0])
     assert argv[1:3] == ["--socket-path", "/run/kvhost/%i.sock"]
     pairs = dict(zip(argv[1::2], argv[2::2], strict=False))

@@ -1,4 +1,4 @@
-"""Host tier: kvhost.netlink's namespace handling, on the host's own kernel (bridges need
+"""Host tier: harness.netlink's namespace handling, on the host's own kernel (bridges need
 neither /dev/vhost-net nor /dev/net/tun), in a namespace the test process is not in."""
 
 from __future__ import annotations

@@ -7,6 +7,8 @@ Installs, under ``--root`` (default ``/``)::
     usr/share/qemu/vhost-user/50-kvhost-net.json   QEMU's backend descriptor (libvirt reads it)
     etc/sysusers.d/kvhost.conf                     the user the shim drops to (--user kvhost)
     etc/kvhost/shim/                               the per-VM EnvironmentFiles (VM.env)
+    etc/libvirt/hooks/qemu.d/kvhost                libvirt's hook: the shim at the recorded
+                                                   version (kvhost.libvirt_hook)
 
 Program paths are rewritten to this installation: the rule runs this interpreter with
 ``-m kvhost.cli`` (as ``install-udev``), the unit and the descriptor run the ``kvhost-shim``
@@ -22,8 +24,10 @@ import argparse
 import importlib.util
 import json
 import os
+import shlex
 import shutil
 import subprocess
+import sys
 import sysconfig
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -50,6 +54,7 @@ UNIT_DIR = Path("etc/systemd/system")
 DESCRIPTOR_DIR = Path("usr/share/qemu/vhost-user")
 SYSUSERS_FILE = Path("etc/sysusers.d/kvhost.conf")
 ENV_DIR = Path("etc/kvhost/shim")
+HOOK_FILE = Path("etc/libvirt/hooks/qemu.d/kvhost")
 
 SYSUSERS = (
     "# kvhost-shim@.service starts kvhost-shim as root for its set-up, then it runs as this\n"
@@ -184,6 +189,28 @@ def default_shim() -> str:
     return str(path)
 
 
+def render_hook(python: str, code_dir: str, manifest: str | None = None) -> str:
+    """The libvirt hook script: ``python -m kvhost.libvirt_hook`` with kvhost imported from
+    ``code_dir`` (this installation's, whatever PYTHONPATH libvirt's clean environment
+    lacks). ``manifest`` is passed on when it is not the default path. Raises UsageError."""
+    # -S: most domains need nothing from kvhost; the hook adds site-packages when one does
+    words = [_check_program(python, "the interpreter"), "-S", "-m", "kvhost.libvirt_hook"]
+    if manifest is not None:
+        words += ["--manifest", manifest]
+    return (
+        "#!/bin/sh\n"
+        "# kvhost: start each VM's kvhost-shim at the interface version recorded in its domain\n"
+        "# XML, refuse a migration or restore this host cannot serve. Installed by\n"
+        "# 'kvhost install-host'; libvirtd reads hooks when it starts. See kvhost.libvirt_hook.\n"
+        f"PYTHONPATH={shlex.quote(code_dir)} exec {shlex.join(words)} \"$@\"\n"
+    )
+
+
+def code_dir() -> str:
+    """The directory this kvhost package is imported from."""
+    return str(Path(__file__).resolve().parents[2])
+
+
 @dataclass(frozen=True)
 class Plan:
     """What ``install-host`` writes: (path relative to the root, bytes, mode) each."""
@@ -196,12 +223,15 @@ def plan(args: argparse.Namespace) -> Plan:
     """Render everything first, so a bad argument leaves the host untouched. Raises
     UsageError."""
     shim = args.shim or default_shim()
+    path = str(Path(args.manifest).absolute())
+    manifest = None if path == str(mf.DEFAULT_PATH) else path
     return Plan(
         files=(
             (RULES_DIR / vcmd.RULES_NAME, vcmd.rule_for(args).encode(), 0o644),
             (UNIT_DIR / UNIT_NAME, render_unit(shim).encode(), 0o644),
             (DESCRIPTOR_DIR / DESCRIPTOR_NAME, render_descriptor(shim).encode(), 0o644),
             (SYSUSERS_FILE, SYSUSERS.encode(), 0o644),
+            (HOOK_FILE, render_hook(sys.executable, code_dir(), manifest).encode(), 0o755),
         ),
         dirs=(ENV_DIR,),
     )
@@ -267,6 +297,7 @@ def _install_host(args: argparse.Namespace) -> int:
     else:
         for note in reload_host():
             print(note)
+    print(f"libvirt: restart libvirtd (or virtqemud) so it reads {root / HOOK_FILE}")
     print(
         f"next, per VM: write {root / ENV_DIR}/VM.env (KVHOST_INTERFACE_VERSION=..., "
         "KVHOST_TAP=...), then 'systemctl enable --now kvhost-shim@VM'"

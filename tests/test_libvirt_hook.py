@@ -1,0 +1,325 @@
+"""The libvirt hook (``python -m kvhost.libvirt_hook``) driven as libvirt drives it: argv
+``DOMAIN OP SUBOP -``, the domain XML on stdin, judged by fake manifests, with a stand-in
+shim that listens on its socket like kvhost-shim (the real one needs /dev/vhost-net: the
+kernel tier runs it under real libvirtd)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from test_libvirt_stamp import ALL_PROPS, DATA, manifest
+from test_versions import V, probe_61, probe_612
+
+from kvhost import libvirt as lv
+from kvhost import libvirt_hook as hook
+from kvhost import versions as ver
+
+REPO = Path(__file__).resolve().parent.parent
+
+FAKE_SHIM = """\
+import json, os, signal, socket, sys
+args = sys.argv[1:]
+path = args[args.index("--socket-path") + 1]
+print(json.dumps({"event": "args", "argv": args}), flush=True)
+s = socket.socket(socket.AF_UNIX)
+s.bind(path)
+s.listen()
+def stop(*_):
+    os.unlink(path)
+    sys.exit(0)
+signal.signal(signal.SIGTERM, stop)
+signal.pause()
+"""
+
+
+class Host:
+    """A scratch /run/kvhost, /etc/kvhost/shim and manifests for one test."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.sockets = tmp / "run"
+        self.state = tmp / "run" / "shim"
+        self.config = tmp / "etc"
+        self.sockets.mkdir()
+        self.config.mkdir()
+        self.m61 = manifest(tmp, "61.json", probe_61())
+        self.m612 = manifest(tmp, "612.json", probe_612())
+        self.shim = tmp / "fake_shim.py"
+        self.shim.write_text(FAKE_SHIM)
+
+    def xml(self, name: str = "vhostuser.xml", version: str | None = None) -> bytes:
+        data = (DATA / name).read_bytes().replace(b"/run/kvhost/", f"{self.sockets}/".encode())
+        if version is not None:
+            doc = lv.parse(data)
+            lv.stamp(doc, ver.parse(version), ALL_PROPS if lv.needs_qemu(doc) else None)
+            data = lv.serialize(doc)
+        return data
+
+    def run(self, op: str, subop: str, xml: bytes, manifest: Path | None = None,
+            domain: str = "vm1", init: str = "direct") -> subprocess.CompletedProcess[str]:
+        argv = [sys.executable, "-m", "kvhost.libvirt_hook",
+                "--socket-dir", str(self.sockets), "--state-dir", str(self.state),
+                "--config-dir", str(self.config), "--init", init, "--timeout", "20",
+                "--shim", f"{sys.executable} {self.shim}"]
+        if manifest is not None:
+            argv += ["--manifest", str(manifest)]
+        path = f"{self.tmp / 'bin'}:{os.environ['PATH']}"  # a fake systemctl, when made
+        env = {"LC_ALL": "C", "PATH": path, "HOME": "/root",
+               "PYTHONPATH": str(REPO)}  # what libvirt passes, plus where kvhost is
+        return subprocess.run([*argv, domain, op, subop, "-"], input=xml.decode(), text=True,
+                              capture_output=True, env=env, timeout=60, check=False)
+
+    def pid(self, name: str = "vm1") -> int:
+        return int((self.state / f"{name}.pid").read_text())
+
+
+@pytest.fixture
+def host(tmp_path: Path) -> Host:
+    return Host(tmp_path)
+
+
+def gone(pid: int) -> bool:
+    for _ in range(100):
+        if not hook._alive(pid):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_prepare_starts_the_shim_at_the_recorded_version_and_release_cleans_up(
+    host: Host,
+) -> None:
+    xml = host.xml(version=V[5])
+    done = host.run("prepare", "begin", xml, host.m61)
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    sock = host.sockets / "vm1.sock"
+    assert hook._listening(str(sock))
+    pid = host.pid()
+    first = json.loads((host.state / "vm1.log").read_text().splitlines()[0])
+    argv = first["argv"]
+    assert argv[argv.index("--interface-version") + 1] == V[5]
+    assert argv[argv.index("--socket-path") + 1] == str(sock) and "--tap" not in argv
+    done = host.run("release", "end", xml, host.m61)
+    assert done.returncode == 0, done.stderr
+    assert gone(pid)
+    assert sorted(p.name for p in host.state.iterdir()) == ["vm1.log"]
+    assert not sock.exists()
+
+
+def test_the_operators_tap_is_passed(host: Host) -> None:
+    (host.config / "vm1.env").write_text("KVHOST_TAP=vm1tap\nKVHOST_SHIM_ARGS=\n")
+    xml = host.xml(version=V[5])
+    assert host.run("prepare", "begin", xml, host.m61).returncode == 0
+    argv = json.loads((host.state / "vm1.log").read_text().splitlines()[0])["argv"]
+    assert argv[argv.index("--tap") + 1] == "vm1tap"
+    assert host.run("release", "end", xml).returncode == 0
+
+
+def test_release_after_a_crash_leaves_nothing(host: Host) -> None:
+    xml = host.xml(version=V[5])
+    assert host.run("prepare", "begin", xml, host.m61).returncode == 0
+    pid = host.pid()
+    os.kill(pid, signal.SIGKILL)  # the shim dies without removing its socket
+    assert gone(pid) and (host.sockets / "vm1.sock").exists()
+    assert host.run("release", "end", xml).returncode == 0
+    assert not (host.sockets / "vm1.sock").exists() and not (host.state / "vm1.pid").exists()
+
+
+def test_a_version_this_host_lacks_fails_the_start_naming_the_bits(host: Host) -> None:
+    done = host.run("prepare", "begin", host.xml(version=V[7]), host.m61)
+    assert done.returncode == 1
+    (line,) = done.stderr.splitlines()
+    assert "VM vm1 cannot start" in line and V[7] in line and "RING_RESET" in line
+    assert not host.state.exists() or not list(host.state.iterdir())
+
+
+@pytest.mark.parametrize("op", ["migrate", "restore"])
+@pytest.mark.parametrize("name", ["vhostuser.xml", "native.xml"])
+def test_migrate_and_restore_refuse_an_unservable_version(host: Host, op: str, name: str) -> None:
+    xml = host.xml(name, version=V[7])
+    done = host.run(op, "begin", xml, host.m61)
+    assert done.returncode == 1
+    (line,) = done.stderr.splitlines()
+    verb = "migrate here" if op == "migrate" else "be restored here"
+    assert f"VM vm1 cannot {verb}" in line and "61.json" in line and "RING_RESET" in line
+    assert not host.state.exists()
+    ok = host.run(op, "begin", xml, host.m612)
+    assert ok.returncode == 0 and ok.stderr == "" and not host.state.exists()
+
+
+def test_an_unstamped_domain_runs_at_latest_with_one_warning(host: Host) -> None:
+    xml = host.xml()
+    done = host.run("prepare", "begin", xml, host.m612)
+    assert done.returncode == 0
+    (line,) = done.stderr.splitlines()
+    assert "records no interface version" in line and V[7] in line
+    assert "not migration-safe" in line and "kvhost libvirt stamp" in line
+    argv = json.loads((host.state / "vm1.log").read_text().splitlines()[0])["argv"]
+    assert argv[argv.index("--interface-version") + 1] == V[7]
+    assert host.run("release", "end", xml).returncode == 0
+    # nothing recorded: nothing to check before a migration
+    assert host.run("migrate", "begin", xml, host.m61).returncode == 0
+
+
+def test_a_dead_shim_fails_the_start_with_its_last_line(host: Host) -> None:
+    host.shim.write_text("import sys\nprint('no tap here', flush=True)\nsys.exit(2)\n")
+    done = host.run("prepare", "begin", host.xml(version=V[5]), host.m61)
+    assert done.returncode == 1
+    assert "kvhost-shim exited 2: no tap here" in done.stderr
+    assert not (host.state / "vm1.pid").exists()
+
+
+def test_without_vhost_net_or_manifest_the_default_path_says_so(host: Host) -> None:
+    if Path("/dev/vhost-net").exists() or Path("/run/kvhost/vhost-net.json").exists():
+        pytest.skip("this host has vhost-net or a manifest: the probe path is not the error one")
+    done = host.run("prepare", "begin", host.xml())
+    assert done.returncode == 1
+    assert "serves no interface version" in done.stderr and "vhost_net" in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("op", "subop"),
+    [("start", "begin"), ("started", "begin"), ("stopped", "end"), ("reconnect", "begin"),
+     ("attach", "begin"), ("prepare", "end"), ("migrate", "end")],
+)
+def test_other_operations_do_nothing(host: Host, op: str, subop: str) -> None:
+    done = host.run(op, subop, host.xml(version=V[7]), host.m61)
+    assert (done.returncode, done.stdout, done.stderr) == (0, "", "")
+    assert not host.state.exists()
+
+
+def test_a_domain_without_kvhost_is_fast_and_imports_nothing_heavy(host: Host) -> None:
+    xml = b"<domain type='kvm'><name>plain</name><devices><interface type='network'>" \
+          b"<source network='default'/></interface></devices></domain>"
+    for op in ("prepare", "migrate", "restore", "release"):
+        subop = "end" if op == "release" else "begin"
+        done = host.run(op, subop, xml, None, "plain")
+        assert (done.returncode, done.stderr) == (0, "")
+    assert not host.state.exists()
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    timed = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "kvhost.libvirt_hook", "plain", "prepare",
+         "begin", "-"], input=xml, capture_output=True, env=env, timeout=60, check=False)
+    assert timed.returncode == 0
+    imported = timed.stderr.decode()
+    for heavy in ("cffi", "kvhost.versions", "kvhost.probe", "argparse", "xml"):
+        assert heavy not in imported
+
+
+def test_bad_invocations_say_how_it_is_called() -> None:
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    done = subprocess.run([sys.executable, "-m", "kvhost.libvirt_hook", "vm1"], input="",
+                          capture_output=True, text=True, env=env, timeout=60, check=False)
+    assert done.returncode == 2 and "usage:" in done.stderr
+
+
+FAKE_SYSTEMCTL = """\
+#!/bin/sh
+# systemctl as far as the hook uses it: start/stop one kvhost-shim@NAME instance
+echo "$@" >> {log}
+name=${{2#kvhost-shim@}}; name=${{name%.service}}
+case "$1" in
+start) setsid {python} {shim} --socket-path {sockets}/$name.sock \
+           --interface-version "$(sed -n 's/^KVHOST_INTERFACE_VERSION=//p' {state}/$name.env)" \
+           > {state}/$name.unit-log 2>&1 < /dev/null &
+       echo $! > {state}/$name.unit-pid ;;
+stop) pidfile={state}/$name.unit-pid
+      [ -f $pidfile ] && kill $(cat $pidfile); rm -f $pidfile ;;
+is-failed) exit 1 ;;
+esac
+"""
+
+
+def fake_systemctl(host: Host) -> Path:
+    bindir = host.tmp / "bin"
+    bindir.mkdir()
+    log = host.tmp / "systemctl.log"
+    script = bindir / "systemctl"
+    script.write_text(FAKE_SYSTEMCTL.format(log=log, python=sys.executable, shim=host.shim,
+                                            sockets=host.sockets, state=host.state))
+    script.chmod(0o755)
+    return log
+
+
+def test_under_systemd_the_unit_gets_the_version_through_its_env_file(host: Host) -> None:
+    calls = fake_systemctl(host)
+    xml = host.xml(version=V[5])
+    done = host.run("prepare", "begin", xml, host.m61, init="systemd")
+    assert done.returncode == 0, done.stderr
+    assert (host.state / "vm1.env").read_text() == f"KVHOST_INTERFACE_VERSION={V[5]}\n"
+    # (while it waits for the socket the hook also asks 'is-failed', to stop waiting early)
+    assert [c for c in calls.read_text().splitlines() if not c.startswith("is-failed")] == [
+        "start kvhost-shim@vm1.service"
+    ]
+    assert hook._listening(str(host.sockets / "vm1.sock"))
+    pid = int((host.state / "vm1.unit-pid").read_text())
+    done = host.run("release", "end", xml, init="systemd")
+    assert done.returncode == 0, done.stderr
+    assert calls.read_text().splitlines()[-1] == "stop kvhost-shim@vm1.service"
+    assert gone(pid) and not (host.state / "vm1.env").exists()
+    assert not (host.sockets / "vm1.sock").exists()
+
+
+def test_under_systemd_a_name_the_unit_would_escape_is_refused(host: Host) -> None:
+    calls = fake_systemctl(host)
+    xml = host.xml(version=V[5]).replace(b"vm1.sock", b"vm-1.sock")
+    done = host.run("prepare", "begin", xml, host.m61, init="systemd")
+    assert done.returncode == 1
+    assert "escaped instance name 'vm\\\\x2d1'" in done.stderr, done.stderr
+    assert not calls.exists()
+
+
+# --- kvhost install-host ------------------------------------------------------------------
+
+
+def test_install_host_installs_the_hook_running_this_installation(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from kvhost.cli import main
+    from kvhost.commands import host as hostcmd
+
+    root = tmp_path / "root"
+    assert main(["install-host", "--root", str(root)]) == 0
+    out = capsys.readouterr().out
+    path = root / hostcmd.HOOK_FILE
+    assert f"installed {path}" in out and "restart libvirtd" in out
+    assert oct(path.stat().st_mode & 0o777) == "0o755"
+    text = path.read_text()
+    assert text.startswith("#!/bin/sh\n")
+    last = shlex.split(text.splitlines()[-1])
+    assert last == [f"PYTHONPATH={REPO}", "exec", sys.executable, "-S", "-m",
+                    "kvhost.libvirt_hook", "$@"]  # fmt: skip
+    # as libvirt runs it: an empty environment but for LC_ALL, PATH and HOME, cwd /
+    env = {"LC_ALL": "C", "PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root"}
+    plain = subprocess.run([str(path), "vm1", "prepare", "begin", "-"], input=b"<domain/>",
+                           env=env, cwd="/", capture_output=True, timeout=60, check=False)
+    assert (plain.returncode, plain.stderr) == (0, b"")
+    h = Host(tmp_path)
+    refused = subprocess.run(
+        [str(path), "--manifest", str(h.m61), "--socket-dir", str(h.sockets), "vm1", "migrate",
+         "begin", "-"],
+        input=h.xml(version=V[7]), env=env, cwd="/", capture_output=True, timeout=60,
+        check=False,
+    )
+    assert refused.returncode == 1 and b"VM vm1 cannot migrate here" in refused.stderr
+
+
+def test_install_host_passes_a_non_default_manifest_to_the_hook(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from kvhost.cli import main
+    from kvhost.commands import host as hostcmd
+
+    root = tmp_path / "root"
+    assert main(["install-host", "--root", str(root), "--manifest", "/var/lib/k.json"]) == 0
+    capsys.readouterr()
+    last = shlex.split((root / hostcmd.HOOK_FILE).read_text().splitlines()[-1])
+    assert last[-3:] == ["--manifest", "/var/lib/k.json", "$@"]
