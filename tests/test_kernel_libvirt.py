@@ -53,36 +53,55 @@ remember_owner = 0
 security_driver = "none"
 namespaces = [ ]
 """
-DOMAIN = """\
+#: a TCG q35 domain; {backing} and {interface} are the parts the two kinds of NIC differ in
+_DOMAIN = """\
 <domain type='qemu'>
   <name>{name}</name>
   <memory unit='MiB'>128</memory>
-  <memoryBacking>
-    <source type='memfd'/>
-    <access mode='shared'/>
-  </memoryBacking>
-  <vcpu>1</vcpu>
+{backing}  <vcpu>1</vcpu>
   <os>
     <type arch='x86_64' machine='q35'>hvm</type>
   </os>
   <devices>
     <controller type='usb' model='none'/>
-    <interface type='vhostuser'>
-      <source type='unix' path='{socket}' mode='client'/>
-      <model type='virtio'/>
-      <rom enabled='no'/>
-    </interface>
-    <serial type='file'>
-      <source path='{results}/{name}.serial'/>
-      <target port='0'/>
-    </serial>
-    <video>
+{interface}    <video>
       <model type='none'/>
     </video>
     <memballoon model='none'/>
   </devices>
 </domain>
 """
+#: vhost-user needs guest RAM the shim can map
+_SHARED_MEMORY = """\
+  <memoryBacking>
+    <source type='memfd'/>
+    <access mode='shared'/>
+  </memoryBacking>
+"""
+
+
+def vhostuser_domain(name: str, socket: Path | str) -> str:
+    return _DOMAIN.format(name=name, backing=_SHARED_MEMORY, interface=f"""\
+    <interface type='vhostuser'>
+      <source type='unix' path='{socket}' mode='client'/>
+      <model type='virtio'/>
+      <rom enabled='no'/>
+    </interface>
+    <serial type='file'>
+      <source path='{RESULTS}/{name}.serial'/>
+      <target port='0'/>
+    </serial>
+""")
+
+
+def native_domain(name: str, tap: str) -> str:
+    return _DOMAIN.format(name=name, backing="", interface=f"""\
+    <interface type='ethernet'>
+      <target dev='{tap}' managed='no'/>
+      <model type='virtio'/>
+      <driver name='vhost'/>
+    </interface>
+""")
 
 
 def sh(argv: list[str], timeout: float = 300) -> subprocess.CompletedProcess[str]:
@@ -93,6 +112,17 @@ def sh(argv: list[str], timeout: float = 300) -> subprocess.CompletedProcess[str
 
 def virsh(*args: str) -> subprocess.CompletedProcess[str]:
     return sh([*VIRSH, *args])
+
+
+def stamp_to_file(tmp_path: Path, name: str, xml: str) -> tuple[Path, str]:
+    """``kvhost libvirt stamp`` (this host's latest) from one file to another, as an operator
+    runs it before ``virsh define``; returns the stamped file and what the command said."""
+    raw, stamped = tmp_path / f"{name}.xml", tmp_path / f"{name}-stamped.xml"
+    raw.write_text(xml)
+    done = sh([sys.executable, "-m", "kvhost.cli", "libvirt", "stamp", str(raw), "-o",
+               str(stamped)])  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    return stamped, done.stderr
 
 
 def _append_once(path: Path, line: str) -> None:
@@ -179,13 +209,8 @@ def test_start_runs_the_shim_at_the_recorded_version_and_destroy_cleans_up(
     libvirtd: Path, tmp_path: Path
 ) -> None:
     name, sock = "kvt1", SOCKETS / "kvt1.sock"
-    raw = tmp_path / "kvt1.xml"
-    raw.write_text(DOMAIN.format(name=name, socket=sock, results=RESULTS))
-    stamped = tmp_path / "kvt1-stamped.xml"
-    done = sh([sys.executable, "-m", "kvhost.cli", "libvirt", "stamp", str(raw), "-o",
-               str(stamped)])  # fmt: skip
-    assert done.returncode == 0, done.stderr
-    assert done.stderr.strip().endswith(f"recorded {V[5]}")  # Debian's 6.1: v5
+    stamped, said = stamp_to_file(tmp_path, name, vhostuser_domain(name, sock))
+    assert said.strip().endswith(f"recorded {V[5]}")  # Debian's 6.1: v5
     assert virsh("define", str(stamped)).returncode == 0
     try:
         started = virsh("start", name)
@@ -223,7 +248,7 @@ def test_start_runs_the_shim_at_the_recorded_version_and_destroy_cleans_up(
 def test_a_version_this_kernel_lacks_does_not_start(libvirtd: Path, tmp_path: Path) -> None:
     name, sock = "kvt2", SOCKETS / "kvt2.sock"
     raw = tmp_path / "kvt2.xml"
-    raw.write_text(DOMAIN.format(name=name, socket=sock, results=RESULTS))
+    raw.write_text(vhostuser_domain(name, sock))
     m612 = tmp_path / "612.json"
     mf.write_atomic(m612, mf.encode(mf.build(probe_612())))
     stamped = tmp_path / "kvt2-stamped.xml"
@@ -245,30 +270,6 @@ def test_a_version_this_kernel_lacks_does_not_start(libvirtd: Path, tmp_path: Pa
         virsh("undefine", name)
 
 
-NATIVE_DOMAIN = """\
-<domain type='qemu'>
-  <name>{name}</name>
-  <memory unit='MiB'>128</memory>
-  <vcpu>1</vcpu>
-  <os>
-    <type arch='x86_64' machine='q35'>hvm</type>
-  </os>
-  <devices>
-    <controller type='usb' model='none'/>
-    <interface type='ethernet'>
-      <target dev='{tap}' managed='no'/>
-      <model type='virtio'/>
-      <driver name='vhost'/>
-    </interface>
-    <video>
-      <model type='none'/>
-    </video>
-    <memballoon model='none'/>
-  </devices>
-</domain>
-"""
-
-
 def _json_value(value: str) -> object:
     return {"on": True, "off": False}.get(value, int(value) if value.isdigit() else value)
 
@@ -278,12 +279,7 @@ def test_a_native_vhost_net_interface_reaches_qemu_pinned(libvirtd: Path, tmp_pa
     exactly the properties 'kvhost qemu-args' computes (libvirt 9.0, QEMU 7.2)."""
     name, tap = "kvt3", "kvtap3"
     assert sh(["ip", "tuntap", "add", "dev", tap, "mode", "tap"]).returncode == 0
-    raw = tmp_path / "kvt3.xml"
-    raw.write_text(NATIVE_DOMAIN.format(name=name, tap=tap))
-    stamped = tmp_path / "kvt3-stamped.xml"
-    done = sh([sys.executable, "-m", "kvhost.cli", "libvirt", "stamp", str(raw), "-o",
-               str(stamped)])  # fmt: skip
-    assert done.returncode == 0, done.stderr
+    stamped, _ = stamp_to_file(tmp_path, name, native_domain(name, tap))
     assert virsh("define", str(stamped)).returncode == 0
     try:
         started = virsh("start", name)
@@ -325,7 +321,7 @@ def test_save_and_restore_go_through_the_hook(libvirtd: Path, tmp_path: Path) ->
     image's XML (refusing one this kernel lacks), prepare begin starts the shim again."""
     name, sock = "kvt4", SOCKETS / "kvt4.sock"
     raw = tmp_path / "kvt4.xml"
-    raw.write_text(_stamp_stdin(DOMAIN.format(name=name, socket=sock, results=RESULTS)))
+    raw.write_text(_stamp_stdin(vhostuser_domain(name, sock)))
     assert virsh("define", str(raw)).returncode == 0
     image = tmp_path / "kvt4.save"
     try:
