@@ -478,13 +478,8 @@ def this_host(manifest: Path | None = None) -> Host:
     from kvhost import manifest as mf  # the hook's fast path must not pay for these imports
 
     path = manifest or (mf.DEFAULT_PATH if mf.DEFAULT_PATH.exists() else None)
-    if path is not None:
-        m = mf.read(path)
-        return Host(m.offer, m.label)
-    from kvhost.probe import probe
-
-    p = probe()
-    return Host(ver.host_offer(p), f"this host (kernel {p.kernel_release})")
+    offer, label = mf.host_offer(path)
+    return Host(offer, label)
 
 
 def refusal(version: ver.InterfaceVersion, host: Host) -> str | None:

@@ -244,6 +244,19 @@ class Compat:
         }
 
 
+def host_offer(path: str | Path | None = None) -> tuple[ver.Offer, str]:
+    """What a host offers and a label for messages: the host whose manifest is at ``path``,
+    or, without one, this host by probing its kernel. Raises ManifestError/UsageError for a
+    manifest that cannot be read, and what :func:`kvhost.probe.probe` raises."""
+    if path is not None:
+        m = read(path)
+        return m.offer, m.label
+    from kvhost.probe import probe  # layer 4; imported late so reading manifests needs no cffi
+
+    p = probe()
+    return ver.host_offer(p), f"this host (kernel {p.kernel_release})"
+
+
 def compat(manifests: Sequence[Manifest]) -> Compat:
     """The version to record for a VM that must move freely among these hosts.
 

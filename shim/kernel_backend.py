@@ -283,7 +283,7 @@ class KernelBackend:
         """Map ``region`` (the frontend's log file; ``base`` unused, as in rust-vmm's
         vhost-user) and hand its address in this process to the kernel."""
         if region is None:
-            raise ValueError("the shim's log comes as a file region (LOG_SHMFD)")
+            raise UsageError("the shim's log comes as a file region (LOG_SHMFD)")
         try:
             st = os.fstat(region.fd)
             if st.st_size < region.offset + region.size:

@@ -122,16 +122,6 @@ def _kmsg(level: int, text: str) -> None:
         f.write(f"<{level}>kvhost: {text}\n")
 
 
-def _host_offer(manifest_path: str | None) -> tuple[ver.Offer, str]:
-    if manifest_path:
-        m = mf.read(manifest_path)
-        return m.offer, m.label
-    from kvhost.probe import probe
-
-    p = probe()
-    return ver.host_offer(p), f"this host (kernel {p.kernel_release})"
-
-
 def _print_json(obj: Any) -> None:
     print(json.dumps(obj, indent=2))
 
@@ -191,7 +181,7 @@ def _manifest(args: argparse.Namespace) -> int:
 
 
 def _versions(args: argparse.Namespace) -> int:
-    offer, host = _host_offer(args.manifest)
+    offer, host = mf.host_offer(args.manifest or None)
     ok = ver.supported(offer)
     newest = ok[-1].name if ok else None
     rows = []
@@ -225,7 +215,7 @@ def _versions(args: argparse.Namespace) -> int:
 
 def _check(args: argparse.Namespace) -> int:
     version = ver.parse(args.version)
-    offer, host = _host_offer(args.manifest)
+    offer, host = mf.host_offer(args.manifest or None)
     lack = ver.missing(version, offer)
     if args.json:
         _print_json(
