@@ -1,9 +1,10 @@
 """``kvhost-shim``: a vhost-user net backend program whose datapath is kernel vhost-net.
 
 Follows QEMU's vhost-user backend program conventions (``docs/interop/vhost-user.rst``,
-"Backend program conventions"): ``--socket-path PATH`` or ``--fd N``, ``--print-capabilities``,
-no daemonizing, exit on SIGTERM, and a non-zero exit with one sentence when the requested
-interface version cannot be served here. Exit status: 0 after a clean stop, 1 when the
+"Backend program conventions"): ``--socket-path PATH`` or ``--fd N``, ``--print-capabilities``
+(which prints and exits whatever else the command line holds), no daemonizing, exit on
+SIGTERM, and a non-zero exit with one sentence when the requested interface version cannot
+be served here. Exit status: 0 after a clean stop, 1 when the
 version cannot be served or the kernel refuses, 2 for usage errors.
 
 Start-up order, so that everything privileged happens first and nothing is served before
@@ -27,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from types import FrameType
 
-from kvhost import probe, versions
+from kvhost import __version__, probe, versions
 from kvhost.errors import KvhostError, UsageError, VersionError
 from kvhost.tap import TUN_PATH, Tap
 from shim import eventlog, privileges
@@ -40,6 +41,9 @@ from shim.session import Backend, unservable_reason
 from shim.tap_setup import PreparedTap, TapSpec
 
 log = logging.getLogger("kvhost.shim")
+
+#: what ``--print-capabilities`` prints: a net backend (vhost-user.json's schema)
+CAPABILITIES = {"type": "net"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,8 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--print-capabilities",
         action="store_true",
-        help="print the backend capabilities as JSON and exit",
+        help="print the backend capabilities as JSON and exit, ignoring every other option",
     )
+    parser.add_argument("--version", action="version", version=f"kvhost-shim {__version__}")
     parser.add_argument(
         "--interface-version",
         metavar="V",
@@ -308,10 +313,13 @@ def _error(err: KvhostError) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.print_capabilities:
-        print(json.dumps({"type": "net"}))
+    words = sys.argv[1:] if argv is None else argv
+    # vhost-user.rst: a backend asked for its capabilities prints them and exits, ignoring
+    # other options -- so checked before the parser, which would reject an unknown one
+    if "--print-capabilities" in words:
+        print(json.dumps(CAPABILITIES))
         return 0
+    args = build_parser().parse_args(words)
     handler = eventlog.configure(args.log_format, verbose=args.verbose)
     if args.socket_path is not None:
         eventlog.formatter_of(handler).socket = args.socket_path
