@@ -112,6 +112,9 @@ def test_install_host_writes_every_file_with_this_installation_s_programs(
     )  # fmt: skip
     assert done.returncode == 0 and json.loads(done.stdout) == {"type": "net"}
     assert expected[3].read_text().splitlines()[-1].startswith(f"u {host.SHIM_USER} - ")
+    # a local install: the administrator's directory, not the distribution's /usr/share
+    assert expected[2] == root / "etc/qemu/vhost-user/50-kvhost-net.json"
+    assert not (root / "usr").exists()
     for path in expected:
         assert oct(path.stat().st_mode & 0o777) == "0o644", path
     assert sorted(os.listdir(root / host.UNIT_DIR)) == [host.UNIT_NAME]  # no temp files
@@ -244,7 +247,7 @@ def test_not_root_without_root_dir_is_refused(
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
     rc, out, err = run(["install-host"], capsys)
     assert rc == 2 and out == ""
-    assert err.startswith("kvhost install-host: install-host writes under /etc and /usr/share")
+    assert err.startswith("kvhost install-host: install-host writes under /etc:")
     assert "run it as root, or stage the files with --root DIR" in err
 
 

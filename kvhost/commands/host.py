@@ -4,7 +4,9 @@ Installs, under ``--root`` (default ``/``)::
 
     etc/udev/rules.d/90-kvhost.rules               manifest (+ NFD file) on vhost-net/tun add
     etc/systemd/system/kvhost-shim@.service        one kvhost-shim per VM socket
-    usr/share/qemu/vhost-user/50-kvhost-net.json   QEMU's backend descriptor (libvirt reads it)
+    etc/qemu/vhost-user/50-kvhost-net.json         QEMU's backend descriptor (for tools that
+                                                   look vhost-user backends up by type;
+                                                   libvirt starts no net backend from it)
     etc/sysusers.d/kvhost.conf                     the user the shim drops to (--user kvhost)
     etc/kvhost/shim/                               the per-VM EnvironmentFiles (VM.env)
     etc/libvirt/hooks/qemu.d/kvhost                libvirt's hook: the shim at the recorded
@@ -51,7 +53,9 @@ HOME_DIRS = ("/home", "/root", "/run/user")
 
 RULES_DIR = Path("etc/udev/rules.d")
 UNIT_DIR = Path("etc/systemd/system")
-DESCRIPTOR_DIR = Path("usr/share/qemu/vhost-user")
+#: vhost-user.rst: /usr/share/qemu/vhost-user is the distribution's, /etc/qemu/vhost-user
+#: the local administrator's (later directories override earlier ones by file name)
+DESCRIPTOR_DIR = Path("etc/qemu/vhost-user")
 SYSUSERS_FILE = Path("etc/sysusers.d/kvhost.conf")
 ENV_DIR = Path("etc/kvhost/shim")
 HOOK_FILE = Path("etc/libvirt/hooks/qemu.d/kvhost")
@@ -278,7 +282,7 @@ def reload_host() -> list[str]:
 def _install_host(args: argparse.Namespace) -> int:
     if args.root is None and os.geteuid() != 0:
         raise UsageError(
-            "install-host writes under /etc and /usr/share: run it as root, or stage the "
+            "install-host writes under /etc: run it as root, or stage the "
             "files with --root DIR"
         )
     root = Path(args.root or "/")
