@@ -5,7 +5,10 @@ Follows QEMU's vhost-user backend program conventions (``docs/interop/vhost-user
 (which prints and exits whatever else the command line holds), no daemonizing, exit on
 SIGTERM, and a non-zero exit with one sentence when the requested interface version cannot
 be served here. Exit status: 0 after a clean stop, 1 when the
-version cannot be served or the kernel refuses, 2 for usage errors.
+version cannot be served or the kernel refuses, 2 for usage errors. Under socket activation
+(``kvhost-shim@VM.socket``, ``systemd-socket-activate``) the socket systemd made is served
+with ``--fd 3`` (:mod:`shim.activation`): it listens before the shim has imported anything,
+and a frontend that connects early waits in its backlog until the shim accepts.
 
 Start-up order, so that everything privileged happens first and nothing is served before
 the shim runs as ``--user``: resolve names and check option combinations -> probe the host
@@ -31,7 +34,7 @@ from types import FrameType
 from kvhost import __version__, probe, versions
 from kvhost.errors import KvhostError, UsageError, VersionError
 from kvhost.tap import TUN_PATH, Tap
-from shim import eventlog, privileges
+from shim import activation, eventlog, privileges
 from shim.closer import CLOSER
 from shim.eventlog import event
 from shim.kernel_backend import KernelBackend
@@ -58,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--fd",
         type=int,
         metavar="N",
-        help="serve on inherited fd N (a listening unix socket, or one connected socket)",
+        help="serve on inherited fd N (a listening unix socket, or one connected socket); "
+        "with socket activation (LISTEN_FDS, LISTEN_PID) the one systemd passed, --fd 3",
     )
     parser.add_argument(
         "--print-capabilities",
@@ -190,6 +194,7 @@ def build_server(args: argparse.Namespace) -> Program:
     """Everything before the privilege drop: resolve, probe, choose the version, then
     :func:`set_up` the tap and the socket. Raises UsageError / VersionError / KvhostError."""
     check_combinations(args)
+    activation.check_fd(args.fd, activation.listen_fds())
     who = privileges.identity(args.user, args.group) if args.user is not None else None
     socket_gid = (
         privileges.resolve_group(args.socket_group, "--socket-group")
@@ -323,6 +328,8 @@ def main(argv: list[str] | None = None) -> int:
     handler = eventlog.configure(args.log_format, verbose=args.verbose)
     if args.socket_path is not None:
         eventlog.formatter_of(handler).socket = args.socket_path
+    elif args.fd is not None:
+        eventlog.formatter_of(handler).socket = activation.bound_path(args.fd)
     try:
         return _run(args)
     finally:

@@ -1,6 +1,7 @@
 """``kvhost-shim``'s program conventions: ``--print-capabilities`` whatever else is on the
 command line (QEMU's vhost-user.rst), ``--version``, journald priority prefixes when stderr
-is the journal."""
+is the journal, and socket activation (``LISTEN_FDS``, for real with
+``systemd-socket-activate``)."""
 
 from __future__ import annotations
 
@@ -8,14 +9,19 @@ import io
 import json
 import logging
 import os
+import re
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from kvhost import __version__
-from shim import eventlog
+from kvhost.errors import UsageError
+from kvhost.libvirt_hook import _listening
+from shim import activation, eventlog
 from shim.cli import main
 
 
@@ -116,3 +122,93 @@ def test_every_level_gets_its_syslog_priority(tmp_path: Path) -> None:
             assert line.startswith(f"<{prio}>{{") and json.loads(line[3:])["message"] == "m"
         plain = eventlog.EventFormatter("json").format(record)
         assert plain.startswith("{")
+
+
+# --- socket activation (LISTEN_FDS) ---------------------------------------------------------
+
+
+def test_listen_fds_meant_for_another_process_are_ignored_and_cleared() -> None:
+    env = {"LISTEN_PID": "1", "LISTEN_FDS": "1", "LISTEN_FDNAMES": "x", "OTHER": "kept"}
+    assert activation.listen_fds(env, pid=4242) == range(0)
+    assert env == {"OTHER": "kept"}  # nothing the shim runs inherits them
+    assert activation.listen_fds({}, pid=4242) == range(0)
+
+
+@pytest.mark.parametrize(
+    ("env", "fragment"),
+    [
+        ({"LISTEN_PID": "12x", "LISTEN_FDS": "1"}, "LISTEN_PID='12x' is not a process id"),
+        ({"LISTEN_PID": "4242"}, "LISTEN_FDS=None is not a count of fds"),
+        ({"LISTEN_PID": "4242", "LISTEN_FDS": "-1"}, "LISTEN_FDS='-1' is not a count of fds"),
+        # far more fds than this process has open: one of them is not there
+        ({"LISTEN_PID": "4242", "LISTEN_FDS": "60000"}, "is not open"),
+    ],
+)
+def test_malformed_listen_variables_are_named(env: dict[str, str], fragment: str) -> None:
+    with pytest.raises(UsageError, match=re.escape(fragment)):
+        activation.listen_fds(env, pid=4242)
+    assert "LISTEN_PID" not in env
+
+
+def test_the_fd_option_must_be_the_passed_socket() -> None:
+    activation.check_fd(5, range(0))  # inherited some other way: the server checks it
+    activation.check_fd(3, range(3, 4))
+    with pytest.raises(UsageError, match=r"--fd 4: systemd passed fd 3 \(LISTEN_FDS\); use --fd 3"):
+        activation.check_fd(4, range(3, 4))
+    with pytest.raises(UsageError, match="serve it with --fd 3 instead of --socket-path"):
+        activation.check_fd(None, range(3, 4))
+    with pytest.raises(UsageError, match=r"fds 3-4 .* a single ListenStream="):
+        activation.check_fd(3, range(3, 5))
+
+
+def socket_activated(
+    tmp_path: Path, argv: list[str], name: str = "vm-1"
+) -> tuple[int, str, str]:
+    """``kvhost-shim ARGV`` under systemd-socket-activate, as a socket unit starts it:
+    systemd-socket-activate listens on ``tmp_path/NAME.sock`` and execs the shim (fd 3)
+    when the first client connects. Returns (exit status, stderr, socket path)."""
+    path = tmp_path / f"{name}.sock"
+    proc = subprocess.Popen(
+        ["systemd-socket-activate", "--listen", str(path), "-E", "PYTHONPATH",
+         "--", sys.executable, "-m", "shim.cli", *argv],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while not _listening(str(path)):
+            assert proc.poll() is None, proc.communicate()[1]
+            assert time.monotonic() < deadline, "systemd-socket-activate did not listen"
+            time.sleep(0.02)
+        with socket.socket(socket.AF_UNIX) as client:
+            client.connect(str(path))  # the shim is not even running yet
+            _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return proc.returncode, err, str(path)
+
+
+def test_under_socket_activation_socket_path_is_refused(tmp_path: Path) -> None:
+    rc, err, _ = socket_activated(tmp_path, ["--socket-path", str(tmp_path / "vm-1.sock")])
+    assert rc == 2
+    assert err.splitlines()[-1] == (
+        "kvhost-shim: systemd passed a listening socket (fd 3, LISTEN_FDS): serve it with "
+        "--fd 3 instead of --socket-path, or the shim would replace it"
+    )
+    rc, err, _ = socket_activated(tmp_path, ["--fd", "4"], name="vm-2")
+    assert rc == 2 and err.splitlines()[-1].endswith("--fd 4: systemd passed fd 3 (LISTEN_FDS); "
+                                                     "use --fd 3")  # fmt: skip
+
+
+def test_under_socket_activation_fd_3_is_taken_and_named_in_the_log(tmp_path: Path) -> None:
+    """Past the LISTEN_FDS checks, to the first error that needs no kernel: the JSON line
+    names the socket systemd made. (Serving a connection needs /dev/vhost-net: the kernel
+    tier's test_kernel_socket_activation.)"""
+    rc, err, path = socket_activated(
+        tmp_path, ["--fd", "3", "--allow-uid", "no-such-user-kvtest", "--log-format", "json"]
+    )
+    assert rc == 2, err
+    obj = json.loads(err.splitlines()[-1])
+    assert obj["socket"] == path
+    assert "--allow-uid no-such-user-kvtest: no such user" in obj["message"]
