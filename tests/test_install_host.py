@@ -26,6 +26,7 @@ from kvhost.commands import versions as vcmd
 REPO = Path(__file__).resolve().parent.parent
 ENTRY_SHIM = str(Path(sysconfig.get_path("scripts")) / "kvhost-shim")
 UNIT = host.UNIT_DIR / host.UNIT_NAME
+SOCKET = host.UNIT_DIR / host.SOCKET_NAME
 
 
 def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
@@ -49,14 +50,39 @@ def setting(text: str, key: str) -> list[str]:
     return [v for k, v in unit_settings(text) if k == key]
 
 
-def verify(unit_dir: Path, instance: str = "vm1") -> subprocess.CompletedProcess[str]:
+def verify(
+    unit_dir: Path, instance: str = "vm1", kind: str = "service", *, dump: bool = False
+) -> subprocess.CompletedProcess[str]:
+    """``systemd-analyze verify`` of one instance; ``dump``: at debug level, where systemd
+    prints every unit it loaded with its specifiers expanded."""
+    env = {**os.environ, "SYSTEMD_LOG_LEVEL": "debug"} if dump else None
     return subprocess.run(
-        ["systemd-analyze", "verify", str(unit_dir / f"kvhost-shim@{instance}.service")],
+        ["systemd-analyze", "verify", str(unit_dir / f"kvhost-shim@{instance}.{kind}")],
         capture_output=True,
         text=True,
         timeout=120,
         check=False,
+        env=env,
     )
+
+
+def loaded(unit_dir: Path, unit: str) -> dict[str, list[str]]:
+    """What systemd itself made of ``unit`` (instance given): its settings as its debug
+    dump prints them, specifiers expanded (a line is ``\t\tKey: value``)."""
+    kind = unit.rsplit(".", 1)[1]
+    instance = unit.split("@", 1)[1].rsplit(".", 1)[0]
+    done = verify(unit_dir, instance, kind, dump=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    out: dict[str, list[str]] = {}
+    inside = False
+    for line in done.stdout.splitlines():
+        if line.startswith("\t-> Unit "):
+            inside = line == f"\t-> Unit {unit}:"
+        elif inside and line.startswith("\t\t") and ": " in line:
+            key, _, value = line.strip().partition(": ")
+            out.setdefault(key, []).append(value)
+    assert out, f"systemd-analyze printed no dump of {unit}"
+    return out
 
 
 @pytest.fixture
@@ -89,7 +115,8 @@ def test_install_host_writes_every_file_with_this_installation_s_programs(
         root / host.DESCRIPTOR_DIR / host.DESCRIPTOR_NAME,
         root / host.SYSUSERS_FILE,
     ]
-    assert out.splitlines()[:4] == [f"installed {p}" for p in expected]
+    listed = [line for line in out.splitlines() if line.startswith("installed ")]
+    assert {f"installed {p}" for p in [*expected, root / SOCKET]} <= set(listed)
     assert "not reloading udev or systemd (--root given)" in out
     assert (root / host.ENV_DIR).is_dir()
     # the rule is install-udev's: this interpreter writes the manifest
@@ -117,16 +144,24 @@ def test_install_host_writes_every_file_with_this_installation_s_programs(
     assert not (root / "usr").exists()
     for path in expected:
         assert oct(path.stat().st_mode & 0o777) == "0o644", path
-    assert sorted(os.listdir(root / host.UNIT_DIR)) == [host.UNIT_NAME]  # no temp files
+    assert sorted(os.listdir(root / host.UNIT_DIR)) == [host.UNIT_NAME, host.SOCKET_NAME]
 
 
-def test_systemd_verifies_the_installed_unit(installed: tuple[Path, str]) -> None:
+@pytest.mark.parametrize("kind", ["service", "socket"])
+@pytest.mark.parametrize("instance", ["vm1", "vm\\x2d1"])  # VM vm-1, as systemd-escape writes it
+def test_systemd_verifies_the_installed_units(
+    installed: tuple[Path, str], kind: str, instance: str
+) -> None:
     root, _ = installed
-    unit_dir = root / host.UNIT_DIR
-    done = verify(unit_dir)
+    done = verify(root / host.UNIT_DIR, instance, kind)
     assert done.returncode == 0, done.stderr
     ours = [line for line in done.stderr.splitlines() if "kvhost-shim" in line]
     assert ours == [], ours  # unknown keys and bad values are only warnings: none allowed
+
+
+def test_systemd_verify_bites(installed: tuple[Path, str]) -> None:
+    root, _ = installed
+    unit_dir = root / host.UNIT_DIR
     # the check bites: the same unit naming a program that is not there fails verification
     bad = unit_dir / "kvhost-shim-bad@.service"
     bad.write_text((unit_dir / host.UNIT_NAME).read_text().replace(ENTRY_SHIM, "/nonexistent/x"))
@@ -141,16 +176,18 @@ def test_unit_runs_one_shim_per_vm_with_its_recorded_version(installed: tuple[Pa
     root, _ = installed
     unit = (root / UNIT).read_text()
     assert setting(unit, "EnvironmentFile") == [
-        "/etc/kvhost/shim/%i.env",
-        "-/run/kvhost/shim/%i.env",  # the libvirt hook's, read last
+        "/etc/kvhost/shim/%I.env",
+        "-/run/kvhost/shim/%I.env",  # the libvirt hook's, read last
     ]
     argv = shlex.split(setting(unit, "ExecStart")[0])
-    assert argv[1:3] == ["--socket-path", "/run/kvhost/%i.sock"]
+    assert argv[1:3] == ["--fd", "3"]  # the socket kvhost-shim@%i.socket made
+    assert setting(unit, "Requires") == ["kvhost-shim@%i.socket"]
+    assert setting(unit, "After")[0].split()[0] == "kvhost-shim@%i.socket"
     pairs = dict(zip(argv[1::2], argv[2::2], strict=False))
     assert pairs["--interface-version"] == "${KVHOST_INTERFACE_VERSION}"
     assert pairs["--tap"] == "${KVHOST_TAP}"
     assert pairs["--user"] == "${KVHOST_USER}" and pairs["--group"] == "${KVHOST_GROUP}"
-    assert pairs["--socket-group"] == "${KVHOST_SOCKET_GROUP}"
+    assert "--socket-group" not in pairs  # the socket unit sets owner, group and mode
     assert pairs["--log-format"] == "${KVHOST_LOG_FORMAT}"
     assert pairs["--allow-uid"] == "${KVHOST_ALLOW_UID}"
     assert argv[-1] == "$KVHOST_SHIM_ARGS"  # unbraced: systemd splits it into words
@@ -160,11 +197,67 @@ def test_unit_runs_one_shim_per_vm_with_its_recorded_version(installed: tuple[Pa
     assert setting(unit, "Type") == ["exec"]
 
 
+def test_the_socket_unit_listens_where_qemu_is_told_to_connect(
+    installed: tuple[Path, str],
+) -> None:
+    root, _ = installed
+    sock = (root / SOCKET).read_text()
+    assert setting(sock, "ListenStream") == ["/run/kvhost/%I.sock"]
+    assert setting(sock, "SocketUser") == [host.SHIM_USER]  # as the shim's own socket was
+    assert setting(sock, "SocketGroup") == ["kvm"] and setting(sock, "SocketMode") == ["0660"]
+    assert setting(sock, "RemoveOnStop") == ["yes"]
+    assert not setting(sock, "Accept")  # one shim serves every connection of its VM
+
+
+@pytest.mark.parametrize(
+    ("vm", "instance"),
+    [("vm1", "vm1"), ("vm-1", "vm\\x2d1"), ("web.prod_2", "web.prod_2"), ("db 1", "db\\x201")],
+)
+def test_a_vm_name_goes_through_systemd_escape(
+    installed: tuple[Path, str], vm: str, instance: str
+) -> None:
+    """systemd itself expands %I back to the VM's name: its socket, its env files."""
+    escaped = subprocess.run(["systemd-escape", vm], capture_output=True, text=True,
+                             check=True, timeout=30).stdout.strip()  # fmt: skip
+    assert escaped == instance
+    unit_dir = installed[0] / host.UNIT_DIR
+    socket_unit = loaded(unit_dir, f"kvhost-shim@{instance}.socket")
+    assert socket_unit["ListenStream"] == [f"/run/kvhost/{vm}.sock"]
+    assert socket_unit["Description"] == [f"kvhost-shim vhost-user socket for VM {vm}"]
+    service = loaded(unit_dir, f"kvhost-shim@{instance}.service")
+    assert service["EnvironmentFile"] == [
+        f"/etc/kvhost/shim/{vm}.env", f"-/run/kvhost/shim/{vm}.env"
+    ]
+    assert f"kvhost-shim@{instance}.socket" in " ".join(service["Requires"])
+
+
+def socket_precheck(installed: tuple[Path, str], instance: str) -> subprocess.CompletedProcess[str]:
+    """The socket unit's ExecStartPre, run the way systemd runs it ($$ -> $, %i -> instance)."""
+    (pre,) = setting((installed[0] / SOCKET).read_text(), "ExecStartPre")
+    argv = shlex.split(pre.replace("$$", "$").replace("%i", instance))
+    return subprocess.run(argv, capture_output=True, text=True, check=False, timeout=30)
+
+
+def test_an_unescaped_dash_is_refused_with_the_right_unit_named(
+    installed: tuple[Path, str],
+) -> None:
+    # 'systemctl start kvhost-shim@vm-1' means VM "vm/1": a socket QEMU is never told about
+    bad = socket_precheck(installed, "vm-1")
+    assert bad.returncode == 2
+    assert bad.stderr == (
+        "kvhost-shim@vm-1: a - in an instance name stands for /; name the unit "
+        "kvhost-shim@NAME with NAME as printed by: systemd-escape VM\n"
+    )
+    for good in ("vm1", "vm\\x2d1"):
+        ok = socket_precheck(installed, good)
+        assert ok.returncode == 0 and ok.stderr == "", ok.stderr
+
+
 def test_the_missing_variable_check_in_the_unit_runs(installed: tuple[Path, str]) -> None:
-    """ExecStartPre's shell snippet, run the way systemd runs it ($$ -> $, %i -> name)."""
+    """ExecStartPre's shell snippet, run the way systemd runs it ($$ -> $, %I -> name)."""
     root, _ = installed
     (pre,) = setting((root / UNIT).read_text(), "ExecStartPre")
-    argv = shlex.split(pre.replace("$$", "$").replace("%i", "vm1"))
+    argv = shlex.split(pre.replace("$$", "$").replace("%I", "vm1"))
     assert argv[:2] == ["/bin/sh", "-c"]
     full = {"KVHOST_INTERFACE_VERSION": "org.kernel.vhost-net.v5", "KVHOST_TAP": "vm1tap"}
     ok = subprocess.run(argv, env=full, capture_output=True, text=True, check=False)
@@ -179,9 +272,8 @@ def test_the_missing_variable_check_in_the_unit_runs(installed: tuple[Path, str]
 def test_the_unit_s_sandbox(installed: tuple[Path, str]) -> None:
     unit = (installed[0] / UNIT).read_text()
     (caps,) = setting(unit, "CapabilityBoundingSet")
-    assert set(caps.split()) == {
-        "CAP_NET_ADMIN", "CAP_CHOWN", "CAP_SETUID", "CAP_SETGID", "CAP_SETPCAP",
-    }  # fmt: skip
+    # no CAP_CHOWN: the socket is systemd's, the shim creates none
+    assert set(caps.split()) == {"CAP_NET_ADMIN", "CAP_SETUID", "CAP_SETGID", "CAP_SETPCAP"}
     assert setting(unit, "DevicePolicy") == ["closed"]
     assert setting(unit, "DeviceAllow") == ["/dev/vhost-net rw", "/dev/net/tun rw"]
     assert setting(unit, "RestrictAddressFamilies") == ["AF_UNIX AF_NETLINK"]
@@ -234,7 +326,7 @@ def test_the_unit_s_options_are_the_shim_s(installed: tuple[Path, str]) -> None:
         else:
             argv.append(w)
     args = build_parser().parse_args(argv)
-    assert args.socket_path == "/run/kvhost/vm1.sock"
+    assert args.fd == 3 and args.socket_path is None
     assert args.interface_version == "org.kernel.vhost-net.v5" and args.tap == "vm1tap"
 
 

@@ -3,7 +3,8 @@
 Installs, under ``--root`` (default ``/``)::
 
     etc/udev/rules.d/90-kvhost.rules               manifest (+ NFD file) on vhost-net/tun add
-    etc/systemd/system/kvhost-shim@.service        one kvhost-shim per VM socket
+    etc/systemd/system/kvhost-shim@.service        one kvhost-shim per VM ...
+    etc/systemd/system/kvhost-shim@.socket         ... serving the socket systemd made (fd 3)
     etc/qemu/vhost-user/50-kvhost-net.json         QEMU's backend descriptor (for tools that
                                                    look vhost-user backends up by type;
                                                    libvirt starts no net backend from it)
@@ -43,6 +44,7 @@ from kvhost.commands import versions as vcmd
 from kvhost.errors import KvhostError, UsageError
 
 UNIT_NAME = "kvhost-shim@.service"
+SOCKET_NAME = "kvhost-shim@.socket"
 DESCRIPTOR_NAME = "50-kvhost-net.json"
 #: where ``pip install`` as root puts the shim; the unit and descriptor in the repository
 #: (systemd/, kvhost/data/) name it, ``install-host`` writes the real entry point instead
@@ -70,7 +72,7 @@ SYSUSERS = (
 def register(sub: Any) -> None:
     p = sub.add_parser(
         "install-host",
-        help="install the udev rule, the kvhost-shim@ systemd unit and QEMU's vhost-user "
+        help="install the udev rule, the kvhost-shim@ systemd units and QEMU's vhost-user "
         "descriptor, then reload udev and systemd",
         description=__doc__.split("\n\n", 1)[0] if __doc__ else None,
     )
@@ -113,6 +115,11 @@ def _check_program(path: str, what: str) -> str:
 def shipped_unit() -> str:
     """The unit as shipped in the package (ExecStart names :data:`SHIPPED_SHIM`)."""
     return resources.files("kvhost").joinpath(f"data/{UNIT_NAME}").read_text()
+
+
+def shipped_socket() -> str:
+    """The socket unit as shipped (it names no program: installed as it is)."""
+    return resources.files("kvhost").joinpath(f"data/{SOCKET_NAME}").read_text()
 
 
 def shipped_descriptor() -> str:
@@ -233,6 +240,7 @@ def plan(args: argparse.Namespace) -> Plan:
         files=(
             (RULES_DIR / vcmd.RULES_NAME, vcmd.rule_for(args).encode(), 0o644),
             (UNIT_DIR / UNIT_NAME, render_unit(shim).encode(), 0o644),
+            (UNIT_DIR / SOCKET_NAME, shipped_socket().encode(), 0o644),
             (DESCRIPTOR_DIR / DESCRIPTOR_NAME, render_descriptor(shim).encode(), 0o644),
             (SYSUSERS_FILE, SYSUSERS.encode(), 0o644),
             (HOOK_FILE, render_hook(sys.executable, code_dir(), manifest).encode(), 0o755),
@@ -304,7 +312,8 @@ def _install_host(args: argparse.Namespace) -> int:
     print(f"libvirt: restart libvirtd (or virtqemud) so it reads {root / HOOK_FILE}")
     print(
         f"next, per VM: write {root / ENV_DIR}/VM.env (KVHOST_INTERFACE_VERSION=..., "
-        "KVHOST_TAP=...), then 'systemctl enable --now kvhost-shim@VM'"
+        "KVHOST_TAP=...), then 'systemctl enable --now kvhost-shim@VM' "
+        "(a VM name with '-' or other specials: kvhost-shim@$(systemd-escape VM))"
     )
     if args.nfd is None:
         print(f"Kubernetes nodes: add --nfd {nfd.DEFAULT_PATH} for node-feature-discovery labels")
