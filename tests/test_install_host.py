@@ -7,6 +7,7 @@ by systemd's own verifier, which fails on a program it cannot execute.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -144,7 +145,9 @@ def test_install_host_writes_every_file_with_this_installation_s_programs(
     assert not (root / "usr").exists()
     for path in expected:
         assert oct(path.stat().st_mode & 0o777) == "0o644", path
-    assert sorted(os.listdir(root / host.UNIT_DIR)) == [host.UNIT_NAME, host.SOCKET_NAME]
+    assert sorted(os.listdir(root / host.UNIT_DIR)) == sorted(
+        [host.UNIT_NAME, host.SOCKET_NAME, vcmd.MANIFEST_UNIT, "multi-user.target.wants"]
+    )
 
 
 @pytest.mark.parametrize("kind", ["service", "socket"])
@@ -330,6 +333,64 @@ def test_the_unit_s_options_are_the_shim_s(installed: tuple[Path, str]) -> None:
     assert args.interface_version == "org.kernel.vhost-net.v5" and args.tap == "vm1tap"
 
 
+# --- the manifest ---------------------------------------------------------------------------
+
+
+def test_the_manifest_unit_is_installed_and_enabled_for_boot(installed: tuple[Path, str]) -> None:
+    root, out = installed
+    unit = root / host.UNIT_DIR / vcmd.MANIFEST_UNIT
+    words = shlex.split(setting(unit.read_text(), "ExecStart")[0])
+    assert words == [sys.executable, "-m", "kvhost.cli", "manifest", "--output",
+                     str(mf.DEFAULT_PATH)]  # fmt: skip
+    assert setting(unit.read_text(), "Type") == ["oneshot"]
+    # /run is empty after a reboot and a static /dev/vhost-net node sends no event: the
+    # unit is enabled, as 'systemctl enable' does it
+    wants = root / host.UNIT_DIR / "multi-user.target.wants" / vcmd.MANIFEST_UNIT
+    assert os.readlink(wants) == f"/{host.UNIT_DIR / vcmd.MANIFEST_UNIT}"
+    assert f"systemd: {vcmd.MANIFEST_UNIT} enabled (writes the manifest at every boot)" in out
+    assert (
+        f"manifest: not written (--root given): {vcmd.MANIFEST_UNIT} writes it when that "
+        "system boots"
+    ) in out.splitlines()
+    done = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True,
+                          text=True, timeout=120, check=False)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+
+
+def test_without_vhost_net_install_says_when_the_manifest_comes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = argparse.Namespace(manifest="/run/kvhost/vhost-net.json", nfd="/etc/nfd/kvhost",
+                              nfd_prefix="kvhost.io")  # fmt: skip
+    missing = str(tmp_path / "vhost-net")
+    assert host.write_manifest(args, device=missing) == 0
+    assert capsys.readouterr().out == (
+        f"manifest: not written: this host has no {missing} (modprobe vhost_net loads it); "
+        "when it appears, udev writes /run/kvhost/vhost-net.json and /etc/nfd/kvhost "
+        "(kvhost-manifest.service under systemd)\n"
+    )
+    assert not (tmp_path / "vhost-net.json").exists()
+
+
+def test_a_failing_probe_is_an_error_after_the_files_are_in(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A device node that is there but no vhost-net device (an empty file): the probe's own
+    error, exit 1, and what to run once it is fixed."""
+    node = tmp_path / "vhost-net"
+    node.touch()
+    args = argparse.Namespace(manifest=str(tmp_path / "m.json"), nfd=None,
+                              nfd_prefix="kvhost.io")  # fmt: skip
+    if Path("/dev/vhost-net").exists():
+        pytest.skip("this host has vhost-net: the kernel tier covers a real write")
+    assert host.write_manifest(args, device=str(node)) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("manifest: not written: ") and "vhost" in err[0]
+    assert err[1] == ("the files above are installed; fix that, then run 'kvhost manifest' "
+                      "or 'systemctl start kvhost-manifest.service'")  # fmt: skip
+    assert not (tmp_path / "m.json").exists()
+
+
 # --- errors ---------------------------------------------------------------------------------
 
 
@@ -339,7 +400,7 @@ def test_not_root_without_root_dir_is_refused(
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
     rc, out, err = run(["install-host"], capsys)
     assert rc == 2 and out == ""
-    assert err.startswith("kvhost install-host: install-host writes under /etc:")
+    assert err.startswith("kvhost install-host: install-host writes under /etc (and the manifest")
     assert "run it as root, or stage the files with --root DIR" in err
 
 

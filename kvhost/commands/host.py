@@ -2,7 +2,9 @@
 
 Installs, under ``--root`` (default ``/``)::
 
-    etc/udev/rules.d/90-kvhost.rules               manifest (+ NFD file) on vhost-net/tun add
+    etc/udev/rules.d/90-kvhost.rules               manifest (+ NFD file) on vhost-net/tun add:
+    etc/systemd/system/kvhost-manifest.service     in this unit under systemd (also at boot),
+                                                   from udev's RUN without systemd
     etc/systemd/system/kvhost-shim@.service        one kvhost-shim per VM ...
     etc/systemd/system/kvhost-shim@.socket         ... serving the socket systemd made (fd 3)
     etc/qemu/vhost-user/50-kvhost-net.json         QEMU's backend descriptor (for tools that
@@ -13,12 +15,16 @@ Installs, under ``--root`` (default ``/``)::
     etc/libvirt/hooks/qemu.d/kvhost                libvirt's hook: the shim at the recorded
                                                    version (kvhost.libvirt_hook)
 
-Program paths are rewritten to this installation: the rule runs this interpreter with
-``-m kvhost.cli`` (as ``install-udev``), the unit and the descriptor run the ``kvhost-shim``
-entry point next to this interpreter (``--shim`` overrides). Without ``--root`` and
-``--no-reload`` it then makes the running host pick the files up: ``udevadm control
---reload`` when udevd runs, ``systemd-sysusers`` when present, ``systemctl daemon-reload``
-when systemd is the init system. Every file is replaced atomically; running it again is safe.
+Program paths are rewritten to this installation: the rule and kvhost-manifest.service run
+this interpreter with ``-m kvhost.cli`` (as ``install-udev``), the shim's unit and the
+descriptor run the ``kvhost-shim`` entry point next to this interpreter (``--shim``
+overrides). kvhost-manifest.service is enabled (``systemctl --root=ROOT enable``), so a
+reboot, which empties /run, writes the manifest again even when no device event comes.
+Without ``--root`` it writes the manifest at once when this host has /dev/vhost-net (and
+says what happens instead when it has not), and without ``--no-reload`` it makes the
+running host pick the files up: ``udevadm control --reload`` when udevd runs,
+``systemd-sysusers`` when present, ``systemctl daemon-reload`` when systemd is the init
+system. Every file is replaced atomically; running it again is safe.
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ from kvhost import manifest as mf
 from kvhost import nfd
 from kvhost.commands import versions as vcmd
 from kvhost.errors import KvhostError, UsageError
+from kvhost.vhost import DEFAULT_PATH as VHOST_NET
 
 UNIT_NAME = "kvhost-shim@.service"
 SOCKET_NAME = "kvhost-shim@.socket"
@@ -239,6 +246,7 @@ def plan(args: argparse.Namespace) -> Plan:
     return Plan(
         files=(
             (RULES_DIR / vcmd.RULES_NAME, vcmd.rule_for(args).encode(), 0o644),
+            (UNIT_DIR / vcmd.MANIFEST_UNIT, vcmd.manifest_unit_for(args).encode(), 0o644),
             (UNIT_DIR / UNIT_NAME, render_unit(shim).encode(), 0o644),
             (UNIT_DIR / SOCKET_NAME, shipped_socket().encode(), 0o644),
             (DESCRIPTOR_DIR / DESCRIPTOR_NAME, render_descriptor(shim).encode(), 0o644),
@@ -287,10 +295,46 @@ def reload_host() -> list[str]:
     return notes
 
 
+def enable_manifest_unit(root: Path) -> str:
+    """``systemctl --root=ROOT enable kvhost-manifest.service`` (works offline, and on a
+    host whose init is not systemd); returns the line to print. Raises KvhostError."""
+    if shutil.which("systemctl") is None:
+        return (
+            f"systemd: systemctl not found; {vcmd.MANIFEST_UNIT} not enabled (without "
+            "systemd, udev's RUN writes the manifest when vhost-net or tun appears)"
+        )
+    _run(["systemctl", f"--root={root}", "--quiet", "enable", vcmd.MANIFEST_UNIT])
+    return f"systemd: {vcmd.MANIFEST_UNIT} enabled (writes the manifest at every boot)"
+
+
+def write_manifest(args: argparse.Namespace, device: str = VHOST_NET) -> int:
+    """Write this host's manifest now, as ``kvhost manifest`` would (with ``--nfd``), so it
+    exists before the first reboot or device event; returns the exit status to use."""
+    if not os.path.exists(device):
+        print(
+            f"manifest: not written: this host has no {device} (modprobe vhost_net loads "
+            f"it); when it appears, udev writes {args.manifest}"
+            + (f" and {args.nfd}" if args.nfd else "")
+            + f" ({vcmd.MANIFEST_UNIT} under systemd)"
+        )
+        return 0
+    run = argparse.Namespace(
+        output=args.manifest, nfd=args.nfd, nfd_prefix=args.nfd_prefix, kmsg=False, json=False
+    )
+    try:
+        return vcmd.manifest_command(run)
+    except KvhostError as err:
+        print(f"manifest: not written: {err}", file=sys.stderr)
+        print(f"the files above are installed; fix that, then run 'kvhost manifest' or "
+              f"'systemctl start {vcmd.MANIFEST_UNIT}'", file=sys.stderr)
+        return 1
+
+
 def _install_host(args: argparse.Namespace) -> int:
     if args.root is None and os.geteuid() != 0:
         raise UsageError(
-            "install-host writes under /etc: run it as root, or stage the "
+            "install-host writes under /etc (and the manifest under /run): run it as root, "
+            "or stage the "
             "files with --root DIR"
         )
     root = Path(args.root or "/")
@@ -303,12 +347,19 @@ def _install_host(args: argparse.Namespace) -> int:
     for rel, data, mode in todo.files:
         vcmd.install_file(root / rel, data, mode)
         print(f"installed {root / rel}")
+    print(enable_manifest_unit(root))
     if args.root is not None or args.no_reload:
         why = "--root given" if args.root is not None else "--no-reload"
         print(f"not reloading udev or systemd ({why})")
     else:
         for note in reload_host():
             print(note)
+    status = 0
+    if args.root is None:
+        status = write_manifest(args)
+    else:
+        print(f"manifest: not written (--root given): {vcmd.MANIFEST_UNIT} writes it when "
+              "that system boots")
     print(f"libvirt: restart libvirtd (or virtqemud) so it reads {root / HOOK_FILE}")
     print(
         f"next, per VM: write {root / ENV_DIR}/VM.env (KVHOST_INTERFACE_VERSION=..., "
@@ -317,4 +368,4 @@ def _install_host(args: argparse.Namespace) -> int:
     )
     if args.nfd is None:
         print(f"Kubernetes nodes: add --nfd {nfd.DEFAULT_PATH} for node-feature-discovery labels")
-    return 0
+    return status
