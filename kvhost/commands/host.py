@@ -348,18 +348,19 @@ def _install_host(args: argparse.Namespace) -> int:
         vcmd.install_file(root / rel, data, mode)
         print(f"installed {root / rel}")
     print(enable_manifest_unit(root))
-    if args.root is not None or args.no_reload:
-        why = "--root given" if args.root is not None else "--no-reload"
-        print(f"not reloading udev or systemd ({why})")
-    else:
-        for note in reload_host():
-            print(note)
+    # before the reloads: a failing reload (an error) must not also cost the manifest
     status = 0
     if args.root is None:
         status = write_manifest(args)
     else:
         print(f"manifest: not written (--root given): {vcmd.MANIFEST_UNIT} writes it when "
               "that system boots")
+    if args.root is not None or args.no_reload:
+        why = "--root given" if args.root is not None else "--no-reload"
+        print(f"not reloading udev or systemd ({why})")
+    else:
+        for note in reload_host():
+            print(note)
     print(f"libvirt: restart libvirtd (or virtqemud) so it reads {root / HOOK_FILE}")
     print(
         f"next, per VM: write {root / ENV_DIR}/VM.env (KVHOST_INTERFACE_VERSION=..., "
