@@ -23,7 +23,8 @@ Two ways to run the shim, chosen by ``--init`` (default ``auto``: systemd when i
   domain's version wins) and ``systemctl start kvhost-shim@ESCAPED.service``, ESCAPED being
   ``systemd-escape NAME``; the service requires ``kvhost-shim@ESCAPED.socket``, which
   listens on ``/run/kvhost/NAME.sock``, so NAME is the socket's file name without
-  ``.sock``. ``release end`` stops the service and the socket.
+  ``.sock``; ``systemctl start`` returns once the shim reports ready (``Type=notify``) and
+  fails when it cannot start. ``release end`` stops the service and the socket.
 * **direct** (no systemd, e.g. the test VM): kvhost-shim in its own session, detached from
   libvirt's pipes, ``/run/kvhost/shim/NAME.pid`` and ``NAME.log`` (JSON lines) next to it;
   ``--tap`` comes from ``KVHOST_TAP`` in ``/etc/kvhost/shim/NAME.env`` when that exists,
@@ -250,8 +251,8 @@ class _Hook:
 
         env = self._files(name)[2]
         install_file(env, f"KVHOST_INTERFACE_VERSION={version.label}\n".encode())
-        # the service requires its socket unit: systemd listens first, so this returns with
-        # the socket there and QEMU's connect waits in its backlog until the shim accepts
+        # the service requires its socket unit, so systemd listens first; and it is
+        # Type=notify, so this returns once the shim is set up, or fails naming the unit
         unit = f"{self._unit(name)}.service"
         self._systemctl("start", unit)
         self._wait_listening(socket, unit, lambda: self._unit_failed(unit))

@@ -93,3 +93,25 @@ def bound_path(fd: int) -> str | None:
     finally:
         sock.detach()  # the fd stays the caller's
     return name if isinstance(name, str) and name else None
+
+
+def notify_ready(environ: MutableMapping[str, str] | None = None) -> str | None:
+    """Tell the service manager the shim is serving (sd_notify(3) ``READY=1``), when it
+    asked (``NOTIFY_SOCKET``, set for a ``Type=notify`` unit). Returns None when told or
+    not asked, else why telling failed: a missed notification is the manager's timeout to
+    report, not a reason for the shim to stop serving.
+    """
+    env = os.environ if environ is None else environ
+    where = env.get("NOTIFY_SOCKET", "")
+    if not where:
+        return None
+    if where.startswith("@"):  # an abstract socket
+        where = "\0" + where[1:]
+    elif not where.startswith("/"):
+        return f"NOTIFY_SOCKET={where!r} is not a unix socket path; readiness not sent"
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.sendto(b"READY=1", where)
+    except OSError as err:
+        return f"cannot notify the service manager at {where!r}: {err.strerror}"
+    return None

@@ -8,7 +8,9 @@ be served here. Exit status: 0 after a clean stop, 1 when the
 version cannot be served or the kernel refuses, 2 for usage errors. Under socket activation
 (``kvhost-shim@VM.socket``, ``systemd-socket-activate``) the socket systemd made is served
 with ``--fd 3`` (:mod:`shim.activation`): it listens before the shim has imported anything,
-and a frontend that connects early waits in its backlog until the shim accepts.
+and a frontend that connects early waits in its backlog until the shim accepts. Once set up
+and running as ``--user``, the shim sends ``READY=1`` to ``NOTIFY_SOCKET`` when one is set
+(``Type=notify``).
 
 Start-up order, so that everything privileged happens first and nothing is served before
 the shim runs as ``--user``: resolve names and check option combinations -> probe the host
@@ -354,6 +356,11 @@ def _run(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    # Type=notify: 'systemctl start' (the libvirt hook's) returns only now, or fails
+    # naming the unit, instead of succeeding for a shim that then dies on its set-up
+    problem = activation.notify_ready()
+    if problem is not None:
+        event("error", problem, level=logging.WARNING)
     try:
         server.serve()
     finally:

@@ -197,7 +197,7 @@ def test_unit_runs_one_shim_per_vm_with_its_recorded_version(installed: tuple[Pa
     assert setting(unit, "RuntimeDirectory") == ["kvhost"]
     assert setting(unit, "RuntimeDirectoryPreserve") == ["yes"]
     assert setting(unit, "Restart") == ["on-failure"]
-    assert setting(unit, "Type") == ["exec"]
+    assert setting(unit, "Type") == ["notify"]  # the shim sends READY=1 (shim.activation)
 
 
 def test_the_socket_unit_listens_where_qemu_is_told_to_connect(

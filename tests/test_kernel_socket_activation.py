@@ -5,14 +5,17 @@ VM): it makes the listening socket, and only when the first client connects does
 ``kvhost-shim --fd 3`` with ``LISTEN_FDS``/``LISTEN_PID`` set. The client -- kvhost's own
 vhost-user frontend -- connects before the shim has imported anything and must be served:
 QEMU's start-up handshake (SET_OWNER opens real /dev/vhost-net and a tap) answered at the
-pinned version, then a clean stop on SIGTERM.
+pinned version, ``READY=1`` on ``NOTIFY_SOCKET`` (what ``Type=notify`` waits for), then a
+clean stop on SIGTERM.
 """
 
 from __future__ import annotations
 
 import datetime
 import json
+import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -38,12 +41,17 @@ def test_a_client_that_connects_before_the_shim_runs_is_served(
 ) -> None:
     path = tmp_path / "vm-1.sock"  # a VM name systemd-escape would escape: vm\x2d1
     log = tmp_path / "shim.log"
+    manager = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)  # systemd's NOTIFY_SOCKET
+    manager.bind(str(tmp_path / "notify"))
+    manager.settimeout(120)
+    env = {**os.environ, "NOTIFY_SOCKET": str(tmp_path / "notify")}
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            ["systemd-socket-activate", "--listen", str(path), "-E", "PYTHONPATH", "--",
+            ["systemd-socket-activate", "--listen", str(path), "-E", "PYTHONPATH",
+             "-E", "NOTIFY_SOCKET", "--",
              sys.executable, "-m", "shim.cli", "--fd", "3", "--interface-version", V5.label,
              "--log-format", "json"],
-            stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+            stdin=subprocess.DEVNULL, stdout=out, stderr=out, env=env,
         )  # fmt: skip
     try:
         deadline = time.monotonic() + 60
@@ -65,11 +73,13 @@ def test_a_client_that_connects_before_the_shim_runs_is_served(
         started = datetime.datetime.fromisoformat(str(listening["time"]).replace("Z", "+00:00"))
         assert started > connected - datetime.timedelta(milliseconds=5), (started, connected)
         assert any(e["event"] == "accepted" for e in seen), seen
+        assert manager.recv(100) == b"READY=1"  # what Type=notify waits for
         assert proc.poll() is None  # the shim serves on after its first client left
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0, log.read_text()
         assert events(log)[-1]["event"] == "stopped"
     finally:
+        manager.close()
         if proc.poll() is None:
             proc.kill()
             proc.wait()

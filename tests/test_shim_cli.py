@@ -212,3 +212,31 @@ def test_under_socket_activation_fd_3_is_taken_and_named_in_the_log(tmp_path: Pa
     obj = json.loads(err.splitlines()[-1])
     assert obj["socket"] == path
     assert "--allow-uid no-such-user-kvtest: no such user" in obj["message"]
+
+
+# --- readiness (sd_notify) ------------------------------------------------------------------
+
+
+def test_ready_is_sent_to_the_notify_socket(tmp_path: Path) -> None:
+    path = str(tmp_path / "notify")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as manager:
+        manager.bind(path)
+        manager.settimeout(5)
+        assert activation.notify_ready({"NOTIFY_SOCKET": path}) is None
+        assert manager.recv(100) == b"READY=1"
+        abstract = f"kvtest-notify-{os.getpid()}"
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as manager2:
+            manager2.bind("\0" + abstract)
+            manager2.settimeout(5)
+            assert activation.notify_ready({"NOTIFY_SOCKET": "@" + abstract}) is None
+            assert manager2.recv(100) == b"READY=1"
+
+
+def test_readiness_is_not_sent_unless_asked_and_failures_are_named(tmp_path: Path) -> None:
+    assert activation.notify_ready({}) is None
+    assert activation.notify_ready({"NOTIFY_SOCKET": ""}) is None
+    why = activation.notify_ready({"NOTIFY_SOCKET": "vsock:2:1"})
+    assert why == "NOTIFY_SOCKET='vsock:2:1' is not a unix socket path; readiness not sent"
+    gone = str(tmp_path / "no-manager")
+    why = activation.notify_ready({"NOTIFY_SOCKET": gone})
+    assert why == f"cannot notify the service manager at {gone!r}: No such file or directory"
