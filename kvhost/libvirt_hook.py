@@ -20,8 +20,11 @@ Two ways to run the shim, chosen by ``--init`` (default ``auto``: systemd when i
 
 * **systemd**: write ``/run/kvhost/shim/NAME.env`` (``KVHOST_INTERFACE_VERSION=...``, read
   by ``kvhost-shim@.service`` after the operator's ``/etc/kvhost/shim/NAME.env``, so the
-  domain's version wins) and ``systemctl start kvhost-shim@NAME``; the unit listens on
-  ``/run/kvhost/NAME.sock``, so NAME is the socket's file name without ``.sock``.
+  domain's version wins) and ``systemctl start kvhost-shim@ESCAPED.service``, ESCAPED being
+  ``systemd-escape NAME``; the service requires ``kvhost-shim@ESCAPED.socket``, which
+  listens on ``/run/kvhost/NAME.sock``, so NAME is the socket's file name without
+  ``.sock``; ``systemctl start`` returns once the shim reports ready (``Type=notify``) and
+  fails when it cannot start. ``release end`` stops the service and the socket.
 * **direct** (no systemd, e.g. the test VM): kvhost-shim in its own session, detached from
   libvirt's pipes, ``/run/kvhost/shim/NAME.pid`` and ``NAME.log`` (JSON lines) next to it;
   ``--tap`` comes from ``KVHOST_TAP`` in ``/etc/kvhost/shim/NAME.env`` when that exists,
@@ -246,15 +249,11 @@ class _Hook:
     def _start_unit(self, name: str, socket: str, version: ver.InterfaceVersion) -> None:
         from kvhost.commands.versions import install_file
 
-        unit = f"kvhost-shim@{self._escape(name)}.service"
-        if self._escape(name) != name:
-            _fail(
-                f"socket {socket}: kvhost-shim@.service listens on /run/kvhost/%i.sock with "
-                f"the escaped instance name {self._escape(name)!r}; name the socket with "
-                "letters, digits, '_', '.' and ':' only"
-            )
         env = self._files(name)[2]
         install_file(env, f"KVHOST_INTERFACE_VERSION={version.label}\n".encode())
+        # the service requires its socket unit, so systemd listens first; and it is
+        # Type=notify, so this returns once the shim is set up, or fails naming the unit
+        unit = f"{self._unit(name)}.service"
         self._systemctl("start", unit)
         self._wait_listening(socket, unit, lambda: self._unit_failed(unit))
 
@@ -315,7 +314,9 @@ class _Hook:
 
         pid_file, _, env = self._files(name)
         if self.init == "systemd" and env.exists():
-            self._systemctl("stop", f"kvhost-shim@{self._escape(name)}.service")
+            # the socket too: a listening socket unit would start the shim again on a connect
+            unit = self._unit(name)
+            self._systemctl("stop", f"{unit}.service", f"{unit}.socket")
         pid = _read_pid(pid_file)
         socket = str(self.socket_dir / f"{name}.sock")
         if pid is not None and _is_shim(pid, socket):
@@ -350,24 +351,26 @@ class _Hook:
         return out
 
     @staticmethod
-    def _escape(name: str) -> str:
+    def _unit(name: str) -> str:
+        """``kvhost-shim@NAME`` with NAME escaped as systemd-escape does (the units' %I
+        gives NAME back: socket /run/kvhost/NAME.sock, env files NAME.env)."""
         import subprocess
 
-        done = subprocess.run(["systemd-escape", name], capture_output=True, text=True,
+        done = subprocess.run(["systemd-escape", "--", name], capture_output=True, text=True,
                               check=False, timeout=10)
         if done.returncode:
             _fail(f"systemd-escape {name!r} failed: {done.stderr.strip()}")
-        return done.stdout.strip()
+        return f"kvhost-shim@{done.stdout.strip()}"
 
-    def _systemctl(self, verb: str, unit: str) -> None:
+    def _systemctl(self, verb: str, *units: str) -> None:
         import subprocess
 
-        done = subprocess.run(["systemctl", verb, unit], capture_output=True, text=True,
+        done = subprocess.run(["systemctl", verb, *units], capture_output=True, text=True,
                               check=False, timeout=90)
         if done.returncode:
-            _fail(f"VM {self.domain}: 'systemctl {verb} {unit}' failed "
+            _fail(f"VM {self.domain}: 'systemctl {verb} {' '.join(units)}' failed "
                   f"(exit {done.returncode}): {done.stderr.strip() or done.stdout.strip()}; "
-                  f"see 'journalctl -u {unit}'")
+                  f"see 'journalctl -u {units[0]}'")
 
     @staticmethod
     def _unit_failed(unit: str) -> str | None:

@@ -1,10 +1,16 @@
 """``kvhost-shim``: a vhost-user net backend program whose datapath is kernel vhost-net.
 
 Follows QEMU's vhost-user backend program conventions (``docs/interop/vhost-user.rst``,
-"Backend program conventions"): ``--socket-path PATH`` or ``--fd N``, ``--print-capabilities``,
-no daemonizing, exit on SIGTERM, and a non-zero exit with one sentence when the requested
-interface version cannot be served here. Exit status: 0 after a clean stop, 1 when the
-version cannot be served or the kernel refuses, 2 for usage errors.
+"Backend program conventions"): ``--socket-path PATH`` or ``--fd N``, ``--print-capabilities``
+(which prints and exits whatever else the command line holds), no daemonizing, exit on
+SIGTERM, and a non-zero exit with one sentence when the requested interface version cannot
+be served here. Exit status: 0 after a clean stop, 1 when the
+version cannot be served or the kernel refuses, 2 for usage errors. Under socket activation
+(``kvhost-shim@VM.socket``, ``systemd-socket-activate``) the socket systemd made is served
+with ``--fd 3`` (:mod:`shim.activation`): it listens before the shim has imported anything,
+and a frontend that connects early waits in its backlog until the shim accepts. Once set up
+and running as ``--user``, the shim sends ``READY=1`` to ``NOTIFY_SOCKET`` when one is set
+(``Type=notify``).
 
 Start-up order, so that everything privileged happens first and nothing is served before
 the shim runs as ``--user``: resolve names and check option combinations -> probe the host
@@ -27,10 +33,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from types import FrameType
 
-from kvhost import probe, versions
+from kvhost import __version__, probe, versions
 from kvhost.errors import KvhostError, UsageError, VersionError
 from kvhost.tap import TUN_PATH, Tap
-from shim import eventlog, privileges
+from shim import activation, eventlog, privileges
 from shim.closer import CLOSER
 from shim.eventlog import event
 from shim.kernel_backend import KernelBackend
@@ -40,6 +46,9 @@ from shim.session import Backend, unservable_reason
 from shim.tap_setup import PreparedTap, TapSpec
 
 log = logging.getLogger("kvhost.shim")
+
+#: what ``--print-capabilities`` prints: a net backend (vhost-user.json's schema)
+CAPABILITIES = {"type": "net"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,13 +63,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--fd",
         type=int,
         metavar="N",
-        help="serve on inherited fd N (a listening unix socket, or one connected socket)",
+        help="serve on inherited fd N (a listening unix socket, or one connected socket); "
+        "with socket activation (LISTEN_FDS, LISTEN_PID) the one systemd passed, --fd 3",
     )
     parser.add_argument(
         "--print-capabilities",
         action="store_true",
-        help="print the backend capabilities as JSON and exit",
+        help="print the backend capabilities as JSON and exit, ignoring every other option",
     )
+    parser.add_argument("--version", action="version", version=f"kvhost-shim {__version__}")
     parser.add_argument(
         "--interface-version",
         metavar="V",
@@ -185,6 +196,7 @@ def build_server(args: argparse.Namespace) -> Program:
     """Everything before the privilege drop: resolve, probe, choose the version, then
     :func:`set_up` the tap and the socket. Raises UsageError / VersionError / KvhostError."""
     check_combinations(args)
+    activation.check_fd(args.fd, activation.listen_fds())
     who = privileges.identity(args.user, args.group) if args.user is not None else None
     socket_gid = (
         privileges.resolve_group(args.socket_group, "--socket-group")
@@ -308,13 +320,18 @@ def _error(err: KvhostError) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.print_capabilities:
-        print(json.dumps({"type": "net"}))
+    words = sys.argv[1:] if argv is None else argv
+    # vhost-user.rst: a backend asked for its capabilities prints them and exits, ignoring
+    # other options -- so checked before the parser, which would reject an unknown one
+    if "--print-capabilities" in words:
+        print(json.dumps(CAPABILITIES))
         return 0
+    args = build_parser().parse_args(words)
     handler = eventlog.configure(args.log_format, verbose=args.verbose)
     if args.socket_path is not None:
         eventlog.formatter_of(handler).socket = args.socket_path
+    elif args.fd is not None:
+        eventlog.formatter_of(handler).socket = activation.bound_path(args.fd)
     try:
         return _run(args)
     finally:
@@ -339,6 +356,11 @@ def _run(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    # Type=notify: 'systemctl start' (the libvirt hook's) returns only now, or fails
+    # naming the unit, instead of succeeding for a shim that then dies on its set-up
+    problem = activation.notify_ready()
+    if problem is not None:
+        event("error", problem, level=logging.WARNING)
     try:
         server.serve()
     finally:

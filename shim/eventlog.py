@@ -11,6 +11,11 @@ lines, errors) goes through the same :class:`EventFormatter`, so the stream is u
   that is not an event has ``event`` = ``"log"``; a ``connection N:`` prefix of its message
   fills ``connection``.
 
+When stderr is the journal (systemd sets ``JOURNAL_STREAM=DEV:INO`` for a service whose
+stderr is a journal stream, and those numbers match ``fstat`` of the stream), every line
+starts with its syslog priority, ``<3>`` for an error down to ``<7>`` for debug (sd-daemon(3)),
+so ``journalctl -p err`` finds the shim's errors; anywhere else lines carry no prefix.
+
 Event names: ``listening``, ``accepted``, ``refused``, ``version``, ``closed``,
 ``stopping``, ``tap``, ``privileges``, ``error``; per connection, what it did to the kernel
 device: ``features`` (each SET_FEATURES: ``features``; the first at info level, the
@@ -27,6 +32,7 @@ from __future__ import annotations
 import datetime
 import json
 import logging
+import os
 import re
 import sys
 from typing import Any, Literal, TextIO
@@ -50,6 +56,39 @@ KEYS = (
 LOG_FORMATS = ("text", "json")
 LogFormat = Literal["text", "json"]
 _CONNECTION_PREFIX = re.compile(r"^(connection \d+): ")
+#: logging level -> syslog priority (sd-daemon(3)'s SD_ERR... prefixes)
+_PRIORITIES = (
+    (logging.CRITICAL, 2),
+    (logging.ERROR, 3),
+    (logging.WARNING, 4),
+    (logging.INFO, 6),
+)
+_DEBUG_PRIORITY = 7
+
+
+def priority(level: int) -> int:
+    """The syslog priority of a logging level (CRITICAL 2, ERROR 3, WARNING 4, INFO 6, else 7)."""
+    for at_least, prio in _PRIORITIES:
+        if level >= at_least:
+            return prio
+    return _DEBUG_PRIORITY
+
+
+def is_journal(stream: TextIO, environ: dict[str, str] | None = None) -> bool:
+    """True when ``stream`` is the journal stream systemd named in ``JOURNAL_STREAM``.
+
+    The variable is inherited by children whose stderr may be redirected elsewhere, so it
+    counts only when its device and inode are the stream's own (systemd.exec(5)).
+    """
+    value = (os.environ if environ is None else environ).get("JOURNAL_STREAM", "")
+    dev, sep, ino = value.partition(":")
+    if not sep or not dev.isdigit() or not ino.isdigit():
+        return False
+    try:
+        st = os.fstat(stream.fileno())
+    except (OSError, ValueError, AttributeError):  # closed, or no fd (a StringIO)
+        return False
+    return (st.st_dev, st.st_ino) == (int(dev), int(ino))
 
 
 def event(kind: str, message: str, *, level: int = logging.INFO, **fields: Any) -> None:
@@ -62,17 +101,25 @@ class EventFormatter(logging.Formatter):
     """Renders records as ``text`` or ``json`` (see the module docstring).
 
     ``socket`` is the shim's socket: the default ``socket`` of every JSON line (one shim
-    serves one socket), settable once the socket is known.
+    serves one socket), settable once the socket is known. ``journal`` puts the record's
+    syslog priority (``<3>``...) in front of each line, for journald.
     """
 
-    def __init__(self, style: LogFormat = "text", socket: str | None = None) -> None:
+    def __init__(
+        self, style: LogFormat = "text", socket: str | None = None, *, journal: bool = False
+    ) -> None:
         if style not in LOG_FORMATS:
             raise ValueError(f"log format {style!r} is not one of {', '.join(LOG_FORMATS)}")
         super().__init__()
         self.style = style
         self.socket = socket
+        self.journal = journal
 
     def format(self, record: logging.LogRecord) -> str:
+        line = self._format(record)
+        return f"<{priority(record.levelno)}>{line}" if self.journal else line
+
+    def _format(self, record: logging.LogRecord) -> str:
         message = record.getMessage()
         if record.exc_info and not record.exc_text:
             record.exc_text = self.formatException(record.exc_info)
@@ -106,11 +153,13 @@ def configure(style: LogFormat, *, verbose: bool, stream: TextIO | None = None) 
     format; remove it with :func:`unconfigure`).
 
     ``verbose`` turns on the shim's debug lines, not the libraries' (pyroute2's netlink
-    traces would bury them).
+    traces would bury them). Lines get journald's priority prefixes when the stream is the
+    journal (:func:`is_journal`).
     """
     kvhost = logging.getLogger("kvhost")
-    handler = _EventHandler(stream if stream is not None else sys.stderr, kvhost.level)
-    handler.setFormatter(EventFormatter(style))
+    out = stream if stream is not None else sys.stderr
+    handler = _EventHandler(out, kvhost.level)
+    handler.setFormatter(EventFormatter(style, journal=is_journal(out)))
     logging.getLogger().addHandler(handler)
     kvhost.setLevel(logging.DEBUG if verbose else logging.INFO)
     return handler

@@ -259,44 +259,70 @@ def test_qemu_args_with_the_installed_qemu(capsys: pytest.CaptureFixture[str]) -
 # --- udev -----------------------------------------------------------------------------------
 
 
-def test_shipped_rule_is_the_rendered_rule() -> None:
+def test_shipped_rule_and_unit_are_the_rendered_ones() -> None:
     shipped = (REPO / "udev" / cmd.RULES_NAME).read_text()
     assert shipped == cmd.render_rule(cmd.SHIPPED_COMMAND, str(mf.DEFAULT_PATH))
+    unit = (REPO / "systemd" / cmd.MANIFEST_UNIT).read_text()
+    assert unit == cmd.render_manifest_unit(cmd.SHIPPED_COMMAND, str(mf.DEFAULT_PATH))
 
 
-def test_install_udev_writes_a_runnable_rule(
+def rules(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line and not line.startswith("#")]
+
+
+def test_install_udev_writes_a_runnable_rule_and_its_unit(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    units = tmp_path / "units"
     rc, out, _ = run(
-        ["install-udev", "--rules-dir", str(tmp_path), "--manifest", "/run/kvtest/vhost-net.json"],
+        ["install-udev", "--rules-dir", str(tmp_path), "--unit-dir", str(units),
+         "--manifest", "/run/kvtest/vhost-net.json"],
         capsys,
-    )
-    assert rc == 0 and out.startswith(f"installed {tmp_path / cmd.RULES_NAME}")
-    text = (tmp_path / cmd.RULES_NAME).read_text()
-    (rule,) = [line for line in text.splitlines() if not line.startswith("#")]
-    assert rule.startswith('ACTION=="add", SUBSYSTEM=="misc", KERNEL=="vhost-net|tun", RUN+="')
-    words = shlex.split(rule.split('RUN+="')[1].rstrip('"'))
-    assert words == [
-        sys.executable,
-        "-m",
-        "kvhost.cli",
-        "manifest",
-        "--output",
-        "/run/kvtest/vhost-net.json",
-        "--kmsg",
+    )  # fmt: skip
+    assert rc == 0 and out.splitlines()[:2] == [
+        f"installed {tmp_path / cmd.RULES_NAME}", f"installed {units / cmd.MANIFEST_UNIT}"
     ]
-    # the program the rule names really is kvhost (udev gives it no PATH or PYTHONPATH)
+    systemd, fallback = rules((tmp_path / cmd.RULES_NAME).read_text())
+    # under systemd: the unit, pulled in by the device (udev's RUN is for very short tasks)
+    assert systemd == (
+        'ACTION!="remove", SUBSYSTEM=="misc", KERNEL=="vhost-net|tun", '
+        'TEST=="/run/systemd/system", TAG+="systemd", '
+        'ENV{SYSTEMD_WANTS}+="kvhost-manifest.service"'
+    )
+    assert "RUN" not in systemd
+    # without: udev runs the probe itself
+    assert fallback.startswith(
+        'ACTION=="add", SUBSYSTEM=="misc", KERNEL=="vhost-net|tun", '
+        'TEST!="/run/systemd/system", RUN+="'
+    )
+    words = shlex.split(fallback.split('RUN+="')[1].rstrip('"'))
+    expected = [sys.executable, "-m", "kvhost.cli", "manifest", "--output",
+                "/run/kvtest/vhost-net.json"]  # fmt: skip
+    assert words == [*expected, "--kmsg"]
+    (start,) = [
+        line.removeprefix("ExecStart=")
+        for line in (units / cmd.MANIFEST_UNIT).read_text().splitlines()
+        if line.startswith("ExecStart=")
+    ]
+    assert shlex.split(start) == expected  # the journal has its output: no --kmsg
+    # the program both name really is kvhost (udev and systemd give it no PYTHONPATH)
     done = subprocess.run(
         [*words[:3], "--version"], capture_output=True, text=True, env={}, cwd="/", check=False
     )
     assert done.returncode == 0 and done.stdout.startswith("kvhost ")
+    verified = subprocess.run(
+        ["systemd-analyze", "verify", str(units / cmd.MANIFEST_UNIT)],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert verified.returncode == 0, verified.stderr
+    assert "kvhost-manifest" not in verified.stderr.replace(str(units), ""), verified.stderr
 
 
 @pytest.mark.parametrize(
     ("command", "fragment"),
     [
         ("/opt/my dir/kvhost", "udev RUN cannot carry"),
-        ("kvhost", "udev runs programs by absolute path"),
+        ("kvhost", "udev and systemd run programs by absolute path"),
     ],
 )
 def test_install_udev_refuses_commands_udev_cannot_run(

@@ -7,6 +7,7 @@ by systemd's own verifier, which fails on a program it cannot execute.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -26,6 +27,7 @@ from kvhost.commands import versions as vcmd
 REPO = Path(__file__).resolve().parent.parent
 ENTRY_SHIM = str(Path(sysconfig.get_path("scripts")) / "kvhost-shim")
 UNIT = host.UNIT_DIR / host.UNIT_NAME
+SOCKET = host.UNIT_DIR / host.SOCKET_NAME
 
 
 def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
@@ -49,14 +51,39 @@ def setting(text: str, key: str) -> list[str]:
     return [v for k, v in unit_settings(text) if k == key]
 
 
-def verify(unit_dir: Path, instance: str = "vm1") -> subprocess.CompletedProcess[str]:
+def verify(
+    unit_dir: Path, instance: str = "vm1", kind: str = "service", *, dump: bool = False
+) -> subprocess.CompletedProcess[str]:
+    """``systemd-analyze verify`` of one instance; ``dump``: at debug level, where systemd
+    prints every unit it loaded with its specifiers expanded."""
+    env = {**os.environ, "SYSTEMD_LOG_LEVEL": "debug"} if dump else None
     return subprocess.run(
-        ["systemd-analyze", "verify", str(unit_dir / f"kvhost-shim@{instance}.service")],
+        ["systemd-analyze", "verify", str(unit_dir / f"kvhost-shim@{instance}.{kind}")],
         capture_output=True,
         text=True,
         timeout=120,
         check=False,
+        env=env,
     )
+
+
+def loaded(unit_dir: Path, unit: str) -> dict[str, list[str]]:
+    """What systemd itself made of ``unit`` (instance given): its settings as its debug
+    dump prints them, specifiers expanded (a line is ``\t\tKey: value``)."""
+    kind = unit.rsplit(".", 1)[1]
+    instance = unit.split("@", 1)[1].rsplit(".", 1)[0]
+    done = verify(unit_dir, instance, kind, dump=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    out: dict[str, list[str]] = {}
+    inside = False
+    for line in done.stdout.splitlines():
+        if line.startswith("\t-> Unit "):
+            inside = line == f"\t-> Unit {unit}:"
+        elif inside and line.startswith("\t\t") and ": " in line:
+            key, _, value = line.strip().partition(": ")
+            out.setdefault(key, []).append(value)
+    assert out, f"systemd-analyze printed no dump of {unit}"
+    return out
 
 
 @pytest.fixture
@@ -89,7 +116,8 @@ def test_install_host_writes_every_file_with_this_installation_s_programs(
         root / host.DESCRIPTOR_DIR / host.DESCRIPTOR_NAME,
         root / host.SYSUSERS_FILE,
     ]
-    assert out.splitlines()[:4] == [f"installed {p}" for p in expected]
+    listed = [line for line in out.splitlines() if line.startswith("installed ")]
+    assert {f"installed {p}" for p in [*expected, root / SOCKET]} <= set(listed)
     assert "not reloading udev or systemd (--root given)" in out
     assert (root / host.ENV_DIR).is_dir()
     # the rule is install-udev's: this interpreter writes the manifest
@@ -112,18 +140,31 @@ def test_install_host_writes_every_file_with_this_installation_s_programs(
     )  # fmt: skip
     assert done.returncode == 0 and json.loads(done.stdout) == {"type": "net"}
     assert expected[3].read_text().splitlines()[-1].startswith(f"u {host.SHIM_USER} - ")
+    # a local install: the administrator's directory, not the distribution's /usr/share
+    assert expected[2] == root / "etc/qemu/vhost-user/50-kvhost-net.json"
+    assert not (root / "usr").exists()
     for path in expected:
         assert oct(path.stat().st_mode & 0o777) == "0o644", path
-    assert sorted(os.listdir(root / host.UNIT_DIR)) == [host.UNIT_NAME]  # no temp files
+    assert sorted(os.listdir(root / host.UNIT_DIR)) == sorted(
+        [host.UNIT_NAME, host.SOCKET_NAME, vcmd.MANIFEST_UNIT, "multi-user.target.wants"]
+    )
 
 
-def test_systemd_verifies_the_installed_unit(installed: tuple[Path, str]) -> None:
+@pytest.mark.parametrize("kind", ["service", "socket"])
+@pytest.mark.parametrize("instance", ["vm1", "vm\\x2d1"])  # VM vm-1, as systemd-escape writes it
+def test_systemd_verifies_the_installed_units(
+    installed: tuple[Path, str], kind: str, instance: str
+) -> None:
     root, _ = installed
-    unit_dir = root / host.UNIT_DIR
-    done = verify(unit_dir)
+    done = verify(root / host.UNIT_DIR, instance, kind)
     assert done.returncode == 0, done.stderr
     ours = [line for line in done.stderr.splitlines() if "kvhost-shim" in line]
     assert ours == [], ours  # unknown keys and bad values are only warnings: none allowed
+
+
+def test_systemd_verify_bites(installed: tuple[Path, str]) -> None:
+    root, _ = installed
+    unit_dir = root / host.UNIT_DIR
     # the check bites: the same unit naming a program that is not there fails verification
     bad = unit_dir / "kvhost-shim-bad@.service"
     bad.write_text((unit_dir / host.UNIT_NAME).read_text().replace(ENTRY_SHIM, "/nonexistent/x"))
@@ -138,30 +179,88 @@ def test_unit_runs_one_shim_per_vm_with_its_recorded_version(installed: tuple[Pa
     root, _ = installed
     unit = (root / UNIT).read_text()
     assert setting(unit, "EnvironmentFile") == [
-        "/etc/kvhost/shim/%i.env",
-        "-/run/kvhost/shim/%i.env",  # the libvirt hook's, read last
+        "/etc/kvhost/shim/%I.env",
+        "-/run/kvhost/shim/%I.env",  # the libvirt hook's, read last
     ]
     argv = shlex.split(setting(unit, "ExecStart")[0])
-    assert argv[1:3] == ["--socket-path", "/run/kvhost/%i.sock"]
+    assert argv[1:3] == ["--fd", "3"]  # the socket kvhost-shim@%i.socket made
+    assert setting(unit, "Requires") == ["kvhost-shim@%i.socket"]
+    assert setting(unit, "After")[0].split()[0] == "kvhost-shim@%i.socket"
     pairs = dict(zip(argv[1::2], argv[2::2], strict=False))
     assert pairs["--interface-version"] == "${KVHOST_INTERFACE_VERSION}"
     assert pairs["--tap"] == "${KVHOST_TAP}"
     assert pairs["--user"] == "${KVHOST_USER}" and pairs["--group"] == "${KVHOST_GROUP}"
-    assert pairs["--socket-group"] == "${KVHOST_SOCKET_GROUP}"
+    assert "--socket-group" not in pairs  # the socket unit sets owner, group and mode
     assert pairs["--log-format"] == "${KVHOST_LOG_FORMAT}"
     assert pairs["--allow-uid"] == "${KVHOST_ALLOW_UID}"
     assert argv[-1] == "$KVHOST_SHIM_ARGS"  # unbraced: systemd splits it into words
     assert setting(unit, "RuntimeDirectory") == ["kvhost"]
     assert setting(unit, "RuntimeDirectoryPreserve") == ["yes"]
     assert setting(unit, "Restart") == ["on-failure"]
-    assert setting(unit, "Type") == ["exec"]
+    assert setting(unit, "Type") == ["notify"]  # the shim sends READY=1 (shim.activation)
+
+
+def test_the_socket_unit_listens_where_qemu_is_told_to_connect(
+    installed: tuple[Path, str],
+) -> None:
+    root, _ = installed
+    sock = (root / SOCKET).read_text()
+    assert setting(sock, "ListenStream") == ["/run/kvhost/%I.sock"]
+    assert setting(sock, "SocketUser") == [host.SHIM_USER]  # as the shim's own socket was
+    assert setting(sock, "SocketGroup") == ["kvm"] and setting(sock, "SocketMode") == ["0660"]
+    assert setting(sock, "RemoveOnStop") == ["yes"]
+    assert not setting(sock, "Accept")  # one shim serves every connection of its VM
+
+
+@pytest.mark.parametrize(
+    ("vm", "instance"),
+    [("vm1", "vm1"), ("vm-1", "vm\\x2d1"), ("web.prod_2", "web.prod_2"), ("db 1", "db\\x201")],
+)
+def test_a_vm_name_goes_through_systemd_escape(
+    installed: tuple[Path, str], vm: str, instance: str
+) -> None:
+    """systemd itself expands %I back to the VM's name: its socket, its env files."""
+    escaped = subprocess.run(["systemd-escape", vm], capture_output=True, text=True,
+                             check=True, timeout=30).stdout.strip()  # fmt: skip
+    assert escaped == instance
+    unit_dir = installed[0] / host.UNIT_DIR
+    socket_unit = loaded(unit_dir, f"kvhost-shim@{instance}.socket")
+    assert socket_unit["ListenStream"] == [f"/run/kvhost/{vm}.sock"]
+    assert socket_unit["Description"] == [f"kvhost-shim vhost-user socket for VM {vm}"]
+    service = loaded(unit_dir, f"kvhost-shim@{instance}.service")
+    assert service["EnvironmentFile"] == [
+        f"/etc/kvhost/shim/{vm}.env", f"-/run/kvhost/shim/{vm}.env"
+    ]
+    assert f"kvhost-shim@{instance}.socket" in " ".join(service["Requires"])
+
+
+def socket_precheck(installed: tuple[Path, str], instance: str) -> subprocess.CompletedProcess[str]:
+    """The socket unit's ExecStartPre, run the way systemd runs it ($$ -> $, %i -> instance)."""
+    (pre,) = setting((installed[0] / SOCKET).read_text(), "ExecStartPre")
+    argv = shlex.split(pre.replace("$$", "$").replace("%i", instance))
+    return subprocess.run(argv, capture_output=True, text=True, check=False, timeout=30)
+
+
+def test_an_unescaped_dash_is_refused_with_the_right_unit_named(
+    installed: tuple[Path, str],
+) -> None:
+    # 'systemctl start kvhost-shim@vm-1' means VM "vm/1": a socket QEMU is never told about
+    bad = socket_precheck(installed, "vm-1")
+    assert bad.returncode == 2
+    assert bad.stderr == (
+        "kvhost-shim@vm-1: a - in an instance name stands for /; name the unit "
+        "kvhost-shim@NAME with NAME as printed by: systemd-escape VM\n"
+    )
+    for good in ("vm1", "vm\\x2d1"):
+        ok = socket_precheck(installed, good)
+        assert ok.returncode == 0 and ok.stderr == "", ok.stderr
 
 
 def test_the_missing_variable_check_in_the_unit_runs(installed: tuple[Path, str]) -> None:
-    """ExecStartPre's shell snippet, run the way systemd runs it ($$ -> $, %i -> name)."""
+    """ExecStartPre's shell snippet, run the way systemd runs it ($$ -> $, %I -> name)."""
     root, _ = installed
     (pre,) = setting((root / UNIT).read_text(), "ExecStartPre")
-    argv = shlex.split(pre.replace("$$", "$").replace("%i", "vm1"))
+    argv = shlex.split(pre.replace("$$", "$").replace("%I", "vm1"))
     assert argv[:2] == ["/bin/sh", "-c"]
     full = {"KVHOST_INTERFACE_VERSION": "org.kernel.vhost-net.v5", "KVHOST_TAP": "vm1tap"}
     ok = subprocess.run(argv, env=full, capture_output=True, text=True, check=False)
@@ -176,9 +275,8 @@ def test_the_missing_variable_check_in_the_unit_runs(installed: tuple[Path, str]
 def test_the_unit_s_sandbox(installed: tuple[Path, str]) -> None:
     unit = (installed[0] / UNIT).read_text()
     (caps,) = setting(unit, "CapabilityBoundingSet")
-    assert set(caps.split()) == {
-        "CAP_NET_ADMIN", "CAP_CHOWN", "CAP_SETUID", "CAP_SETGID", "CAP_SETPCAP",
-    }  # fmt: skip
+    # no CAP_CHOWN: the socket is systemd's, the shim creates none
+    assert set(caps.split()) == {"CAP_NET_ADMIN", "CAP_SETUID", "CAP_SETGID", "CAP_SETPCAP"}
     assert setting(unit, "DevicePolicy") == ["closed"]
     assert setting(unit, "DeviceAllow") == ["/dev/vhost-net rw", "/dev/net/tun rw"]
     assert setting(unit, "RestrictAddressFamilies") == ["AF_UNIX AF_NETLINK"]
@@ -231,8 +329,66 @@ def test_the_unit_s_options_are_the_shim_s(installed: tuple[Path, str]) -> None:
         else:
             argv.append(w)
     args = build_parser().parse_args(argv)
-    assert args.socket_path == "/run/kvhost/vm1.sock"
+    assert args.fd == 3 and args.socket_path is None
     assert args.interface_version == "org.kernel.vhost-net.v5" and args.tap == "vm1tap"
+
+
+# --- the manifest ---------------------------------------------------------------------------
+
+
+def test_the_manifest_unit_is_installed_and_enabled_for_boot(installed: tuple[Path, str]) -> None:
+    root, out = installed
+    unit = root / host.UNIT_DIR / vcmd.MANIFEST_UNIT
+    words = shlex.split(setting(unit.read_text(), "ExecStart")[0])
+    assert words == [sys.executable, "-m", "kvhost.cli", "manifest", "--output",
+                     str(mf.DEFAULT_PATH)]  # fmt: skip
+    assert setting(unit.read_text(), "Type") == ["oneshot"]
+    # /run is empty after a reboot and a static /dev/vhost-net node sends no event: the
+    # unit is enabled, as 'systemctl enable' does it
+    wants = root / host.UNIT_DIR / "multi-user.target.wants" / vcmd.MANIFEST_UNIT
+    assert os.readlink(wants) == f"/{host.UNIT_DIR / vcmd.MANIFEST_UNIT}"
+    assert f"systemd: {vcmd.MANIFEST_UNIT} enabled (writes the manifest at every boot)" in out
+    assert (
+        f"manifest: not written (--root given): {vcmd.MANIFEST_UNIT} writes it when that "
+        "system boots"
+    ) in out.splitlines()
+    done = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True,
+                          text=True, timeout=120, check=False)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+
+
+def test_without_vhost_net_install_says_when_the_manifest_comes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = argparse.Namespace(manifest="/run/kvhost/vhost-net.json", nfd="/etc/nfd/kvhost",
+                              nfd_prefix="kvhost.io")  # fmt: skip
+    missing = str(tmp_path / "vhost-net")
+    assert host.write_manifest(args, device=missing) == 0
+    assert capsys.readouterr().out == (
+        f"manifest: not written: this host has no {missing} (modprobe vhost_net loads it); "
+        "when it appears, udev writes /run/kvhost/vhost-net.json and /etc/nfd/kvhost "
+        "(kvhost-manifest.service under systemd)\n"
+    )
+    assert not (tmp_path / "vhost-net.json").exists()
+
+
+def test_a_failing_probe_is_an_error_after_the_files_are_in(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A device node that is there but no vhost-net device (an empty file): the probe's own
+    error, exit 1, and what to run once it is fixed."""
+    node = tmp_path / "vhost-net"
+    node.touch()
+    args = argparse.Namespace(manifest=str(tmp_path / "m.json"), nfd=None,
+                              nfd_prefix="kvhost.io")  # fmt: skip
+    if Path("/dev/vhost-net").exists():
+        pytest.skip("this host has vhost-net: the kernel tier covers a real write")
+    assert host.write_manifest(args, device=str(node)) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("manifest: not written: ") and "vhost" in err[0]
+    assert err[1] == ("the files above are installed; fix that, then run 'kvhost manifest' "
+                      "or 'systemctl start kvhost-manifest.service'")  # fmt: skip
+    assert not (tmp_path / "m.json").exists()
 
 
 # --- errors ---------------------------------------------------------------------------------
@@ -244,7 +400,7 @@ def test_not_root_without_root_dir_is_refused(
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
     rc, out, err = run(["install-host"], capsys)
     assert rc == 2 and out == ""
-    assert err.startswith("kvhost install-host: install-host writes under /etc and /usr/share")
+    assert err.startswith("kvhost install-host: install-host writes under /etc (and the manifest")
     assert "run it as root, or stage the files with --root DIR" in err
 
 

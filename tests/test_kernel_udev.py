@@ -1,5 +1,8 @@
-"""Kernel tier: the udev rule with the real systemd-udevd inside the test VM.
+"""Kernel tier: the udev rule with the real systemd-udevd inside the test VM, and the
+manifest ``kvhost install-host`` writes at once.
 
+systemd is not init in the test VM, so udev takes the rule's other branch and RUNs the
+manifest command itself (tests/test_udev_rule.py checks both branches with udevadm test).
 The flow: install the rule (``kvhost install-udev``) into /run/udev/rules.d; an add event for
 vhost-net writes the manifest before ``udevadm settle`` returns; then the probe breaks for
 real -- vhost_net is unloaded, so /dev/vhost-net is gone -- and loading tun again (plus an
@@ -100,7 +103,7 @@ def trigger(sysname: str) -> None:
 
 
 def test_udev_writes_the_manifest_and_keeps_it_when_the_probe_breaks(
-    udevd: None, manifest_path: Path
+    udevd: None, manifest_path: Path, tmp_path: Path
 ) -> None:
     expected = ver.latest(ver.host_offer(probe())).name
     assert (
@@ -109,6 +112,8 @@ def test_udev_writes_the_manifest_and_keeps_it_when_the_probe_breaks(
                 "install-udev",
                 "--rules-dir",
                 str(RULES_DIR),
+                "--unit-dir",  # kvhost-manifest.service: unused here, systemd is not init
+                str(tmp_path),
                 "--manifest",
                 str(manifest_path),
                 "--reload",
@@ -154,3 +159,13 @@ def test_udev_writes_the_manifest_and_keeps_it_when_the_probe_breaks(
         sh("modprobe", "vhost_net", check=False)
         (RULES_DIR / RULES_NAME).unlink(missing_ok=True)
         sh("udevadm", "control", "--reload", check=False)
+
+
+def test_install_host_writes_the_manifest_at_once(manifest_path: Path) -> None:
+    """No reboot and no device event needed: /dev/vhost-net is there, so install-host
+    probes and writes the manifest itself (into the VM's throw-away /etc and /run)."""
+    assert Path("/dev/vhost-net").exists()
+    expected = ver.latest(ver.host_offer(probe())).name
+    assert not manifest_path.exists()
+    assert main(["install-host", "--no-reload", "--manifest", str(manifest_path)]) == 0
+    assert mf.read(manifest_path).latest.name == expected

@@ -2,20 +2,29 @@
 
 Installs, under ``--root`` (default ``/``)::
 
-    etc/udev/rules.d/90-kvhost.rules               manifest (+ NFD file) on vhost-net/tun add
-    etc/systemd/system/kvhost-shim@.service        one kvhost-shim per VM socket
-    usr/share/qemu/vhost-user/50-kvhost-net.json   QEMU's backend descriptor (libvirt reads it)
+    etc/udev/rules.d/90-kvhost.rules               manifest (+ NFD file) on vhost-net/tun add:
+    etc/systemd/system/kvhost-manifest.service     in this unit under systemd (also at boot),
+                                                   from udev's RUN without systemd
+    etc/systemd/system/kvhost-shim@.service        one kvhost-shim per VM ...
+    etc/systemd/system/kvhost-shim@.socket         ... serving the socket systemd made (fd 3)
+    etc/qemu/vhost-user/50-kvhost-net.json         QEMU's backend descriptor (for tools that
+                                                   look vhost-user backends up by type;
+                                                   libvirt starts no net backend from it)
     etc/sysusers.d/kvhost.conf                     the user the shim drops to (--user kvhost)
     etc/kvhost/shim/                               the per-VM EnvironmentFiles (VM.env)
     etc/libvirt/hooks/qemu.d/kvhost                libvirt's hook: the shim at the recorded
                                                    version (kvhost.libvirt_hook)
 
-Program paths are rewritten to this installation: the rule runs this interpreter with
-``-m kvhost.cli`` (as ``install-udev``), the unit and the descriptor run the ``kvhost-shim``
-entry point next to this interpreter (``--shim`` overrides). Without ``--root`` and
-``--no-reload`` it then makes the running host pick the files up: ``udevadm control
---reload`` when udevd runs, ``systemd-sysusers`` when present, ``systemctl daemon-reload``
-when systemd is the init system. Every file is replaced atomically; running it again is safe.
+Program paths are rewritten to this installation: the rule and kvhost-manifest.service run
+this interpreter with ``-m kvhost.cli`` (as ``install-udev``), the shim's unit and the
+descriptor run the ``kvhost-shim`` entry point next to this interpreter (``--shim``
+overrides). kvhost-manifest.service is enabled (``systemctl --root=ROOT enable``), so a
+reboot, which empties /run, writes the manifest again even when no device event comes.
+Without ``--root`` it writes the manifest at once when this host has /dev/vhost-net (and
+says what happens instead when it has not), and without ``--no-reload`` it makes the
+running host pick the files up: ``udevadm control --reload`` when udevd runs,
+``systemd-sysusers`` when present, ``systemctl daemon-reload`` when systemd is the init
+system. Every file is replaced atomically; running it again is safe.
 """
 
 from __future__ import annotations
@@ -39,8 +48,10 @@ from kvhost import manifest as mf
 from kvhost import nfd
 from kvhost.commands import versions as vcmd
 from kvhost.errors import KvhostError, UsageError
+from kvhost.vhost import DEFAULT_PATH as VHOST_NET
 
 UNIT_NAME = "kvhost-shim@.service"
+SOCKET_NAME = "kvhost-shim@.socket"
 DESCRIPTOR_NAME = "50-kvhost-net.json"
 #: where ``pip install`` as root puts the shim; the unit and descriptor in the repository
 #: (systemd/, kvhost/data/) name it, ``install-host`` writes the real entry point instead
@@ -51,7 +62,9 @@ HOME_DIRS = ("/home", "/root", "/run/user")
 
 RULES_DIR = Path("etc/udev/rules.d")
 UNIT_DIR = Path("etc/systemd/system")
-DESCRIPTOR_DIR = Path("usr/share/qemu/vhost-user")
+#: vhost-user.rst: /usr/share/qemu/vhost-user is the distribution's, /etc/qemu/vhost-user
+#: the local administrator's (later directories override earlier ones by file name)
+DESCRIPTOR_DIR = Path("etc/qemu/vhost-user")
 SYSUSERS_FILE = Path("etc/sysusers.d/kvhost.conf")
 ENV_DIR = Path("etc/kvhost/shim")
 HOOK_FILE = Path("etc/libvirt/hooks/qemu.d/kvhost")
@@ -66,7 +79,7 @@ SYSUSERS = (
 def register(sub: Any) -> None:
     p = sub.add_parser(
         "install-host",
-        help="install the udev rule, the kvhost-shim@ systemd unit and QEMU's vhost-user "
+        help="install the udev rule, the kvhost-shim@ systemd units and QEMU's vhost-user "
         "descriptor, then reload udev and systemd",
         description=__doc__.split("\n\n", 1)[0] if __doc__ else None,
     )
@@ -109,6 +122,11 @@ def _check_program(path: str, what: str) -> str:
 def shipped_unit() -> str:
     """The unit as shipped in the package (ExecStart names :data:`SHIPPED_SHIM`)."""
     return resources.files("kvhost").joinpath(f"data/{UNIT_NAME}").read_text()
+
+
+def shipped_socket() -> str:
+    """The socket unit as shipped (it names no program: installed as it is)."""
+    return resources.files("kvhost").joinpath(f"data/{SOCKET_NAME}").read_text()
 
 
 def shipped_descriptor() -> str:
@@ -228,7 +246,9 @@ def plan(args: argparse.Namespace) -> Plan:
     return Plan(
         files=(
             (RULES_DIR / vcmd.RULES_NAME, vcmd.rule_for(args).encode(), 0o644),
+            (UNIT_DIR / vcmd.MANIFEST_UNIT, vcmd.manifest_unit_for(args).encode(), 0o644),
             (UNIT_DIR / UNIT_NAME, render_unit(shim).encode(), 0o644),
+            (UNIT_DIR / SOCKET_NAME, shipped_socket().encode(), 0o644),
             (DESCRIPTOR_DIR / DESCRIPTOR_NAME, render_descriptor(shim).encode(), 0o644),
             (SYSUSERS_FILE, SYSUSERS.encode(), 0o644),
             (HOOK_FILE, render_hook(sys.executable, code_dir(), manifest).encode(), 0o755),
@@ -275,10 +295,46 @@ def reload_host() -> list[str]:
     return notes
 
 
+def enable_manifest_unit(root: Path) -> str:
+    """``systemctl --root=ROOT enable kvhost-manifest.service`` (works offline, and on a
+    host whose init is not systemd); returns the line to print. Raises KvhostError."""
+    if shutil.which("systemctl") is None:
+        return (
+            f"systemd: systemctl not found; {vcmd.MANIFEST_UNIT} not enabled (without "
+            "systemd, udev's RUN writes the manifest when vhost-net or tun appears)"
+        )
+    _run(["systemctl", f"--root={root}", "--quiet", "enable", vcmd.MANIFEST_UNIT])
+    return f"systemd: {vcmd.MANIFEST_UNIT} enabled (writes the manifest at every boot)"
+
+
+def write_manifest(args: argparse.Namespace, device: str = VHOST_NET) -> int:
+    """Write this host's manifest now, as ``kvhost manifest`` would (with ``--nfd``), so it
+    exists before the first reboot or device event; returns the exit status to use."""
+    if not os.path.exists(device):
+        print(
+            f"manifest: not written: this host has no {device} (modprobe vhost_net loads "
+            f"it); when it appears, udev writes {args.manifest}"
+            + (f" and {args.nfd}" if args.nfd else "")
+            + f" ({vcmd.MANIFEST_UNIT} under systemd)"
+        )
+        return 0
+    run = argparse.Namespace(
+        output=args.manifest, nfd=args.nfd, nfd_prefix=args.nfd_prefix, kmsg=False, json=False
+    )
+    try:
+        return vcmd.manifest_command(run)
+    except KvhostError as err:
+        print(f"manifest: not written: {err}", file=sys.stderr)
+        print(f"the files above are installed; fix that, then run 'kvhost manifest' or "
+              f"'systemctl start {vcmd.MANIFEST_UNIT}'", file=sys.stderr)
+        return 1
+
+
 def _install_host(args: argparse.Namespace) -> int:
     if args.root is None and os.geteuid() != 0:
         raise UsageError(
-            "install-host writes under /etc and /usr/share: run it as root, or stage the "
+            "install-host writes under /etc (and the manifest under /run): run it as root, "
+            "or stage the "
             "files with --root DIR"
         )
     root = Path(args.root or "/")
@@ -291,6 +347,14 @@ def _install_host(args: argparse.Namespace) -> int:
     for rel, data, mode in todo.files:
         vcmd.install_file(root / rel, data, mode)
         print(f"installed {root / rel}")
+    print(enable_manifest_unit(root))
+    # before the reloads: a failing reload (an error) must not also cost the manifest
+    status = 0
+    if args.root is None:
+        status = write_manifest(args)
+    else:
+        print(f"manifest: not written (--root given): {vcmd.MANIFEST_UNIT} writes it when "
+              "that system boots")
     if args.root is not None or args.no_reload:
         why = "--root given" if args.root is not None else "--no-reload"
         print(f"not reloading udev or systemd ({why})")
@@ -300,8 +364,9 @@ def _install_host(args: argparse.Namespace) -> int:
     print(f"libvirt: restart libvirtd (or virtqemud) so it reads {root / HOOK_FILE}")
     print(
         f"next, per VM: write {root / ENV_DIR}/VM.env (KVHOST_INTERFACE_VERSION=..., "
-        "KVHOST_TAP=...), then 'systemctl enable --now kvhost-shim@VM'"
+        "KVHOST_TAP=...), then 'systemctl enable --now kvhost-shim@VM' "
+        "(a VM name with '-' or other specials: kvhost-shim@$(systemd-escape VM))"
     )
     if args.nfd is None:
         print(f"Kubernetes nodes: add --nfd {nfd.DEFAULT_PATH} for node-feature-discovery labels")
-    return 0
+    return status

@@ -44,7 +44,7 @@ def register(sub: Any) -> None:
         help="also log the outcome to the kernel log (/dev/kmsg), as the udev rule does",
     )
     add_nfd_options(p)
-    p.set_defaults(func=_manifest)
+    p.set_defaults(func=manifest_command)
 
     p = sub.add_parser(
         "versions",
@@ -82,16 +82,25 @@ def register(sub: Any) -> None:
 
     p = sub.add_parser(
         "install-udev",
-        help="install the udev rule that writes the manifest when vhost-net or tun appears",
+        help="install the udev rule (and the kvhost-manifest.service it starts under systemd) "
+        "that writes the manifest when vhost-net or tun appears",
     )
     p.add_argument("--rules-dir", default=str(DEFAULT_RULES_DIR))
+    p.add_argument(
+        "--unit-dir",
+        default=str(DEFAULT_UNIT_DIR),
+        help=f"where {MANIFEST_UNIT} goes (default {DEFAULT_UNIT_DIR})",
+    )
     p.add_argument("--manifest", default=str(mf.DEFAULT_PATH), help="manifest path the rule writes")
     p.add_argument(
         "--command",
         help="kvhost command for the rule (default: this interpreter with -m kvhost.cli)",
     )
     p.add_argument(
-        "--reload", action="store_true", help="run 'udevadm control --reload' afterwards"
+        "--reload",
+        action="store_true",
+        help="run 'udevadm control --reload' (and 'systemctl daemon-reload' under systemd) "
+        "afterwards",
     )
     add_nfd_options(p, for_rule=True)
     p.set_defaults(func=_install_udev)
@@ -129,7 +138,9 @@ def _print_json(obj: Any) -> None:
 # --- subcommands ----------------------------------------------------------------------------
 
 
-def _manifest(args: argparse.Namespace) -> int:
+def manifest_command(args: argparse.Namespace) -> int:
+    """``kvhost manifest`` (``output``, ``nfd``, ``nfd_prefix``, ``kmsg``, ``json``); also
+    what ``install-host`` runs. Raises KvhostError."""
     out = None if args.output == "-" else Path(args.output)
     nfd_path = nfd.check_path(Path(args.nfd)) if args.nfd else None
     prefix = nfd.check_prefix(args.nfd_prefix)
@@ -257,20 +268,28 @@ def _qemu_args(args: argparse.Namespace) -> int:
     return 0
 
 
-def render_rule(
+#: the oneshot unit the udev rule pulls in under systemd (and install-host enables for boot)
+MANIFEST_UNIT = "kvhost-manifest.service"
+DEFAULT_UNIT_DIR = Path("/etc/systemd/system")
+#: udev's test for "systemd is the init system" (sd_booted(3) checks the same directory)
+SYSTEMD_RUNNING = "/run/systemd/system"
+
+
+def _manifest_command(
     command: list[str] | tuple[str, ...],
     manifest: str,
+    nfd_path: str | None,
+    nfd_prefix: str,
     *,
-    nfd_path: str | None = None,
-    nfd_prefix: str = nfd.DEFAULT_PREFIX,
+    kmsg: bool,
+    where: str,
 ) -> str:
-    """The udev rules file text running ``command manifest --output MANIFEST --kmsg``, plus
-    ``--nfd PATH`` (and ``--nfd-prefix NS`` when not the default) when ``nfd_path`` is given.
-
-    Raises UsageError when a word would need quoting (udev's RUN splits on blanks) or the
-    program is not an absolute path (udev runs RUN programs without a PATH search).
-    """
-    words = [*command, "manifest", "--output", manifest, "--kmsg"]
+    """``command manifest --output MANIFEST [--kmsg] [--nfd ...]`` as one line that udev's
+    RUN and systemd's ExecStart both split on blanks. Raises UsageError for a word either
+    would mangle, or a program that is not an absolute path."""
+    words = [*command, "manifest", "--output", manifest]
+    if kmsg:
+        words.append("--kmsg")
     if nfd_path is not None:
         words += ["--nfd", nfd_path]
         if nfd_prefix != nfd.DEFAULT_PREFIX:
@@ -278,30 +297,101 @@ def render_rule(
     for w in words:
         if not w or any(c.isspace() or c in "'\"\\%$" for c in w):
             raise UsageError(
-                f"udev RUN cannot carry {w!r}: use a path without blanks, quotes, '%' or '$'"
+                f"{where} cannot carry {w!r}: use a path without blanks, quotes, '%' or '$'"
             )
     if not command or not command[0].startswith("/"):
-        raise UsageError(f"udev runs programs by absolute path, got {command[0]!r}")
-    run = " ".join(words)
+        raise UsageError(f"udev and systemd run programs by absolute path, got {command[0]!r}")
+    return " ".join(words)
+
+
+def render_rule(
+    command: list[str] | tuple[str, ...],
+    manifest: str,
+    *,
+    nfd_path: str | None = None,
+    nfd_prefix: str = nfd.DEFAULT_PREFIX,
+) -> str:
+    """The udev rules file: when the vhost-net or tun misc device appears, pull in
+    :data:`MANIFEST_UNIT` where systemd is the init system, else run ``command manifest
+    --output MANIFEST --kmsg`` (plus ``--nfd PATH``, and ``--nfd-prefix NS`` when not the
+    default, when ``nfd_path`` is given) from udev itself.
+
+    Raises UsageError when a word would need quoting (udev's RUN splits on blanks) or the
+    program is not an absolute path (udev runs RUN programs without a PATH search).
+    """
+    run = _manifest_command(
+        command, manifest, nfd_path, nfd_prefix, kmsg=True, where="udev RUN"
+    )
+    match = 'SUBSYSTEM=="misc", KERNEL=="vhost-net|tun"'
     return (
         "# kvhost: write the vhost-net interface-version manifest when the vhost-net or tun\n"
-        "# misc device appears. Installed by 'kvhost install-udev'; see docs/versions.md.\n"
-        "# A failed probe leaves the previous manifest and logs why to the kernel log.\n"
-        f'ACTION=="add", SUBSYSTEM=="misc", KERNEL=="vhost-net|tun", RUN+="{run}"\n'
+        "# misc device appears. Installed by 'kvhost install-udev' or 'kvhost install-host';\n"
+        "# see docs/operator.md. A failed probe leaves the previous manifest and says why.\n"
+        "# With systemd as init the probe runs in kvhost-manifest.service: udev's RUN is for\n"
+        "# very short tasks, inside systemd-udevd's sandbox. The tag stays on every event but\n"
+        "# 'remove', so a 'change' does not make systemd see the device go.\n"
+        f'ACTION!="remove", {match}, TEST=="{SYSTEMD_RUNNING}", TAG+="systemd", '
+        f'ENV{{SYSTEMD_WANTS}}+="{MANIFEST_UNIT}"\n'
+        "# Without systemd there is no unit to start and no sandbox around udevd: udev runs\n"
+        "# the probe itself (a few ioctls and a throw-away tap) and logs to the kernel log.\n"
+        f'ACTION=="add", {match}, TEST!="{SYSTEMD_RUNNING}", RUN+="{run}"\n'
     )
+
+
+def render_manifest_unit(
+    command: list[str] | tuple[str, ...],
+    manifest: str,
+    *,
+    nfd_path: str | None = None,
+    nfd_prefix: str = nfd.DEFAULT_PREFIX,
+) -> str:
+    """The oneshot ``kvhost-manifest.service`` running ``command manifest --output MANIFEST``
+    (``--nfd`` as in :func:`render_rule`): started by udev when vhost-net or tun appears and
+    at boot (/run, where the manifest lives, starts empty). Raises UsageError."""
+    run = _manifest_command(
+        command, manifest, nfd_path, nfd_prefix, kmsg=False, where="systemd's ExecStart"
+    )
+    return (
+        "# kvhost-manifest.service: write this host's vhost-net interface-version manifest.\n"
+        "# Installed by 'kvhost install-host' (or install-udev); see docs/operator.md.\n"
+        "# Started at boot and by udev whenever /dev/vhost-net or /dev/net/tun appears\n"
+        "# (90-kvhost.rules). A failed probe leaves the previous manifest and says why in the\n"
+        "# journal (journalctl -u kvhost-manifest).\n"
+        "\n"
+        "[Unit]\n"
+        "Description=kvhost: write the vhost-net interface-version manifest\n"
+        "# the libvirt hook and schedulers read it; the hook probes by itself when it is missing\n"
+        "Before=libvirtd.service virtqemud.service\n"
+        "\n"
+        "[Service]\n"
+        "Type=oneshot\n"
+        f"ExecStart={run}\n"
+        "NoNewPrivileges=yes\n"
+        "PrivateTmp=yes\n"
+        "ProtectHome=read-only\n"
+        "\n"
+        "[Install]\n"
+        "WantedBy=multi-user.target\n"
+    )
+
+
+def _rule_args(args: argparse.Namespace) -> tuple[list[str], str, str | None]:
+    command = shlex.split(args.command) if args.command else [sys.executable, "-m", "kvhost.cli"]
+    nfd_path = str(nfd.check_path(Path(args.nfd)).absolute()) if args.nfd else None
+    return command, str(Path(args.manifest).absolute()), nfd_path
 
 
 def rule_for(args: argparse.Namespace) -> str:
     """The udev rule text for ``install-udev`` / ``install-host`` arguments (``--command``,
     ``--manifest``, ``--nfd``, ``--nfd-prefix``). Raises UsageError."""
-    command = shlex.split(args.command) if args.command else [sys.executable, "-m", "kvhost.cli"]
-    nfd_path = str(nfd.check_path(Path(args.nfd)).absolute()) if args.nfd else None
-    return render_rule(
-        command,
-        str(Path(args.manifest).absolute()),
-        nfd_path=nfd_path,
-        nfd_prefix=args.nfd_prefix,
-    )
+    command, manifest, nfd_path = _rule_args(args)
+    return render_rule(command, manifest, nfd_path=nfd_path, nfd_prefix=args.nfd_prefix)
+
+
+def manifest_unit_for(args: argparse.Namespace) -> str:
+    """:func:`render_manifest_unit` for the same arguments as :func:`rule_for`."""
+    command, manifest, nfd_path = _rule_args(args)
+    return render_manifest_unit(command, manifest, nfd_path=nfd_path, nfd_prefix=args.nfd_prefix)
 
 
 def install_file(target: Path, data: bytes, mode: int = 0o644) -> None:
@@ -313,16 +403,22 @@ def install_file(target: Path, data: bytes, mode: int = 0o644) -> None:
 
 
 def _install_udev(args: argparse.Namespace) -> int:
-    text = rule_for(args)
-    target = Path(args.rules_dir) / RULES_NAME
-    install_file(target, text.encode())
-    print(f"installed {target}")
+    rule, unit = rule_for(args), manifest_unit_for(args)  # both rendered before writing
+    for target, text in (
+        (Path(args.rules_dir) / RULES_NAME, rule),
+        (Path(args.unit_dir) / MANIFEST_UNIT, unit),
+    ):
+        install_file(target, text.encode())
+        print(f"installed {target}")
     if args.reload:
-        done = subprocess.run(
-            ["udevadm", "control", "--reload"], check=False, capture_output=True, text=True
-        )
-        if done.returncode:
-            raise UsageError(f"udevadm control --reload failed: {done.stderr.strip()}")
+        steps = [["udevadm", "control", "--reload"]]
+        if Path(SYSTEMD_RUNNING).is_dir():
+            steps.append(["systemctl", "daemon-reload"])
+        for argv in steps:
+            done = subprocess.run(argv, check=False, capture_output=True, text=True, timeout=60)
+            if done.returncode:
+                raise UsageError(f"{' '.join(argv)} failed: {done.stderr.strip()}")
     else:
-        print("run 'udevadm control --reload' (or pass --reload) to activate it")
+        print("run 'udevadm control --reload' and, under systemd, 'systemctl daemon-reload' "
+              "(or pass --reload) to activate them")
     return 0
