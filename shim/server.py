@@ -226,7 +226,11 @@ class ShimServer:
                 for fd, _ in self._epoll.poll():
                     conn = self.connections.get(fd)
                     if conn is not None:
-                        self._readable(conn)
+                        try:
+                            self._readable(conn)
+                        except MemoryError:
+                            # the address space ran out: this connection goes, the loop stays
+                            self._drop(conn, "failed: out of memory")
                     elif fd == self._wake:
                         with contextlib.suppress(BlockingIOError):
                             os.eventfd_read(self._wake)
