@@ -269,6 +269,52 @@ class AllowList:
         return f"--allow-uid {ids(self.uids)}; --allow-gid {ids(self.gids)}"
 
 
+# -- where: the socket file -------------------------------------------------------------
+
+
+def check_socket_dir(path: str) -> None:
+    """Raise UsageError when another user could replace the socket file at ``path`` between
+    its bind and its chown/chmod (run as root, those would then change a file of the
+    attacker's choosing): its directory must not be writable by group or others unless it
+    is sticky, and must belong to root or to this process's user."""
+    parent = os.path.dirname(os.path.abspath(path))
+    try:
+        st = os.stat(parent)
+    except OSError:
+        return  # bind fails and says why
+    if st.st_uid not in (0, os.geteuid()):
+        raise UsageError(
+            f"socket directory {parent} belongs to uid {st.st_uid}, who could replace the "
+            "socket file; put the socket in a directory of root's (e.g. /run/kvhost)"
+        )
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not st.st_mode & stat.S_ISVTX:
+        raise UsageError(
+            f"socket directory {parent} is writable by others ({stat.filemode(st.st_mode)}) "
+            "and not sticky, so another user could swap the socket file for a link; use a "
+            "directory only its owner can write (e.g. /run/kvhost, mode 0755)"
+        )
+
+
+def set_socket_access(path: str, mode: int, owner: int | None, group: int | None) -> None:
+    """chown/chmod the socket file just bound at ``path`` without following a symlink: the
+    file is opened O_PATH|O_NOFOLLOW, must be a socket, and is changed through that very
+    descriptor (``/proc/self/fd/N``; fchmod on the socket's own fd would change the socket,
+    not its file). Raises OSError; UsageError when ``path`` is no longer a socket."""
+    fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+            raise UsageError(
+                f"{path} is not the socket the shim bound (it was replaced); check who can "
+                "write its directory"
+            )
+        link = f"/proc/self/fd/{fd}"
+        if owner is not None or group is not None:
+            os.chown(link, -1 if owner is None else owner, -1 if group is None else group)
+        os.chmod(link, mode)
+    finally:
+        os.close(fd)
+
+
 # -- what: the device node --------------------------------------------------------------
 
 
@@ -439,15 +485,16 @@ def drop(who: Identity) -> Dropped:
         raise kernel_error(
             op, "the shim process", err, f"dropping privileges to {who} failed"
         ) from err
-    threads = verify(who)
+    threads = verify(who, bounding_cleared=bounding)
     return Dropped(who, bounding, threads)
 
 
-def verify(who: Identity) -> int:
+def verify(who: Identity, *, bounding_cleared: bool = True) -> int:
     """Check every thread's ``/proc/self/task/*/status``: real/effective/saved/fs uid and
     gid are ``who``'s, the supplementary groups are exactly ``who.groups``, CapInh = CapPrm
-    = CapEff = CapAmb = 0 and NoNewPrivs = 1. Returns the thread count; raises KernelError
-    (naming the thread and what is left) otherwise."""
+    = CapEff = CapAmb = 0, CapBnd = 0 (unless ``bounding_cleared`` is False: :func:`drop`
+    had no CAP_SETPCAP to clear it) and NoNewPrivs = 1. Returns the thread count; raises
+    KernelError (naming the thread and what is left) otherwise."""
     tids = sorted(int(t) for t in os.listdir("/proc/self/task"))
     for tid in tids:
         status = read_status("self", tid)
@@ -458,8 +505,10 @@ def verify(who: Identity) -> int:
             problems.append(f"Gid is {status.get('Gid')}, not {who.gid}")
         if sorted(int(g) for g in status.get("Groups", "").split()) != sorted(set(who.groups)):
             problems.append(f"Groups is {status.get('Groups')!r}, not {list(who.groups)}")
-        for key in ("CapInh", "CapPrm", "CapEff", "CapAmb"):
-            value = int(status.get(key, "0"), 16)
+        keys = ("CapInh", "CapPrm", "CapEff", "CapAmb") + (("CapBnd",) if bounding_cleared else ())
+        for key in keys:
+            # a missing line is a failure too: the kernel always reports each set
+            value = int(status.get(key, "ffffffffffffffff"), 16)
             if value:
                 problems.append(f"{key} is 0x{value:x}")
         if status.get("NoNewPrivs") != "1":

@@ -54,7 +54,13 @@ from kvhost.errors import UsageError
 from kvhost.vhost_user.protocol import MAX_FDS, close_fds
 from shim.closer import CLOSER, Closer
 from shim.eventlog import event
-from shim.privileges import AllowList, PeerCred, peer_credentials
+from shim.privileges import (
+    AllowList,
+    PeerCred,
+    check_socket_dir,
+    peer_credentials,
+    set_socket_access,
+)
 from shim.session import Backend, Session
 
 log = logging.getLogger("kvhost.shim")
@@ -160,6 +166,7 @@ class ShimServer:
         """
         if mode & ~0o777:
             raise ValueError(f"socket mode {mode:o} has bits beyond rwxrwxrwx")
+        check_socket_dir(path)
         with contextlib.suppress(FileNotFoundError):
             if not stat.S_ISSOCK(os.lstat(path).st_mode):
                 raise UsageError(f"{path} exists and is not a socket; choose another path")
@@ -173,16 +180,15 @@ class ShimServer:
                 bound = True
             finally:
                 os.umask(umask)
-            if owner is not None or group is not None:
-                os.chown(path, -1 if owner is None else owner, -1 if group is None else group)
-            os.chmod(path, mode)
+            set_socket_access(path, mode, owner, group)
             sock.listen(backlog)
-        except OSError as err:
+        except (OSError, UsageError) as err:
             sock.close()
             if bound:
                 with contextlib.suppress(OSError):
                     os.unlink(path)
-            raise UsageError(f"cannot listen on {path}: {err.strerror}") from err
+            why = err.strerror if isinstance(err, OSError) else str(err)
+            raise UsageError(f"cannot listen on {path}: {why}") from err
         st = os.stat(path)
         event(
             "listening",
