@@ -278,6 +278,7 @@ def test_install_udev_writes_a_runnable_rule(
     words = shlex.split(rule.split('RUN+="')[1].rstrip('"'))
     assert words == [
         sys.executable,
+        "-I",
         "-m",
         "kvhost.cli",
         "manifest",
@@ -287,7 +288,7 @@ def test_install_udev_writes_a_runnable_rule(
     ]
     # the program the rule names really is kvhost (udev gives it no PATH or PYTHONPATH)
     done = subprocess.run(
-        [*words[:3], "--version"], capture_output=True, text=True, env={}, cwd="/", check=False
+        [*words[:4], "--version"], capture_output=True, text=True, env={}, cwd="/", check=False
     )
     assert done.returncode == 0 and done.stdout.startswith("kvhost ")
 

@@ -294,7 +294,10 @@ def render_rule(
 def rule_for(args: argparse.Namespace) -> str:
     """The udev rule text for ``install-udev`` / ``install-host`` arguments (``--command``,
     ``--manifest``, ``--nfd``, ``--nfd-prefix``). Raises UsageError."""
-    command = shlex.split(args.command) if args.command else [sys.executable, "-m", "kvhost.cli"]
+    # -I: no PYTHON* variables, user site or working directory on the path of a root program
+    command = (
+        shlex.split(args.command) if args.command else [sys.executable, "-I", "-m", "kvhost.cli"]
+    )
     nfd_path = str(nfd.check_path(Path(args.nfd)).absolute()) if args.nfd else None
     return render_rule(
         command,
