@@ -272,17 +272,19 @@ class AllowList:
 # -- where: the socket file -------------------------------------------------------------
 
 
-def check_socket_dir(path: str) -> None:
+def check_socket_dir(path: str, user: int | None = None) -> None:
     """Raise UsageError when another user could replace the socket file at ``path`` between
     its bind and its chown/chmod (run as root, those would then change a file of the
-    attacker's choosing): its directory must not be writable by group or others unless it
-    is sticky, and must belong to root or to this process's user."""
+    attacker's choosing; :func:`set_socket_access` refuses a replaced file too): its
+    directory must not be writable by group or others unless it is sticky, and must
+    belong to root, this process's user or ``user`` (the one the socket is for, who must
+    be able to unlink it at exit)."""
     parent = os.path.dirname(os.path.abspath(path))
     try:
         st = os.stat(parent)
     except OSError:
         return  # bind fails and says why
-    if st.st_uid not in (0, os.geteuid()):
+    if st.st_uid not in (0, os.geteuid(), user):
         raise UsageError(
             f"socket directory {parent} belongs to uid {st.st_uid}, who could replace the "
             "socket file; put the socket in a directory of root's (e.g. /run/kvhost)"

@@ -166,7 +166,7 @@ class ShimServer:
         """
         if mode & ~0o777:
             raise ValueError(f"socket mode {mode:o} has bits beyond rwxrwxrwx")
-        check_socket_dir(path)
+        check_socket_dir(path, owner)
         with contextlib.suppress(FileNotFoundError):
             if not stat.S_ISSOCK(os.lstat(path).st_mode):
                 raise UsageError(f"{path} exists and is not a socket; choose another path")
@@ -231,17 +231,18 @@ class ShimServer:
                     break
                 for fd, _ in self._epoll.poll():
                     conn = self.connections.get(fd)
-                    if conn is not None:
-                        try:
+                    try:
+                        if conn is not None:
                             self._readable(conn)
-                        except MemoryError:
-                            # the address space ran out: this connection goes, the loop stays
+                        elif fd == self._wake:
+                            with contextlib.suppress(BlockingIOError):
+                                os.eventfd_read(self._wake)
+                        elif self._listener is not None and fd == self._listener.fileno():
+                            self._accept()
+                    except MemoryError:
+                        # the address space ran out: the connection goes, the loop stays
+                        if conn is not None:
                             self._drop(conn, "failed: out of memory")
-                    elif fd == self._wake:
-                        with contextlib.suppress(BlockingIOError):
-                            os.eventfd_read(self._wake)
-                    elif self._listener is not None and fd == self._listener.fileno():
-                        self._accept()
         finally:
             if self._stop_reason is not None:
                 event(
