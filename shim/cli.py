@@ -126,6 +126,15 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="GID",
         help="serve peers whose primary or supplementary group is this (repeatable)",
     )
+    access.add_argument(
+        "--allow-label",
+        action="append",
+        default=[],
+        metavar="LABEL",
+        help="serve only peers whose security label (SO_PEERSEC) is this, exactly "
+        "(repeatable; with SELinux sVirt, the VM's QEMU context, e.g. "
+        "system_u:system_r:svirt_t:s0:c12,c34); in addition to --allow-uid/--allow-gid",
+    )
     parser.add_argument(
         "--log-format",
         choices=eventlog.LOG_FORMATS,
@@ -241,6 +250,7 @@ def build_server(args: argparse.Namespace) -> Program:
     allow = AllowList(
         privileges.resolve_ids(args.allow_uid, "--allow-uid"),
         privileges.resolve_ids(args.allow_gid, "--allow-gid"),
+        privileges.resolve_labels(args.allow_label),
     )
     offer = versions.host_offer(probe.probe())
     version, supported, pinned = choose_version(args.interface_version, offer)
@@ -292,7 +302,7 @@ def set_up(
     if who is not None:
         prepared = spec.prepare(who.uid, who.gid)
         what = (
-            f"created: persistent, owner uid {who.uid}, group gid {who.gid}"
+            f"created: persistent, owner uid {who.uid}, no group"
             if prepared.created
             else f"opened: {prepared.ownership_note}"
         )

@@ -308,7 +308,9 @@ class ShimServer:
         name = f"connection {self._serial}"
         allow = self.config.allow
         try:
-            cred: PeerCred | None = peer_credentials(sock, groups=bool(allow.gids))
+            cred: PeerCred | None = peer_credentials(
+                sock, groups=bool(allow.gids), label=bool(allow.labels)
+            )
         except OSError:
             cred = None
         peer = str(cred) if cred is not None else "an unknown peer"

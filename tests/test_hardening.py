@@ -128,3 +128,63 @@ def test_mapping_options_and_their_combinations() -> None:
     )
     with pytest.raises(UsageError, match="--allow-mtu-change needs CAP_NET_ADMIN"):
         check_combinations(args)
+
+
+# --- binding a socket to one VM by its security label ---------------------------------------
+
+
+def _own_label() -> str | None:
+    """This process's security label as the LSM reports it, or None without one."""
+    try:
+        text = Path("/proc/self/attr/current").read_bytes().split(b"\0", 1)[0].decode()
+    except OSError:
+        return None
+    return text.strip() or None
+
+
+def test_peer_label_is_the_peers_security_label_or_none() -> None:
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with a, b:
+        assert privileges.peer_label(b) == _own_label()
+        cred = privileges.peer_credentials(b, label=True)
+        assert cred.label == _own_label() and cred.pid == os.getpid()
+
+
+def test_allow_label_narrows_the_allow_list() -> None:
+    svirt = "system_u:system_r:svirt_t:s0:c12,c34"
+    other = "system_u:system_r:svirt_t:s0:c56,c78"
+    allow = privileges.AllowList(labels=frozenset({svirt}))
+    assert allow.refusal(privileges.PeerCred(1, 107, 107, (), svirt)) is None
+    assert allow.refusal(privileges.PeerCred(1, 107, 107, (), other)) == (
+        f"its security label {other!r} is not allowed (--allow-label)"
+    )
+    assert "no security module labels unix sockets here" in str(
+        allow.refusal(privileges.PeerCred(1, 107, 107))
+    )
+    # with a uid list too, both must hold
+    both = privileges.AllowList(uids=frozenset({107}), labels=frozenset({svirt}))
+    assert both.refusal(privileges.PeerCred(1, 107, 107, (), svirt)) is None
+    assert "not allowed" in str(both.refusal(privileges.PeerCred(1, 108, 108, (), svirt)))
+    assert both.describe() == f"--allow-uid 107; --allow-gid none; --allow-label {svirt}"
+    assert privileges.resolve_labels([svirt, svirt]) == frozenset({svirt})
+    with pytest.raises(UsageError, match="one security label, without blanks"):
+        privileges.resolve_labels(["a b"])
+
+
+def test_a_peer_without_the_label_gets_nothing(open_dir: Path, fd_leak_check: None) -> None:
+    from test_privileges import harness
+
+    from kvhost.vhost_user import protocol as p
+
+    allow = privileges.AllowList(labels=frozenset({"system_u:system_r:svirt_t:s0:c1,c2"}))
+    with harness(open_dir / "l.sock", allow=allow) as h:
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(5)
+            s.connect(str(h.path))
+            data, _ = p.FrontendCodec().request(p.Request.GET_FEATURES, p.EMPTY, [])
+            s.sendall(data)
+            try:
+                answer = s.recv(64)
+            except ConnectionResetError:
+                answer = b""
+        assert answer == b"" and h.backends == []
