@@ -286,28 +286,34 @@ def test_rarp_reaches_the_host_side_of_the_tap(fd_leak_check: None, make_shim: S
     shim.wait_idle()
 
 
-def test_net_set_mtu_sets_the_tap_mtu_only_when_allowed(
-    fd_leak_check: None, make_shim: ShimFactory
+def test_net_set_mtu_accepts_only_the_tap_mtu_by_default(
+    fd_leak_check: None, make_shim: ShimFactory, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """By default only the tap's own MTU is accepted (a frontend lowering its tap's MTU
-    would lower its bridge's); the refusal keeps the connection. --allow-mtu-change lets
-    NET_SET_MTU set it."""
+    """A frontend lowering its tap's MTU would lower its bridge's: only the MTU the tap
+    has is accepted (the frontend gives up on the refusal, as QEMU does)."""
+    caplog.set_level(logging.WARNING, "kvhost.shim")
     shim = make_shim()
     with GuestMemory.create(MEMORY) as mem, shim.frontend() as fe:
         fe.handshake()
         fe.start_net(mem, base_gpa=BASE_GPA)
         fe.net_set_mtu(1500)
+        assert netlink.link_info(shim.taps[0])["mtu"] == 1500
         with pytest.raises(BackendRefused, match="NET_SET_MTU"):
             fe.net_set_mtu(1280)
-        assert netlink.link_info(shim.taps[0])["mtu"] == 1500
-        fe.net_set_mtu(1500)  # still connected
     shim.wait_idle()
-    allowed = make_shim(allow_mtu_change=True)
-    with GuestMemory.create(MEMORY) as mem, allowed.frontend() as fe:
+    assert "has MTU 1500 and this shim lets no frontend change it" in caplog.text
+    assert "cannot change it to 1280; start the shim with --mtu 1280" in caplog.text
+
+
+def test_net_set_mtu_sets_the_tap_mtu_when_allowed(
+    fd_leak_check: None, make_shim: ShimFactory
+) -> None:
+    shim = make_shim(allow_mtu_change=True)
+    with GuestMemory.create(MEMORY) as mem, shim.frontend() as fe:
         fe.handshake()
         fe.start_net(mem, base_gpa=BASE_GPA, mtu=1280)
-        assert netlink.link_info(allowed.taps[0])["mtu"] == 1280
-    allowed.wait_idle()
+        assert netlink.link_info(shim.taps[0])["mtu"] == 1280
+    shim.wait_idle()
 
 
 def test_dirty_log_marks_pages_the_kernel_writes(
