@@ -45,6 +45,8 @@ Replacing the memory table while rings are configured (:meth:`KernelBackend.set_
     VHOST_SET_VRING_ADDR for each moved ring       device (the kernel stops using both
                                                    tables), then unmap both; the backend
                                                    keeps no table and attaches nothing more
+                                                   (a detach refused too: both stay mapped
+                                                   until the teardown closed the devices)
     unmap the old table
 
 Each table is closed exactly once: by this sequence, by :meth:`KernelBackend.close`'s
@@ -208,6 +210,9 @@ class KernelBackend:
         self._tap_state: tuple[int, int] | None = None
         #: ring -> the translated addresses the kernel has
         self._kernel_addrs: dict[int, VringConfig] = {}
+        #: tables and logs the kernel may still use after a failed detach: unmapped only
+        #: after the devices are closed (see _stop_then_unmap)
+        self._retired: list[MappedTable | _LogMap] = []
 
     # -- the Backend protocol ---------------------------------------------------------
 
@@ -350,14 +355,7 @@ class KernelBackend:
             # ring before either table goes, so the kernel never touches unmapped memory.
             self.table = None
             self._kernel_addrs.clear()
-            try:
-                self._detach_all()
-            finally:
-                try:
-                    new.close()
-                finally:
-                    if old is not None:
-                        old.close()
+            self._stop_then_unmap([new] if old is None else [new, old])
             raise
         if old is not None:
             old.close()
@@ -404,14 +402,7 @@ class KernelBackend:
         except BaseException:
             # a device may already log into the new map: stop the rings before it goes
             self._log = None
-            try:
-                self._detach_all()
-            finally:
-                try:
-                    log_map.close()
-                finally:
-                    if old is not None:
-                        old.close()
+            self._stop_then_unmap([log_map] if old is None else [log_map, old])
             raise
         self._log = log_map
         if old is not None:
@@ -504,13 +495,14 @@ class KernelBackend:
         devices, self.devices = self.devices, []
         table, self.table = self.table, None
         log_map, self._log = self._log, None
+        retired, self._retired = self._retired, []
         self._tap_state = None
         self._kernel_addrs.clear()
-        if tap is None and not devices and table is None and log_map is None:
+        if tap is None and not devices and table is None and log_map is None and not retired:
             return
         self._closer.submit(
             f"{self.name}'s tap and vhost-net devices",
-            functools.partial(_teardown, tap, devices, table, log_map),
+            functools.partial(_teardown, tap, devices, table, log_map, retired),
         )
 
     # -- helpers ----------------------------------------------------------------------
@@ -538,6 +530,22 @@ class KernelBackend:
             self._kernel_addrs.pop(index, None)
             self.devices[index >> 1].set_vring_addr(index & 1, translated)
             self._kernel_addrs[index] = translated
+
+    def _stop_then_unmap(self, maps: list[MappedTable] | list[_LogMap]) -> None:
+        """After a failure with the kernel perhaps using ``maps``: detach every ring, then
+        unmap them. When a detach fails too, the kernel may still use them: they are kept
+        until :meth:`close`, whose teardown unmaps them after the devices are closed (a
+        range unmapped early could be reused by the next mapping -- another VM's)."""
+        try:
+            self._detach_all()
+        except (KernelError, OSError, ValueError) as err:
+            log.error(
+                "%s: rings could not be detached (%s); memory kept until close", self.name, err
+            )
+            self._retired.extend(maps)
+            return
+        for m in maps:
+            m.close()
 
     def _detach_all(self) -> None:
         """VHOST_NET_SET_BACKEND -1 on every ring of every device (a detached ring is a
@@ -570,7 +578,11 @@ def _tap_settings(virtio_features: int) -> tuple[int, int]:
 
 
 def _teardown(
-    tap: Tap | None, devices: list[VhostNet], table: MappedTable | None, log_map: _LogMap | None
+    tap: Tap | None,
+    devices: list[VhostNet],
+    table: MappedTable | None,
+    log_map: _LogMap | None,
+    retired: Sequence[MappedTable | _LogMap] = (),
 ) -> None:
     """A closed connection's kernel objects, closed on the closer's thread: the tap first
     (its rings are detached, and a reconnecting frontend may want it back), then the vhost
@@ -589,5 +601,9 @@ def _teardown(
                 if table is not None:
                     table.close()
             finally:
-                if log_map is not None:
-                    log_map.close()
+                try:
+                    if log_map is not None:
+                        log_map.close()
+                finally:
+                    for m in retired:
+                        m.close()

@@ -316,6 +316,34 @@ def test_a_new_table_refused_after_the_swap_detaches_every_ring_before_unmapping
     assert len(unmapped) == 2
 
 
+def test_when_even_the_detach_fails_memory_waits_for_the_devices_to_close(
+    tag: str, fd_leak_check: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A range unmapped while the kernel may still use it could be reused by the next
+    mapping (another VM's): with the detach refused too, both tables stay mapped until the
+    teardown has closed the devices."""
+    rig = Rig()
+    configs = running(rig, tag)
+    from kvhost import memory
+
+    real_close = memory._Mapped.close
+
+    def spy(self: memory._Mapped) -> None:
+        rig.log.calls.append(("unmap", None))
+        real_close(self)
+
+    monkeypatch.setattr(memory._Mapped, "close", spy)
+    rig.log.fail[("set_vring_addr", None)] = KernelError("VHOST_SET_VRING_ADDR", "f", 14)
+    rig.log.fail[("set_backend", None)] = KernelError("VHOST_NET_SET_BACKEND", "f", 5)
+    with pytest.raises(KernelError, match="VHOST_SET_VRING_ADDR"):
+        rig.backend.set_mem_table(table(tag, (0, 2 * MiB, VA)), list(configs.items()))
+    assert "unmap" not in rig.log.verbs() and maps_of(tag) == 2
+    rig.close()
+    verbs = rig.log.verbs()
+    assert verbs.index("close") < verbs.index("unmap") and verbs.count("unmap") == 2
+    assert maps_of(tag) == 0 and rig.budget.used == 0
+
+
 def test_a_failed_replacement_through_the_session_fails_the_connection_cleanly(
     tag: str, fd_leak_check: None
 ) -> None:
