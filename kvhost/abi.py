@@ -469,6 +469,8 @@ _LINUX_CAPABILITY_VERSION_3 = 0x20080522
 CLONE_NEWNET = 0x40000000
 #: Linux 4.13; Python's socket module names it only on newer builds
 SO_PEERGROUPS = 59
+#: asm-generic/socket.h: the peer's security label (SELinux context, AppArmor profile)
+SO_PEERSEC = 31
 
 # --- linux/virtio_ring.h -------------------------------------------------------------------
 VRING_DESC_F_NEXT = 1

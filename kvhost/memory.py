@@ -16,6 +16,11 @@ in this process::
 Ownership: ``GuestMemory`` owns its memfds and mappings until :meth:`GuestMemory.close`.
 ``MappedTable`` takes ownership of every fd handed to it: it closes the fd once mapped (the
 mapping keeps the memory alive) and closes it on every error path too.
+
+Bounds: a frontend chooses how much of this process's address space its regions take (a
+sparse memfd costs nothing to create and 128 TiB of it maps fine), so a
+:class:`MappingBudget` bounds the bytes mapped per connection and in all; a ``MappedTable``
+given one reserves its bytes before mapping anything and gives them back when closed.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import itertools
 import mmap
 import os
 import stat
+import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -196,6 +202,116 @@ class GuestMemory:
         self.close()
 
 
+GiB = 1 << 30
+
+
+def host_memory_bytes(meminfo: str = "/proc/meminfo") -> int:
+    """MemTotal + SwapTotal of this host: the most guest memory that can be backed at all
+    (a vhost-user region is shared memory, which lives in RAM, hugepages or swap)."""
+    total = 0
+    try:
+        with open(meminfo) as f:
+            for line in f:
+                key, _, rest = line.partition(":")
+                if key in ("MemTotal", "SwapTotal"):
+                    total += int(rest.split()[0]) * 1024
+    except (OSError, ValueError, IndexError):
+        return 0
+    return total
+
+
+def format_size(n: int) -> str:
+    """``n`` bytes for a message: exact bytes in hex, and GiB for a human."""
+    return f"0x{n:x} bytes ({n / GiB:.1f} GiB)"
+
+
+_SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(text: str, option: str) -> int:
+    """A size option's value: bytes, or a number with K, M, G or T (binary units, an
+    optional trailing 'iB' or 'B'). Raises UsageError saying what is accepted."""
+    from kvhost.errors import UsageError
+
+    body = text.strip().upper().removesuffix("IB").removesuffix("B")
+    unit = body[-1:] if body[-1:] in _SIZE_UNITS else ""
+    number = body[: len(body) - len(unit)]
+    if not (number.isascii() and number.isdigit()) or int(number) == 0:
+        raise UsageError(
+            f"{option} {text!r}: give a positive size in bytes or with K, M, G or T "
+            "(binary units), e.g. 64G"
+        )
+    return int(number) * _SIZE_UNITS[unit]
+
+
+class MappingBudget:
+    """How many bytes of frontend memory this process maps: at most ``per_connection`` for
+    one connection's memory table and dirty log, at most ``total`` for all connections
+    together (a table being replaced counts until it is unmapped). Thread-safe: tables are
+    unmapped on the shim's closer thread.
+
+    ``per_connection_option`` and ``total_option`` name the settings that raise the limits,
+    for the refusal message.
+    """
+
+    def __init__(
+        self,
+        per_connection: int,
+        total: int,
+        *,
+        per_connection_option: str = "--max-guest-memory",
+        total_option: str = "--max-mapped-memory",
+    ) -> None:
+        if per_connection <= 0 or total <= 0:
+            raise ValueError(f"mapping limits must be positive, not {per_connection}, {total}")
+        self.per_connection = per_connection
+        self.total = total
+        self._options = (per_connection_option, total_option)
+        self._lock = threading.Lock()
+        self._used = 0
+
+    @classmethod
+    def for_host(cls, meminfo: str = "/proc/meminfo") -> MappingBudget:
+        """The defaults: one connection may map what the host can back (RAM + swap, at
+        least 1 GiB), all connections twice that (a VM reconnecting or migrating within the
+        host briefly has two tables)."""
+        one = max(host_memory_bytes(meminfo), GiB)
+        return cls(one, 2 * one)
+
+    @property
+    def used(self) -> int:
+        """Bytes reserved now, by every connection."""
+        return self._used
+
+    def reserve(
+        self, size: int, *, held: int = 0, what: str = "memory", error: type[Exception] = ValueError
+    ) -> None:
+        """Take ``size`` bytes for a connection that keeps ``held`` bytes besides them;
+        raises ``error`` naming the limit and its option when either bound would be passed."""
+        per_option, total_option = self._options
+        if held + size > self.per_connection:
+            raise error(
+                f"{what} needs {format_size(size)} of mappings, and with the "
+                f"{format_size(held)} this connection keeps besides it that is more than the "
+                f"limit per connection, {format_size(self.per_connection)}; if the VM "
+                f"really has that much memory, start the shim with a larger {per_option}"
+            )
+        with self._lock:
+            if self._used + size > self.total:
+                raise error(
+                    f"{what} needs {format_size(size)} of mappings, and this shim already "
+                    f"maps {format_size(self._used)} for all its connections: more than its "
+                    f"limit, {format_size(self.total)}; raise {total_option} if that much "
+                    "guest memory is expected"
+                )
+            self._used += size
+
+    def release(self, size: int) -> None:
+        """Give back what :meth:`reserve` took."""
+        with self._lock:
+            self._used -= size
+
+
 @dataclass(frozen=True, slots=True)
 class FrontendRegion:
     """A region as a vhost-user frontend describes it (``VhostUserMemoryRegion`` + its fd)."""
@@ -237,7 +353,13 @@ class MappedTable:
     raises ``error(message)`` -- ``ValueError`` unless the caller passes its own type, e.g.
     :class:`~kvhost.errors.RemoteProtocolError` -- for more than ``max_regions`` regions,
     empty or wrapping ranges, or regions overlapping in guest-physical or frontend address
-    space. ``OSError`` from ``mmap`` is raised as ``error`` too, naming the region.
+    space. ``OSError`` from ``mmap`` is raised as ``error`` too, naming the region, and so
+    is a file that is not a regular file (a memfd, a file on tmpfs or hugetlbfs): a pipe
+    cannot be mapped and ``/dev/zero`` would give private memory nobody else sees.
+
+    With a ``budget``, the bytes to map (``mmap_offset + size`` per region: each is mapped
+    from offset 0) are reserved before any mapping, ``held`` being what the connection
+    keeps besides (its dirty log), and given back by :meth:`close`.
     """
 
     def __init__(
@@ -246,12 +368,25 @@ class MappedTable:
         *,
         max_regions: int = DEFAULT_MAX_REGIONS,
         error: type[Exception] = ValueError,
+        budget: MappingBudget | None = None,
+        held: int = 0,
     ) -> None:
         self._error = error
         self._max = max_regions
         self._mapped: list[_Mapped] = []
+        self._budget: MappingBudget | None = None
+        #: bytes of this process's address space the table reserved (and maps)
+        self.mapped_bytes = sum(r.mmap_offset + r.memory_size for r in regions)
         try:
             self._validate(list(regions))
+            if budget is not None:
+                budget.reserve(
+                    self.mapped_bytes,
+                    held=held,
+                    what=f"a memory table of {len(regions)} region(s)",
+                    error=error,
+                )
+                self._budget = budget
         except BaseException:
             for r in regions:
                 _close_quietly(r.fd)
@@ -309,8 +444,9 @@ class MappedTable:
             st = os.fstat(r.fd)
             # Touching a page past the end of a file raises SIGBUS and kills the process:
             # refuse a region its file cannot back (mmap would refuse it too, less clearly).
-            too_small = stat.S_ISREG(st.st_mode) and st.st_size < length
-            if not too_small:
+            regular = stat.S_ISREG(st.st_mode)
+            too_small = regular and st.st_size < length
+            if regular and not too_small:
                 mapping = mmap.mmap(r.fd, length, mmap.MAP_SHARED, _PROT_RW)
         except (OSError, OverflowError, ValueError) as exc:
             raise self._error(
@@ -319,6 +455,12 @@ class MappedTable:
             ) from exc
         finally:
             _close_quietly(r.fd)
+        if not regular:
+            raise self._error(
+                f"memory region gpa 0x{r.guest_phys_addr:x}: its fd is a "
+                f"{_file_kind(st.st_mode)}, not a regular file; guest memory must be shared "
+                "memory the frontend maps too (a memfd, or a file on tmpfs or hugetlbfs)"
+            )
         if too_small:
             raise self._error(
                 f"memory region gpa 0x{r.guest_phys_addr:x}: its file has 0x{st.st_size:x} "
@@ -389,9 +531,14 @@ class MappedTable:
         return [self._vhost_region(m) for m in self._mapped]
 
     def close(self) -> None:
-        """Unmap everything; idempotent."""
-        while self._mapped:
-            self._mapped.pop().close()
+        """Unmap everything and give its bytes back to the budget; idempotent."""
+        try:
+            while self._mapped:
+                self._mapped.pop().close()
+        finally:
+            budget, self._budget = self._budget, None
+            if budget is not None:
+                budget.release(self.mapped_bytes)
 
     def __enter__(self) -> MappedTable:
         return self
@@ -403,6 +550,19 @@ class MappedTable:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+def _file_kind(mode: int) -> str:
+    for test, name in (
+        (stat.S_ISCHR, "character device"),
+        (stat.S_ISBLK, "block device"),
+        (stat.S_ISFIFO, "pipe"),
+        (stat.S_ISSOCK, "socket"),
+        (stat.S_ISDIR, "directory"),
+    ):
+        if test(mode):
+            return name
+    return f"file of type 0o{stat.S_IFMT(mode):o}"
 
 
 def _close_quietly(fd: int) -> None:

@@ -35,6 +35,7 @@ from types import FrameType
 
 from kvhost import __version__, probe, versions
 from kvhost.errors import KvhostError, UsageError, VersionError
+from kvhost.memory import MappingBudget, format_size, parse_size
 from kvhost.tap import TUN_PATH, Tap
 from shim import activation, eventlog, privileges
 from shim.closer import CLOSER
@@ -83,6 +84,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--netns", metavar="NS", help="network namespace of the tap")
     parser.add_argument("--queues", type=int, default=1, metavar="N", help="queue pairs")
     parser.add_argument("--mtu", type=int, metavar="N", help="MTU to set on the tap")
+    parser.add_argument(
+        "--allow-mtu-change",
+        action="store_true",
+        help="let a frontend's NET_SET_MTU change the tap's MTU (default: only the MTU the "
+        "tap has is accepted; a bridge takes the smallest MTU of its ports); not with --user",
+    )
+    limits = parser.add_argument_group("memory a frontend may map into the shim")
+    limits.add_argument(
+        "--max-guest-memory",
+        metavar="SIZE",
+        help="most memory one connection may map (its memory table and dirty log), e.g. "
+        "256G; default: this host's RAM + swap",
+    )
+    limits.add_argument(
+        "--max-mapped-memory",
+        metavar="SIZE",
+        help="most memory all connections together may map; default: twice "
+        "--max-guest-memory's default",
+    )
     access = parser.add_argument_group("least privilege and access")
     access.add_argument(
         "--user",
@@ -116,6 +136,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="GID",
         help="serve peers whose primary or supplementary group is this (repeatable)",
+    )
+    access.add_argument(
+        "--allow-label",
+        action="append",
+        default=[],
+        metavar="LABEL",
+        help="serve only peers whose security label (SO_PEERSEC) is this, exactly "
+        "(repeatable; with SELinux sVirt, the VM's QEMU context, e.g. "
+        "system_u:system_r:svirt_t:s0:c12,c34); in addition to --allow-uid/--allow-gid",
     )
     parser.add_argument(
         "--log-format",
@@ -165,6 +194,28 @@ def _check_queues(queues: int, version: versions.InterfaceVersion) -> None:
         )
 
 
+def mapping_budget(args: argparse.Namespace) -> MappingBudget:
+    """The bounds of ``--max-guest-memory`` / ``--max-mapped-memory`` (defaults:
+    :meth:`MappingBudget.for_host`). Raises UsageError."""
+    default = MappingBudget.for_host()
+    one = (
+        parse_size(args.max_guest_memory, "--max-guest-memory")
+        if args.max_guest_memory is not None
+        else default.per_connection
+    )
+    total = (
+        parse_size(args.max_mapped_memory, "--max-mapped-memory")
+        if args.max_mapped_memory is not None
+        else max(default.total, one)
+    )
+    if total < one:
+        raise UsageError(
+            f"--max-mapped-memory {args.max_mapped_memory} is less than the "
+            f"{format_size(one)} one connection may map; raise it or lower --max-guest-memory"
+        )
+    return MappingBudget(one, total)
+
+
 def check_combinations(args: argparse.Namespace) -> None:
     """UsageError for options that cannot go together (before anything is resolved)."""
     if args.socket_path is None and args.fd is None:
@@ -175,6 +226,11 @@ def check_combinations(args: argparse.Namespace) -> None:
         raise UsageError(
             "--socket-group sets the mode of the socket file the shim creates; with --fd "
             "whoever created the socket sets its mode"
+        )
+    if args.allow_mtu_change and args.user is not None:
+        raise UsageError(
+            "--allow-mtu-change needs CAP_NET_ADMIN, which --user drops; set the tap's MTU "
+            "with --mtu instead"
         )
     if args.user is not None and os.geteuid() != 0:
         raise UsageError(
@@ -206,10 +262,12 @@ def build_server(args: argparse.Namespace) -> Program:
     allow = AllowList(
         privileges.resolve_ids(args.allow_uid, "--allow-uid"),
         privileges.resolve_ids(args.allow_gid, "--allow-gid"),
+        privileges.resolve_labels(args.allow_label),
     )
     offer = versions.host_offer(probe.probe())
     version, supported, pinned = choose_version(args.interface_version, offer)
     _check_queues(args.queues, version)
+    budget = mapping_budget(args)
     if who is not None:
         privileges.check_device_access(who, VHOST_NET_PATH)
         privileges.check_device_access(who, TUN_PATH)
@@ -217,7 +275,14 @@ def build_server(args: argparse.Namespace) -> Program:
     def config(open_tap: Callable[[], Tap]) -> ShimConfig:
         def make_backend(name: str) -> Backend:
             # the closer the server waits for at exit (ShimConfig.closer's default)
-            return KernelBackend(open_tap, args.queues, name=name, closer=CLOSER)
+            return KernelBackend(
+                open_tap,
+                args.queues,
+                name=name,
+                closer=CLOSER,
+                budget=budget,
+                allow_mtu_change=args.allow_mtu_change,
+            )
 
         return ShimConfig(version, make_backend, supported, pinned, allow, closer=CLOSER)
 
@@ -249,7 +314,7 @@ def set_up(
     if who is not None:
         prepared = spec.prepare(who.uid, who.gid)
         what = (
-            f"created: persistent, owner uid {who.uid}, group gid {who.gid}"
+            f"created: persistent, owner uid {who.uid}, no group"
             if prepared.created
             else f"opened: {prepared.ownership_note}"
         )

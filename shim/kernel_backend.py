@@ -16,7 +16,8 @@ One :class:`KernelBackend` serves one connection::
     ring start / enable / disable         VHOST_NET_SET_BACKEND tap queue fd i // 2, or -1
     GET_VRING_BASE                        VHOST_NET_SET_BACKEND -1, VHOST_GET_VRING_BASE
     SEND_RARP mac                         a RARP frame written into tap queue 0
-    NET_SET_MTU                           the tap's MTU (SIOCSIFMTU)
+    NET_SET_MTU                           the tap's MTU (SIOCSIFMTU) only with
+                                          allow_mtu_change; else only the MTU it has
 
 Feature translation follows DPDK virtio-user's vhost-kernel backend: the tap offload bits
 are not vhost-net's business (the kernel would refuse them) and are applied to the tap with
@@ -32,7 +33,24 @@ protocol decides (ring index, size, flags, alignment, order, the log covering gu
 this object checks what only its mappings can tell: each ring part inside one mapped region
 for its full size, a logged used ring inside guest memory, the log file long enough, and
 no LOG_ALL before it mapped a log. Bad values are :class:`~kvhost.errors.RemoteProtocolError`:
-the frontend sent them.
+the frontend sent them. What it maps is bounded by a :class:`~kvhost.memory.MappingBudget`
+(per connection and per shim), reserved before anything is mapped.
+
+Replacing the memory table while rings are configured (:meth:`KernelBackend.set_mem_table`)::
+
+    map the new table (budget reserved first)      failure: unmap it; nothing else changed
+    translate + check every configured ring in it  failure: unmap it; nothing else changed
+    ---- from here the kernel may point into the new table ----
+    VHOST_SET_MEM_TABLE on each device, then       failure: detach every ring of every
+    VHOST_SET_VRING_ADDR for each moved ring       device (the kernel stops using both
+                                                   tables), then unmap both; the backend
+                                                   keeps no table and attaches nothing more
+                                                   (a detach refused too: both stay mapped
+                                                   until the teardown closed the devices)
+    unmap the old table
+
+Each table is closed exactly once: by this sequence, by :meth:`KernelBackend.close`'s
+teardown, or by :meth:`KernelBackend.reset_owner`.
 
 Ownership: every fd passed to a method is this object's from the call on (closed once the
 kernel holds its own reference, and on every error path). :meth:`KernelBackend.close`
@@ -60,13 +78,15 @@ import functools
 import logging
 import mmap
 import os
+import stat
 import struct
+import threading
 from collections.abc import Callable, Sequence
 
 from kvhost import abi, features
 from kvhost.errors import KernelError, RemoteProtocolError, UsageError
 from kvhost.ioctl import kernel_error, read_max_mem_regions
-from kvhost.memory import FrontendRegion, MappedTable, address_of
+from kvhost.memory import FrontendRegion, MappedTable, MappingBudget, address_of
 from kvhost.tap import Tap, vnet_hdr_len
 from kvhost.vhost import LogRegion, VhostNet, VringConfig
 from kvhost.vhost_user.protocol import MEMORY_BASELINE_NREGIONS, close_fds
@@ -100,6 +120,39 @@ def rarp_frame(mac: bytes) -> bytes:
     return frame + bytes(abi.ETH_ZLEN - len(frame))
 
 
+_default_budget: MappingBudget | None = None
+_default_budget_lock = threading.Lock()
+
+
+def default_budget() -> MappingBudget:
+    """The process's :class:`MappingBudget` when none is given: the host's defaults
+    (:meth:`MappingBudget.for_host`), one for every backend of the process."""
+    global _default_budget
+    with _default_budget_lock:
+        if _default_budget is None:
+            _default_budget = MappingBudget.for_host()
+        return _default_budget
+
+
+class _LogMap:
+    """The mapped dirty log and its share of the budget, given back once at close."""
+
+    __slots__ = ("budget", "map", "size")
+
+    def __init__(self, mapping: mmap.mmap, size: int, budget: MappingBudget) -> None:
+        self.map = mapping
+        self.size = size
+        self.budget: MappingBudget | None = budget
+
+    def close(self) -> None:
+        try:
+            self.map.close()
+        finally:
+            budget, self.budget = self.budget, None
+            if budget is not None:
+                budget.release(self.size)
+
+
 def ring_lengths(num: int) -> tuple[int, int, int]:
     """Bytes of a split ring's descriptor table, avail ring and used ring for ``num`` entries
     (each including the event-index word)."""
@@ -111,8 +164,12 @@ class KernelBackend:
 
     ``open_tap`` is called at :meth:`set_owner` (a :meth:`shim.tap_setup.TapSpec.open`, a
     :meth:`shim.tap_setup.PreparedTap.open`, or a test's own). ``vhost_path`` is the
-    vhost-net device node. ``closer`` takes over the kernel objects at :meth:`close` (see
-    the module docstring).
+    vhost-net device node, opened with ``open_device`` (a test's recording device stands
+    in for :class:`VhostNet`). ``closer`` takes over the kernel objects at :meth:`close`
+    (see the module docstring). ``budget`` bounds what is mapped (default: the process's,
+    :func:`default_budget`). ``allow_mtu_change``: NET_SET_MTU may change the tap's MTU
+    (else only the MTU it has is accepted: a bridge takes the smallest MTU of its ports, so
+    a frontend lowering its tap's would lower the MTU of every VM on the bridge).
 
     It trusts its caller, the session, for everything the protocol decides (ring index,
     size bounds, address flags and alignment, ordering, the log covering memory) and keeps
@@ -128,12 +185,18 @@ class KernelBackend:
         vhost_path: str = "/dev/vhost-net",
         name: str = "vhost-user",
         closer: Closer = CLOSER,
+        open_device: Callable[[str], VhostNet] = VhostNet,
+        budget: MappingBudget | None = None,
+        allow_mtu_change: bool = False,
     ) -> None:
         if queue_pairs < 1:
             raise ValueError(f"queue pairs must be at least 1, not {queue_pairs}")
         self._open_tap = open_tap
         self._pairs = queue_pairs
         self._path = vhost_path
+        self._open_device = open_device
+        self._budget = budget if budget is not None else default_budget()
+        self._allow_mtu_change = allow_mtu_change
         self.name = name
         self._max_regions = min(read_max_mem_regions(), MEMORY_BASELINE_NREGIONS)
         self.tap: Tap | None = None
@@ -141,12 +204,15 @@ class KernelBackend:
         #: the kernel's vhost-net feature bits (read at set_owner)
         self.kernel_features = 0
         self.table: MappedTable | None = None
-        self._log: mmap.mmap | None = None
+        self._log: _LogMap | None = None
         self._closer = closer
         #: (TUNSETOFFLOAD flags, vnet header length) the tap has; None: unknown
         self._tap_state: tuple[int, int] | None = None
         #: ring -> the translated addresses the kernel has
         self._kernel_addrs: dict[int, VringConfig] = {}
+        #: tables and logs the kernel may still use after a failed detach: unmapped only
+        #: after the devices are closed (see _stop_then_unmap)
+        self._retired: list[MappedTable | _LogMap] = []
 
     # -- the Backend protocol ---------------------------------------------------------
 
@@ -197,7 +263,7 @@ class KernelBackend:
             tap.set_offload(0)
             tap.set_vnet_hdr_size(abi.VNET_HDR_MRG_LEN)
             for _ in range(self._pairs):
-                dev = VhostNet(self._path)
+                dev = self._open_device(self._path)
                 devices.append(dev)
                 dev.set_owner()
             self.kernel_features = devices[0].get_features()
@@ -253,9 +319,10 @@ class KernelBackend:
     def set_mem_table(
         self, regions: Sequence[FrontendRegion], rings: Sequence[tuple[int, VringConfig]] = ()
     ) -> None:
-        """Map the regions, install them in every device, re-point ``rings`` (the ones
-        with addresses, in the frontend's terms) at the new mappings, then unmap the old
-        table -- in that order, so a running ring never points at unmapped memory.
+        """Map the regions, check that every ring in ``rings`` (the ones with addresses, in
+        the frontend's terms) translates into them, install them in every device, re-point
+        the rings, then unmap the old table -- in that order, so a running ring never points
+        at unmapped memory (see the module docstring for each failure).
 
         The same regions of the same files as the current table (QEMU resends its table at
         every DRIVER_OK) change nothing: their fds are closed and the mapping kept.
@@ -263,18 +330,32 @@ class KernelBackend:
         if self.table is not None and self.table.same_as(regions):
             close_fds(r.fd for r in regions)
             return
-        new = MappedTable(regions, max_regions=self._max_regions, error=RemoteProtocolError)
+        new = MappedTable(
+            regions,
+            max_regions=self._max_regions,
+            error=RemoteProtocolError,
+            budget=self._budget,
+            held=0 if self._log is None else self._log.size,
+        )
         try:
+            moved = [(index, self._translate(index, config, new)) for index, config in rings]
             vhost_regions = new.vhost_regions()
+        except BaseException:
+            new.close()
+            raise
+        old = self.table
+        try:
             for dev in self.devices:
                 dev.set_mem_table(vhost_regions)
-            old, self.table = self.table, new
-            for index, config in rings:
-                self.set_vring_addr(index, config)
+            self.table = new
+            for index, translated in moved:
+                self._give_addr(index, translated)
         except BaseException:
-            if self.table is new:
-                self.table = None
-            new.close()
+            # Some device may use the new table, some the old, a ring either: stop every
+            # ring before either table goes, so the kernel never touches unmapped memory.
+            self.table = None
+            self._kernel_addrs.clear()
+            self._stop_then_unmap([new] if old is None else [new, old])
             raise
         if old is not None:
             old.close()
@@ -284,32 +365,46 @@ class KernelBackend:
         vhost-user) and hand its address in this process to the kernel."""
         if region is None:
             raise UsageError("the shim's log comes as a file region (LOG_SHMFD)")
+        length = region.offset + region.size
         try:
             st = os.fstat(region.fd)
-            if st.st_size < region.offset + region.size:
+            if not stat.S_ISREG(st.st_mode):
+                raise RemoteProtocolError(
+                    "SET_LOG_BASE: the log fd is not a regular file; the dirty log must be "
+                    "shared memory the frontend reads too (a memfd)"
+                )
+            if st.st_size < length:
                 raise RemoteProtocolError(
                     f"SET_LOG_BASE: the log fd has 0x{st.st_size:x} bytes, the log needs "
                     f"0x{region.offset + region.size:x} (offset + size)"
                 )
+            self._budget.reserve(
+                length,
+                held=0 if self.table is None else self.table.mapped_bytes,
+                what="SET_LOG_BASE: the dirty log",
+                error=RemoteProtocolError,
+            )
             try:
                 mm = mmap.mmap(
-                    region.fd,
-                    region.offset + region.size,
-                    mmap.MAP_SHARED,
-                    mmap.PROT_READ | mmap.PROT_WRITE,
+                    region.fd, length, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE
                 )
-            except (OSError, ValueError) as err:
+            except (OSError, ValueError, OverflowError) as err:
+                self._budget.release(length)
                 raise RemoteProtocolError(f"SET_LOG_BASE: cannot map the log: {err}") from err
         finally:
             os.close(region.fd)
+        log_map = _LogMap(mm, length, self._budget)
         addr = address_of(mm) + region.offset
+        old = self._log
         try:
             for dev in self.devices:
                 dev.set_log_base(addr)
         except BaseException:
-            mm.close()
+            # a device may already log into the new map: stop the rings before it goes
+            self._log = None
+            self._stop_then_unmap([log_map] if old is None else [log_map, old])
             raise
-        old, self._log = self._log, mm
+        self._log = log_map
         if old is not None:
             old.close()
 
@@ -326,11 +421,9 @@ class KernelBackend:
         """Translate the frontend's addresses into this process's (each part inside one
         region for the ring's full size, the logged used ring inside guest memory) and give
         them to the kernel unless it has exactly these."""
-        translated = self._translate(index, config)
-        if self._kernel_addrs.get(index) != translated:
-            self._kernel_addrs.pop(index, None)
-            self.devices[index >> 1].set_vring_addr(index & 1, translated)
-            self._kernel_addrs[index] = translated
+        if self.table is None:
+            raise RemoteProtocolError(f"vring {index} addresses need a memory table first")
+        self._give_addr(index, self._translate(index, config, self.table))
 
     def set_vring_kick(self, index: int, fd: int) -> None:
         try:
@@ -355,7 +448,10 @@ class KernelBackend:
     # -- vhost-net's extras -----------------------------------------------------------
 
     def set_backend(self, index: int, attach: bool) -> None:
-        """VHOST_NET_SET_BACKEND: the ring's tap queue (queue pair ``index // 2``), or -1."""
+        """VHOST_NET_SET_BACKEND: the ring's tap queue (queue pair ``index // 2``), or -1.
+        Attaching needs a memory table (none is left after a failed replacement)."""
+        if attach and self.table is None:
+            raise RemoteProtocolError(f"vring {index} cannot run without a memory table")
         fd = self._tap().fds[index >> 1] if attach else abi.VHOST_FILE_UNBIND
         self.devices[index >> 1].set_backend(index & 1, fd)
 
@@ -373,7 +469,20 @@ class KernelBackend:
             raise kernel_error("write", f"tap {tap.name}", err, "RARP not sent") from err
 
     def set_mtu(self, mtu: int) -> None:
-        self._tap().set_mtu(mtu)
+        """Set the tap's MTU; without ``allow_mtu_change`` only the MTU it has is accepted
+        (UsageError, which the session answers as a refusal)."""
+        tap = self._tap()
+        if not self._allow_mtu_change:
+            current = tap.get_mtu()
+            if current == mtu:
+                return
+            raise UsageError(
+                f"tap {tap.name} has MTU {current} and this shim lets no frontend change it "
+                f"(a bridge takes the smallest MTU of its ports), so it cannot change it to "
+                f"{mtu}; start the shim with --mtu {mtu}, or (without --user) with "
+                "--allow-mtu-change"
+            )
+        tap.set_mtu(mtu)
 
     def close(self) -> None:
         """Hand the tap, devices, memory and log to the closer; idempotent.
@@ -386,13 +495,14 @@ class KernelBackend:
         devices, self.devices = self.devices, []
         table, self.table = self.table, None
         log_map, self._log = self._log, None
+        retired, self._retired = self._retired, []
         self._tap_state = None
         self._kernel_addrs.clear()
-        if tap is None and not devices and table is None and log_map is None:
+        if tap is None and not devices and table is None and log_map is None and not retired:
             return
         self._closer.submit(
             f"{self.name}'s tap and vhost-net devices",
-            functools.partial(_teardown, tap, devices, table, log_map),
+            functools.partial(_teardown, tap, devices, table, log_map, retired),
         )
 
     # -- helpers ----------------------------------------------------------------------
@@ -402,19 +512,54 @@ class KernelBackend:
             raise RemoteProtocolError("no tap yet: SET_OWNER must come first")
         return self.tap
 
-    def _translate(self, index: int, a: VringConfig) -> VringConfig:
-        if self.table is None:
-            raise RemoteProtocolError(f"vring {index} addresses need a memory table first")
+    def _translate(self, index: int, a: VringConfig, table: MappedTable) -> VringConfig:
         desc_len, avail_len, used_len = ring_lengths(a.size)
         try:
-            desc = self.table.translate_frontend_va(a.desc, desc_len)
-            avail = self.table.translate_frontend_va(a.avail, avail_len)
-            used = self.table.translate_frontend_va(a.used, used_len)
+            desc = table.translate_frontend_va(a.desc, desc_len)
+            avail = table.translate_frontend_va(a.avail, avail_len)
+            used = table.translate_frontend_va(a.used, used_len)
             if a.log:
-                self.table.translate_gpa(a.log_addr, used_len)
+                table.translate_gpa(a.log_addr, used_len)
         except RemoteProtocolError as err:
             raise RemoteProtocolError(f"vring {index} (size {a.size}): {err}") from None
         return VringConfig(a.size, a.flags, desc, used, avail, a.log_addr)
+
+    def _give_addr(self, index: int, translated: VringConfig) -> None:
+        """VHOST_SET_VRING_ADDR unless the kernel has exactly these addresses."""
+        if self._kernel_addrs.get(index) != translated:
+            self._kernel_addrs.pop(index, None)
+            self.devices[index >> 1].set_vring_addr(index & 1, translated)
+            self._kernel_addrs[index] = translated
+
+    def _stop_then_unmap(self, maps: list[MappedTable] | list[_LogMap]) -> None:
+        """After a failure with the kernel perhaps using ``maps``: detach every ring, then
+        unmap them. When a detach fails too, the kernel may still use them: they are kept
+        until :meth:`close`, whose teardown unmaps them after the devices are closed (a
+        range unmapped early could be reused by the next mapping -- another VM's)."""
+        try:
+            self._detach_all()
+        except (KernelError, OSError, ValueError) as err:
+            log.error(
+                "%s: rings could not be detached (%s); memory kept until close", self.name, err
+            )
+            self._retired.extend(maps)
+            return
+        for m in maps:
+            m.close()
+
+    def _detach_all(self) -> None:
+        """VHOST_NET_SET_BACKEND -1 on every ring of every device (a detached ring is a
+        no-op); once it returns the kernel's workers touch no guest memory or log. Tries
+        every ring, raises the first failure."""
+        first: BaseException | None = None
+        for dev in self.devices:
+            for ring in (0, 1):
+                try:
+                    dev.set_backend(ring, abi.VHOST_FILE_UNBIND)
+                except (KernelError, OSError, ValueError) as err:
+                    first = first or err
+        if first is not None:
+            raise first
 
     def _drop_memory(self) -> None:
         if self.table is not None:
@@ -433,7 +578,11 @@ def _tap_settings(virtio_features: int) -> tuple[int, int]:
 
 
 def _teardown(
-    tap: Tap | None, devices: list[VhostNet], table: MappedTable | None, log_map: mmap.mmap | None
+    tap: Tap | None,
+    devices: list[VhostNet],
+    table: MappedTable | None,
+    log_map: _LogMap | None,
+    retired: Sequence[MappedTable | _LogMap] = (),
 ) -> None:
     """A closed connection's kernel objects, closed on the closer's thread: the tap first
     (its rings are detached, and a reconnecting frontend may want it back), then the vhost
@@ -452,5 +601,9 @@ def _teardown(
                 if table is not None:
                     table.close()
             finally:
-                if log_map is not None:
-                    log_map.close()
+                try:
+                    if log_map is not None:
+                        log_map.close()
+                finally:
+                    for m in retired:
+                        m.close()

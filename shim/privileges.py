@@ -47,6 +47,10 @@ from kvhost.errors import DeviceUnavailable, UsageError
 from kvhost.ioctl import kernel_error, open_device
 
 SO_PEERGROUPS = abi.SO_PEERGROUPS
+SO_PEERSEC = abi.SO_PEERSEC
+#: longest label read: Python's getsockopt takes at most 1024 bytes (a longer label is
+#: ERANGE, refused like any unreadable one; sVirt contexts are ~40 bytes)
+_LABEL_MAX = 1024
 
 #: (uid_t)-1 means "leave unchanged" to the kernel: not an id anyone can have
 ID_MAX = 0xFFFF_FFFE
@@ -205,22 +209,55 @@ def resolve_ids(texts: Iterable[str], option: str) -> frozenset[int]:
     return frozenset(out)
 
 
+def resolve_labels(texts: Iterable[str]) -> frozenset[str]:
+    """``--allow-label`` values, each one label (labels contain commas: no list syntax).
+    Raises UsageError for an empty one or one with blanks."""
+    out: set[str] = set()
+    for text in texts:
+        if not text or any(c.isspace() or c == "\0" for c in text):
+            raise UsageError(
+                f"--allow-label {text!r}: give one security label, without blanks, e.g. "
+                "system_u:system_r:svirt_t:s0:c12,c34"
+            )
+        out.add(text)
+    return frozenset(out)
+
+
 @dataclass(frozen=True, slots=True)
 class PeerCred:
-    """A connected peer's credentials at connect() time (SO_PEERCRED, SO_PEERGROUPS)."""
+    """A connected peer's credentials at connect() time (SO_PEERCRED, SO_PEERGROUPS, and
+    SO_PEERSEC's label when asked for: None when no security module labels it)."""
 
     pid: int
     uid: int
     gid: int
     groups: tuple[int, ...] = ()
+    label: str | None = None
 
     def __str__(self) -> str:
         return f"pid {self.pid} (uid {self.uid}, gid {self.gid})"
 
 
-def peer_credentials(sock: socket.socket, *, groups: bool = False) -> PeerCred:
+def peer_label(sock: socket.socket) -> str | None:
+    """SO_PEERSEC of a connected unix socket: the peer's security label (an SELinux
+    context such as sVirt's ``system_u:system_r:svirt_t:s0:c12,c34``, an AppArmor
+    profile), or None when no security module reports one (ENOPROTOOPT). Raises OSError."""
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERSEC, _LABEL_MAX)
+    except OSError as err:
+        if err.errno == errno.ENOPROTOOPT:
+            return None
+        raise
+    text = raw.split(b"\0", 1)[0].decode(errors="replace").strip()
+    return text or None
+
+
+def peer_credentials(
+    sock: socket.socket, *, groups: bool = False, label: bool = False
+) -> PeerCred:
     """SO_PEERCRED of a connected unix socket; with ``groups``, also its supplementary
-    groups (SO_PEERGROUPS; empty before Linux 4.13 or beyond 256 groups). Raises OSError."""
+    groups (SO_PEERGROUPS; empty before Linux 4.13 or beyond 256 groups); with ``label``,
+    its security label (:func:`peer_label`). Raises OSError."""
     raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
     pid, uid, gid = _UCRED.unpack(raw)
     extra: tuple[int, ...] = ()
@@ -235,20 +272,24 @@ def peer_credentials(sock: socket.socket, *, groups: bool = False) -> PeerCred:
                 raise
             data = b""
         extra = struct.unpack(f"={len(data) // 4}I", data[: len(data) // 4 * 4])
-    return PeerCred(pid, uid, gid, extra)
+    return PeerCred(pid, uid, gid, extra, peer_label(sock) if label else None)
 
 
 @dataclass(frozen=True, slots=True)
 class AllowList:
     """Which peers are served: a uid in ``uids``, or a primary or supplementary gid in
-    ``gids``. Both empty: every peer that can open the socket file."""
+    ``gids``. Both empty: every peer that can open the socket file. ``labels``, when set,
+    narrows that further: the peer's security label (SO_PEERSEC) must be one of them --
+    with sVirt each VM's QEMU has a label of its own, so this binds a socket to one VM
+    where uids cannot (every QEMU runs as the same user)."""
 
     uids: frozenset[int] = frozenset()
     gids: frozenset[int] = frozenset()
+    labels: frozenset[str] = frozenset()
 
     @property
     def everyone(self) -> bool:
-        return not self.uids and not self.gids
+        return not self.uids and not self.gids and not self.labels
 
     def refusal(self, cred: PeerCred | None) -> str | None:
         """Why ``cred`` is not served, or None when it is."""
@@ -256,6 +297,15 @@ class AllowList:
             return None
         if cred is None:
             return "its credentials could not be read (SO_PEERCRED)"
+        if self.labels and cred.label not in self.labels:
+            if cred.label is None:
+                return (
+                    "its security label could not be read (SO_PEERSEC: no security module "
+                    "labels unix sockets here), and --allow-label needs one"
+                )
+            return f"its security label {cred.label!r} is not allowed (--allow-label)"
+        if not self.uids and not self.gids:
+            return None
         if cred.uid in self.uids:
             return None
         if cred.gid in self.gids or not self.gids.isdisjoint(cred.groups):
@@ -266,7 +316,58 @@ class AllowList:
         def ids(values: frozenset[int]) -> str:
             return ",".join(str(v) for v in sorted(values)) or "none"
 
-        return f"--allow-uid {ids(self.uids)}; --allow-gid {ids(self.gids)}"
+        text = f"--allow-uid {ids(self.uids)}; --allow-gid {ids(self.gids)}"
+        if self.labels:
+            text += f"; --allow-label {','.join(sorted(self.labels))}"
+        return text
+
+
+# -- where: the socket file -------------------------------------------------------------
+
+
+def check_socket_dir(path: str, user: int | None = None) -> None:
+    """Raise UsageError when another user could replace the socket file at ``path`` between
+    its bind and its chown/chmod (run as root, those would then change a file of the
+    attacker's choosing; :func:`set_socket_access` refuses a replaced file too): its
+    directory must not be writable by group or others unless it is sticky, and must
+    belong to root, this process's user or ``user`` (the one the socket is for, who must
+    be able to unlink it at exit)."""
+    parent = os.path.dirname(os.path.abspath(path))
+    try:
+        st = os.stat(parent)
+    except OSError:
+        return  # bind fails and says why
+    if st.st_uid not in (0, os.geteuid(), user):
+        raise UsageError(
+            f"socket directory {parent} belongs to uid {st.st_uid}, who could replace the "
+            "socket file; put the socket in a directory of root's (e.g. /run/kvhost)"
+        )
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not st.st_mode & stat.S_ISVTX:
+        raise UsageError(
+            f"socket directory {parent} is writable by others ({stat.filemode(st.st_mode)}) "
+            "and not sticky, so another user could swap the socket file for a link; use a "
+            "directory only its owner can write (e.g. /run/kvhost, mode 0755)"
+        )
+
+
+def set_socket_access(path: str, mode: int, owner: int | None, group: int | None) -> None:
+    """chown/chmod the socket file just bound at ``path`` without following a symlink: the
+    file is opened O_PATH|O_NOFOLLOW, must be a socket, and is changed through that very
+    descriptor (``/proc/self/fd/N``; fchmod on the socket's own fd would change the socket,
+    not its file). Raises OSError; UsageError when ``path`` is no longer a socket."""
+    fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+            raise UsageError(
+                f"{path} is not the socket the shim bound (it was replaced); check who can "
+                "write its directory"
+            )
+        link = f"/proc/self/fd/{fd}"
+        if owner is not None or group is not None:
+            os.chown(link, -1 if owner is None else owner, -1 if group is None else group)
+        os.chmod(link, mode)
+    finally:
+        os.close(fd)
 
 
 # -- what: the device node --------------------------------------------------------------
@@ -439,15 +540,16 @@ def drop(who: Identity) -> Dropped:
         raise kernel_error(
             op, "the shim process", err, f"dropping privileges to {who} failed"
         ) from err
-    threads = verify(who)
+    threads = verify(who, bounding_cleared=bounding)
     return Dropped(who, bounding, threads)
 
 
-def verify(who: Identity) -> int:
+def verify(who: Identity, *, bounding_cleared: bool = True) -> int:
     """Check every thread's ``/proc/self/task/*/status``: real/effective/saved/fs uid and
     gid are ``who``'s, the supplementary groups are exactly ``who.groups``, CapInh = CapPrm
-    = CapEff = CapAmb = 0 and NoNewPrivs = 1. Returns the thread count; raises KernelError
-    (naming the thread and what is left) otherwise."""
+    = CapEff = CapAmb = 0, CapBnd = 0 (unless ``bounding_cleared`` is False: :func:`drop`
+    had no CAP_SETPCAP to clear it) and NoNewPrivs = 1. Returns the thread count; raises
+    KernelError (naming the thread and what is left) otherwise."""
     tids = sorted(int(t) for t in os.listdir("/proc/self/task"))
     for tid in tids:
         status = read_status("self", tid)
@@ -458,8 +560,10 @@ def verify(who: Identity) -> int:
             problems.append(f"Gid is {status.get('Gid')}, not {who.gid}")
         if sorted(int(g) for g in status.get("Groups", "").split()) != sorted(set(who.groups)):
             problems.append(f"Groups is {status.get('Groups')!r}, not {list(who.groups)}")
-        for key in ("CapInh", "CapPrm", "CapEff", "CapAmb"):
-            value = int(status.get(key, "0"), 16)
+        keys = ("CapInh", "CapPrm", "CapEff", "CapAmb") + (("CapBnd",) if bounding_cleared else ())
+        for key in keys:
+            # a missing line is a failure too: the kernel always reports each set
+            value = int(status.get(key, "ffffffffffffffff"), 16)
             if value:
                 problems.append(f"{key} is 0x{value:x}")
         if status.get("NoNewPrivs") != "1":

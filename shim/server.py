@@ -54,7 +54,13 @@ from kvhost.errors import UsageError
 from kvhost.vhost_user.protocol import MAX_FDS, close_fds
 from shim.closer import CLOSER, Closer
 from shim.eventlog import event
-from shim.privileges import AllowList, PeerCred, peer_credentials
+from shim.privileges import (
+    AllowList,
+    PeerCred,
+    check_socket_dir,
+    peer_credentials,
+    set_socket_access,
+)
 from shim.session import Backend, Session
 
 log = logging.getLogger("kvhost.shim")
@@ -160,6 +166,7 @@ class ShimServer:
         """
         if mode & ~0o777:
             raise ValueError(f"socket mode {mode:o} has bits beyond rwxrwxrwx")
+        check_socket_dir(path, owner)
         with contextlib.suppress(FileNotFoundError):
             if not stat.S_ISSOCK(os.lstat(path).st_mode):
                 raise UsageError(f"{path} exists and is not a socket; choose another path")
@@ -173,16 +180,15 @@ class ShimServer:
                 bound = True
             finally:
                 os.umask(umask)
-            if owner is not None or group is not None:
-                os.chown(path, -1 if owner is None else owner, -1 if group is None else group)
-            os.chmod(path, mode)
+            set_socket_access(path, mode, owner, group)
             sock.listen(backlog)
-        except OSError as err:
+        except (OSError, UsageError) as err:
             sock.close()
             if bound:
                 with contextlib.suppress(OSError):
                     os.unlink(path)
-            raise UsageError(f"cannot listen on {path}: {err.strerror}") from err
+            why = err.strerror if isinstance(err, OSError) else str(err)
+            raise UsageError(f"cannot listen on {path}: {why}") from err
         st = os.stat(path)
         event(
             "listening",
@@ -225,13 +231,18 @@ class ShimServer:
                     break
                 for fd, _ in self._epoll.poll():
                     conn = self.connections.get(fd)
-                    if conn is not None:
-                        self._readable(conn)
-                    elif fd == self._wake:
-                        with contextlib.suppress(BlockingIOError):
-                            os.eventfd_read(self._wake)
-                    elif self._listener is not None and fd == self._listener.fileno():
-                        self._accept()
+                    try:
+                        if conn is not None:
+                            self._readable(conn)
+                        elif fd == self._wake:
+                            with contextlib.suppress(BlockingIOError):
+                                os.eventfd_read(self._wake)
+                        elif self._listener is not None and fd == self._listener.fileno():
+                            self._accept()
+                    except MemoryError:
+                        # the address space ran out: the connection goes, the loop stays
+                        if conn is not None:
+                            self._drop(conn, "failed: out of memory")
         finally:
             if self._stop_reason is not None:
                 event(
@@ -297,7 +308,9 @@ class ShimServer:
         name = f"connection {self._serial}"
         allow = self.config.allow
         try:
-            cred: PeerCred | None = peer_credentials(sock, groups=bool(allow.gids))
+            cred: PeerCred | None = peer_credentials(
+                sock, groups=bool(allow.gids), label=bool(allow.labels)
+            )
         except OSError:
             cred = None
         peer = str(cred) if cred is not None else "an unknown peer"

@@ -67,11 +67,12 @@ class TapSpec:
         ``uid``/``gid`` attach to it later without any capability.
 
         A created tap is made persistent (it must outlive the start-up fds) and given to
-        them (TUNSETOWNER, TUNSETGROUP). An existing one must already be persistent (else
-        another process owns its lifetime); it is changed only as far as needed -- nothing
-        when ``uid`` may attach already (it owns the tap, or the tap has no owner and group
-        ``gid``), else TUNSETOWNER ``uid``, and TUNSETGROUP ``gid`` when another group is set --
-        and :meth:`PreparedTap.release` puts back what was changed. Raises KernelError /
+        ``uid`` alone (TUNSETOWNER, no group: see docs/threat-model.md, "Instances"). An
+        existing one must already be persistent (else another process owns its
+        lifetime); it is changed only as far as needed -- nothing when ``uid`` may attach
+        already (it owns the tap, or the tap has no owner and group ``gid``), else
+        TUNSETOWNER ``uid``, and TUNSETGROUP ``gid`` when another group is set -- and
+        :meth:`PreparedTap.release` puts back what was changed. Raises KernelError /
         UsageError; a tap it created is removed again on failure, an existing one gets its
         owner and group back.
         """
@@ -87,8 +88,10 @@ class TapSpec:
                 )
             if self.create:
                 tap.set_persist(True)
+                # the owner alone: under the newer tun rule (a set owner *or* group
+                # matches) a group lets every member attach, and the shim's group (kvm, for
+                # /dev/vhost-net) is QEMU's too
                 tap.set_owner(uid)
-                tap.set_group(gid)
             else:
                 restore = _give(tap, uid, gid)
             self._configure(tap)
@@ -171,8 +174,9 @@ class _Ownership:
 
 def _give(tap: Tap, uid: int, gid: int) -> _Ownership:
     """Let ``uid`` (running as ``gid``) attach to the existing tap, changing no more than
-    needed; what to put back. Both tun rules are met: the old one (up to Linux 5.14: a set
-    owner or group must match) and the new one (a set owner or group matches)."""
+    needed; what to put back. Both tun rules are met: the old one (each set owner or group
+    must match; 6.1 still has it, tests/test_kernel_instances.py) and the newer one (a set
+    owner or group matches)."""
     owner, group = tap.owner_and_group()
     if (owner == uid and group in (None, gid)) or (owner is None and group == gid):
         return _Ownership(None, None)
@@ -250,7 +254,7 @@ class PreparedTap:
     def ownership_note(self) -> str:
         """What :meth:`TapSpec.prepare` did to the tap's ownership, for the log."""
         if self.created:
-            return "created it, persistent, owned by the shim's user and group"
+            return "created it, persistent, owned by the shim's user (no group)"
         if not self.restore.changed:
             return "left its owner and group as they were: the shim's user may attach"
         return f"gave it to the shim's user; at exit it gets back {self.restore.describe()}"

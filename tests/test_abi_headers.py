@@ -54,7 +54,7 @@ _CONST_PREFIXES = ("IFF_", "TUN_F_", "VHOST_F_", "VHOST_NET_F_", "VHOST_VRING_F_
                    "RTM_GETLINK", "IFLA_", "NETLINK_ROUTE", "NLA_", "CLONE_NEWNET",
                    "ETH_P_", "ETH_ZLEN", "PACKET_OUTGOING", "PACKET_STATISTICS", "SOL_PACKET",
                    "SO_RCVBUFFORCE", "ARPHRD_", "ARPOP_", "PR_", "_LINUX_CAPABILITY_VERSION_3",
-                   "SO_PEERGROUPS")
+                   "SO_PEERGROUPS", "SO_PEERSEC")
 #: constants the headers define as enum members, not macros: printed without #ifdef
 _ENUM_PREFIXES = ("IFLA_",)
 

@@ -296,7 +296,7 @@ def test_install_udev_writes_a_runnable_rule_and_its_unit(
         'TEST!="/run/systemd/system", RUN+="'
     )
     words = shlex.split(fallback.split('RUN+="')[1].rstrip('"'))
-    expected = [sys.executable, "-m", "kvhost.cli", "manifest", "--output",
+    expected = [sys.executable, "-I", "-m", "kvhost.cli", "manifest", "--output",
                 "/run/kvtest/vhost-net.json"]  # fmt: skip
     assert words == [*expected, "--kmsg"]
     (start,) = [
@@ -307,7 +307,7 @@ def test_install_udev_writes_a_runnable_rule_and_its_unit(
     assert shlex.split(start) == expected  # the journal has its output: no --kmsg
     # the program both name really is kvhost (udev and systemd give it no PYTHONPATH)
     done = subprocess.run(
-        [*words[:3], "--version"], capture_output=True, text=True, env={}, cwd="/", check=False
+        [*words[:4], "--version"], capture_output=True, text=True, env={}, cwd="/", check=False
     )
     assert done.returncode == 0 and done.stdout.startswith("kvhost ")
     verified = subprocess.run(

@@ -123,7 +123,7 @@ def test_install_host_writes_every_file_with_this_installation_s_programs(
     # the rule is install-udev's: this interpreter writes the manifest
     rule = expected[0].read_text().splitlines()[-1]
     words = shlex.split(rule.split('RUN+="')[1].rstrip('"'))
-    assert words == [sys.executable, "-m", "kvhost.cli", "manifest", "--output",
+    assert words == [sys.executable, "-I", "-m", "kvhost.cli", "manifest", "--output",
                      str(mf.DEFAULT_PATH), "--kmsg"]  # fmt: skip
     # unit and descriptor run the entry point next to this interpreter
     unit = expected[1].read_text()
@@ -454,3 +454,30 @@ def test_systemd_sysusers_accepts_the_user_entry(installed: tuple[Path, str]) ->
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert f"Creating user '{host.SHIM_USER}'" in done.stdout + done.stderr
+
+
+def test_programs_root_runs_must_be_root_s_alone(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The unit's shim, the udev rule's program: refused when another user owns them or
+    can write them or a directory above them (install-host changes nothing then)."""
+    shim = tmp_path / "bin" / "kvhost-shim"
+    shim.parent.mkdir()
+    shim.write_text("#!/bin/sh\n")
+    shim.chmod(0o755)
+    argv = ["install-host", "--root", str(tmp_path / "r"), "--shim", str(shim)]
+    assert run(argv, capsys)[0] == 0
+    shim.chmod(0o777)
+    rc, _, err = run(argv, capsys)
+    assert rc == 2 and f"{shim} is writable by others (-rwxrwxrwx)" in err
+    shim.chmod(0o755)
+    shim.parent.chmod(0o777)
+    rc, _, err = run(argv, capsys)
+    assert rc == 2 and f"{shim.parent} is writable by others" in err
+    shim.parent.chmod(0o755)
+    os.chown(shim, 65534, 65534)
+    rc, _, err = run(argv, capsys)
+    assert rc == 2 and f"{shim} belongs to uid 65534, not root" in err
+    os.chown(shim, 0, 0)
+    rc, _, err = run([*argv, "--command", f"{shim.parent}/nope"], capsys)
+    assert rc == 2 and "the udev rule's program" in err

@@ -32,7 +32,12 @@ from kvhost.errors import RemoteProtocolError
 from kvhost.memory import GuestMemory, MemoryRegion
 from kvhost.vhost import LogRegion
 from kvhost.vhost_user import protocol as p
-from kvhost.vhost_user.frontend import NetDevice, VersionRefused, VhostUserFrontend
+from kvhost.vhost_user.frontend import (
+    BackendRefused,
+    NetDevice,
+    VersionRefused,
+    VhostUserFrontend,
+)
 from kvhost.vhost_user.protocol import Request as R
 from shim.kernel_backend import KernelBackend
 from shim.server import ShimConfig, ShimServer
@@ -60,6 +65,7 @@ class Shim:
         *,
         pinned: bool = False,
         supported: list[versions.InterfaceVersion] | None = None,
+        allow_mtu_change: bool = False,
     ) -> None:
         self.path = path
         self.queues = queues
@@ -68,7 +74,12 @@ class Shim:
         def make_backend(name: str) -> Backend:
             tap = f"kvs{len(self.taps) + 1}"
             self.taps.append(tap)
-            return KernelBackend(TapSpec(queues=queues, name=tap).open, queues, name=name)
+            return KernelBackend(
+                TapSpec(queues=queues, name=tap).open,
+                queues,
+                name=name,
+                allow_mtu_change=allow_mtu_change,
+            )
 
         config = ShimConfig(version, make_backend, supported or [version], pinned)
         self.server = ShimServer.listen(path, config)
@@ -103,6 +114,7 @@ class ShimFactory(Protocol):
         *,
         pinned: bool = ...,
         supported: list[versions.InterfaceVersion] | None = ...,
+        allow_mtu_change: bool = ...,
     ) -> Shim: ...
 
 
@@ -116,9 +128,17 @@ def make_shim(tmp_path: Path, netns_quiet: str) -> Iterator[ShimFactory]:
         *,
         pinned: bool = False,
         supported: list[versions.InterfaceVersion] | None = None,
+        allow_mtu_change: bool = False,
     ) -> Shim:
         path = str(tmp_path / f"shim{len(started)}.sock")
-        shim = Shim(path, version, queues, pinned=pinned, supported=supported)
+        shim = Shim(
+            path,
+            version,
+            queues,
+            pinned=pinned,
+            supported=supported,
+            allow_mtu_change=allow_mtu_change,
+        )
         started.append(shim)
         return shim
 
@@ -266,8 +286,29 @@ def test_rarp_reaches_the_host_side_of_the_tap(fd_leak_check: None, make_shim: S
     shim.wait_idle()
 
 
-def test_net_set_mtu_sets_the_tap_mtu(fd_leak_check: None, make_shim: ShimFactory) -> None:
+def test_net_set_mtu_accepts_only_the_tap_mtu_by_default(
+    fd_leak_check: None, make_shim: ShimFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A frontend lowering its tap's MTU would lower its bridge's: only the MTU the tap
+    has is accepted (the frontend gives up on the refusal, as QEMU does)."""
+    caplog.set_level(logging.WARNING, "kvhost.shim")
     shim = make_shim()
+    with GuestMemory.create(MEMORY) as mem, shim.frontend() as fe:
+        fe.handshake()
+        fe.start_net(mem, base_gpa=BASE_GPA)
+        fe.net_set_mtu(1500)
+        assert netlink.link_info(shim.taps[0])["mtu"] == 1500
+        with pytest.raises(BackendRefused, match="NET_SET_MTU"):
+            fe.net_set_mtu(1280)
+    shim.wait_idle()
+    assert "has MTU 1500 and this shim lets no frontend change it" in caplog.text
+    assert "cannot change it to 1280; start the shim with --mtu 1280" in caplog.text
+
+
+def test_net_set_mtu_sets_the_tap_mtu_when_allowed(
+    fd_leak_check: None, make_shim: ShimFactory
+) -> None:
+    shim = make_shim(allow_mtu_change=True)
     with GuestMemory.create(MEMORY) as mem, shim.frontend() as fe:
         fe.handshake()
         fe.start_net(mem, base_gpa=BASE_GPA, mtu=1280)

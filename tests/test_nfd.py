@@ -283,7 +283,8 @@ def test_install_udev_with_nfd_puts_it_on_the_run_line(
     assert rc == 0
     rule = (tmp_path / cmd.RULES_NAME).read_text().splitlines()[-1]
     run_words = rule.split('RUN+="')[1].rstrip('"').split()
-    assert run_words[3:] == [
+    assert run_words[1:4] == ["-I", "-m", "kvhost.cli"]
+    assert run_words[4:] == [
         "manifest",
         "--output",
         str(mf.DEFAULT_PATH),
@@ -294,7 +295,7 @@ def test_install_udev_with_nfd_puts_it_on_the_run_line(
         "feature.node.kubernetes.io",
     ]
     # the words the rule runs parse as a manifest command line
-    args = build_parser().parse_args(run_words[3:])
+    args = build_parser().parse_args(run_words[4:])
     assert args.nfd == "/etc/k/features.d/kvhost" and args.kmsg
 
 

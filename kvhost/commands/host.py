@@ -35,6 +35,7 @@ import json
 import os
 import shlex
 import shutil
+import stat
 import subprocess
 import sys
 import sysconfig
@@ -117,6 +118,44 @@ def _check_program(path: str, what: str) -> str:
     if any(c.isspace() or c in "'\"\\%$;" for c in path):
         raise UsageError(f"{what} {path!r}: use a path without blanks, quotes, '%', '$' or ';'")
     return path
+
+
+def _trust_problem(path: str) -> str | None:
+    """Why a program or code path that root will run cannot be trusted, or None: it and
+    every directory above it (the path as given, and where its links lead) must belong to
+    root and be writable by no one else (a directory may be, when sticky, like /tmp)."""
+    seen: set[str] = set()
+    for candidate in (os.path.abspath(path), os.path.realpath(path)):
+        parts = Path(candidate).parts
+        for depth in range(len(parts), 0, -1):
+            here = str(Path(*parts[:depth]))
+            if here in seen:
+                continue
+            seen.add(here)
+            try:
+                st = os.lstat(here)
+            except OSError as err:
+                return f"{here}: {err.strerror}"
+            if stat.S_ISLNK(st.st_mode):
+                continue  # a link's own mode means nothing; its target is checked too
+            if st.st_uid != 0:
+                return f"{here} belongs to uid {st.st_uid}, not root"
+            writable = st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+            if writable and not (stat.S_ISDIR(st.st_mode) and st.st_mode & stat.S_ISVTX):
+                return f"{here} is writable by others ({stat.filemode(st.st_mode)})"
+    return None
+
+
+def check_trusted(path: str, what: str) -> None:
+    """UsageError unless :func:`_trust_problem` finds nothing: whoever can change ``path``
+    would run code as root through the unit or the udev rule."""
+    problem = _trust_problem(path)
+    if problem is not None:
+        raise UsageError(
+            f"{what} {path} runs as root, but {problem}: whoever can change it could run "
+            "code as root; install kvhost where only root can write (e.g. pip install as "
+            "root into /usr/local or /opt), or fix the owner and mode"
+        )
 
 
 def shipped_unit() -> str:
@@ -241,6 +280,17 @@ def plan(args: argparse.Namespace) -> Plan:
     """Render everything first, so a bad argument leaves the host untouched. Raises
     UsageError."""
     shim = args.shim or default_shim()
+    _check_program(shim, "--shim")
+    # each runs as root: the unit's set-up, the udev rule, libvirt's hook
+    check_trusted(shim, "the shim program")
+    python = _interpreter(shim)
+    if python is not None:
+        check_trusted(python, "the shim's interpreter")
+    rule_program = shlex.split(args.command)[0] if args.command else sys.executable
+    check_trusted(rule_program, "the udev rule's program")
+    check_trusted(sys.executable, "the libvirt hook's interpreter")
+    for code in _package_dirs():
+        check_trusted(code, "kvhost's code")
     path = str(Path(args.manifest).absolute())
     manifest = None if path == str(mf.DEFAULT_PATH) else path
     return Plan(

@@ -376,7 +376,10 @@ def render_manifest_unit(
 
 
 def _rule_args(args: argparse.Namespace) -> tuple[list[str], str, str | None]:
-    command = shlex.split(args.command) if args.command else [sys.executable, "-m", "kvhost.cli"]
+    # -I: no PYTHON* variables, user site or working directory on the path of a root program
+    command = (
+        shlex.split(args.command) if args.command else [sys.executable, "-I", "-m", "kvhost.cli"]
+    )
     nfd_path = str(nfd.check_path(Path(args.nfd)).absolute()) if args.nfd else None
     return command, str(Path(args.manifest).absolute()), nfd_path
 
