@@ -488,6 +488,21 @@ def test_impossible_limits_are_usage_errors_naming_the_option(
         Limits(**limits)  # type: ignore[arg-type]
 
 
+def test_cli_limits_reach_the_server_and_bad_ones_are_refused(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from shim.cli import build_parser, main
+
+    args = build_parser().parse_args(
+        ["--max-connections", "3", "--handshake-timeout", "2", "--idle-timeout", "60"]
+    )
+    assert Limits(
+        args.max_connections, args.handshake_timeout, args.stall_timeout, args.idle_timeout
+    ) == Limits(3, 2.0, 5.0, 60.0)
+    assert main(["--socket-path", "/nonexistent/x.sock", "--stall-timeout", "0"]) == 2
+    assert "--stall-timeout 0: give a number of seconds above 0" in capsys.readouterr().err
+
+
 # --- running out of fds (a child with a low RLIMIT_NOFILE) ---------------------------------
 
 _CHILD = textwrap.dedent(
