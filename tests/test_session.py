@@ -705,6 +705,23 @@ def test_close_stops_running_rings() -> None:
 
 
 
+
+def test_close_closes_the_backend_even_when_a_detach_fails(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Found by bench/fuzz_session.py: a refused VHOST_NET_SET_BACKEND -1 at hang-up used to
+    skip the backend's close, leaking its devices, tap and mappings."""
+    session, backend, peer = owned()
+    peer.u64(R.SET_FEATURES, GUEST)
+    peer.mem_table([(0, 1 << 20, 0x7F00_0000_0000)])
+    peer.configure_ring(0)
+    backend.fail["detach"] = KernelError("VHOST_NET_SET_BACKEND", "/dev/vhost-net", errno.EINVAL)
+    session.close()
+    assert backend.closed == 1 and state_now(session) is ConnectionState.CLOSED
+    assert "detaching the rings failed (closing the devices anyway)" in caplog.text
+    session.close()  # idempotent
+    assert backend.closed == 1
+
 class _SlowBackend(RecordingBackend):
     """Kernel calls that take ``DELAY`` seconds: the ring-stop and ring-start events must
     account for them."""
