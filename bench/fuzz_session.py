@@ -29,6 +29,7 @@ Python heap moves it a little, so it is reported, not asserted). The last line p
 from __future__ import annotations
 
 import argparse
+import inspect
 import logging
 import os
 import shutil
@@ -224,9 +225,19 @@ class FakeTap(Tap):
 
 
 def install_fakes() -> None:
-    """KernelBackend opens its devices by its module-level name ``VhostNet``: from now on,
-    in this process, every one is the fake (so only in the fuzzer's own process)."""
+    """A KernelBackend without an ``open_device`` parameter opens its devices by its
+    module-level name ``VhostNet``: from now on, in this process, every one is the fake (so
+    only in the fuzzer's own process)."""
     vars(kernel_backend)["VhostNet"] = FakeVhostNet
+
+
+def _backend(pairs: int) -> kernel_backend.KernelBackend:
+    extra: dict[str, Any] = {}
+    if "open_device" in inspect.signature(kernel_backend.KernelBackend).parameters:
+        extra["open_device"] = FakeVhostNet
+    return kernel_backend.KernelBackend(
+        lambda: FakeTap(pairs), pairs, closer=_CLOSER, **extra
+    )
 
 # --- inputs -> sequences -----------------------------------------------------------------
 
@@ -411,7 +422,7 @@ def _one(data: bytes) -> None:
     fdp = atheris.FuzzedDataProvider(data)
     pairs = 1 + fdp.ConsumeIntInRange(0, 1)
     Faults.count, Faults.fail_at = 0, fdp.ConsumeIntInRange(1, 40) if fdp.ConsumeBool() else 0
-    backend = kernel_backend.KernelBackend(lambda: FakeTap(pairs), pairs, closer=_CLOSER)
+    backend = _backend(pairs)
     sess = session.Session(backend, V5, supported=[V5], name="kvfuzz")
     try:
         for data, fds in _prefix(fdp.ConsumeIntInRange(0, 2), pairs):
