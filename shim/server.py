@@ -227,6 +227,8 @@ class ShimServer:
         #: socket fd -> the earliest deadline of that connection (only those with one)
         self._deadlines: dict[int, float] = {}
         self._single = connected is not None
+        #: --idle-timeout is on: every read re-arms the idle deadline
+        self._idle = config.limits.idle_timeout is not None
         #: the listener is in the poll set (False while accept is paused)
         self._listening = False
         #: when accept ran out of fds (None: it has not), and when to try again
@@ -333,10 +335,14 @@ class ShimServer:
                     if conn is not None:
                         # registered for EPOLLOUT only while replies wait (also woken so
                         # for EPOLLERR/EPOLLHUP: the send then fails and drops it)
-                        if conn.out is None:
-                            self._readable(conn)
-                        else:
-                            self._writable(conn)
+                        try:
+                            if conn.out is None:
+                                self._readable(conn)
+                            else:
+                                self._writable(conn)
+                        except MemoryError:
+                            # the address space ran out: this connection goes, the loop stays
+                            self._drop(conn, "failed: out of memory")
                     elif fd == self._wake:
                         with contextlib.suppress(BlockingIOError):
                             os.eventfd_read(self._wake)
@@ -637,10 +643,6 @@ class ShimServer:
             self._resume_accept()  # an fd is free now
 
     # -- deadlines -----------------------------------------------------------------------
-
-    @property
-    def _idle(self) -> bool:
-        return self.config.limits.idle_timeout is not None
 
     def _rearm(self, conn: Connection) -> None:
         """Recompute ``conn``'s deadlines after it read or wrote (module docstring)."""
