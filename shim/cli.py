@@ -106,11 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="GID",
         help="serve peers whose primary or supplementary group is this (repeatable)",
     )
-    limits = parser.add_argument_group(
+    deadlines = parser.add_argument_group(
         "deadlines and limits (what a frontend that stalls or floods may hold; see "
         "docs/threat-model.md)"
     )
-    limits.add_argument(
+    deadlines.add_argument(
         "--max-connections",
         type=int,
         default=Limits.max_connections,
@@ -118,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve at most N connections at once; beyond, a new one is closed with a log "
         "line (default: %(default)s)",
     )
-    limits.add_argument(
+    deadlines.add_argument(
         "--handshake-timeout",
         type=float,
         default=Limits.handshake_timeout,
@@ -126,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="drop a connection that has not sent SET_OWNER this long after connecting "
         "(QEMU sends it at once; default: %(default)g)",
     )
-    limits.add_argument(
+    deadlines.add_argument(
         "--stall-timeout",
         type=float,
         default=Limits.stall_timeout,
@@ -134,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="drop a frontend that leaves a message half-sent, or its replies unread, this "
         "long (default: %(default)g)",
     )
-    limits.add_argument(
+    deadlines.add_argument(
         "--idle-timeout",
         type=float,
         metavar="SECONDS",
