@@ -19,10 +19,11 @@ read is one ``recvmsg`` and its replies one ``send``.
 Back-pressure instead of waiting: replies the kernel cannot take at once (the frontend is not
 reading) stay in the connection's output buffer, and the connection is polled for EPOLLOUT
 *instead of* EPOLLIN until the buffer drains. So one connection buffers at most the replies
-to one read (~14 KB for an 8 KiB read of GET_FEATURES), costs the loop nothing while it
-lags, and everything else -- other connections, SIGTERM -- is served meanwhile. (A deadline
-per read was the alternative: simpler, but every other connection would still stall for up
-to that deadline, again and again.)
+to one read (14 KB for an 8 KiB read of GET_FEATURES; 145 KB of GET_INTERFACE_VERSIONS,
+the largest reply), costs the loop nothing while it lags, and everything else -- other
+connections, SIGTERM -- is served meanwhile. (A deadline per read was the alternative:
+simpler, but every other connection would still stall for up to that deadline, again and
+again.)
 
 Deadlines (:class:`Limits`, the ``--*-timeout`` options): the loop sleeps in ``epoll_wait``
 with no timeout while no connection has one pending -- a shim whose rings run in the kernel
