@@ -360,6 +360,32 @@ def test_no_set_owner_is_dropped_at_the_handshake_deadline(
     lurker.close()
 
 
+def test_a_set_owner_sent_in_time_counts_even_when_the_loop_was_busy(
+    fd_leak_check: None, serve: Callable[..., Server], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A connect storm: each SET_OWNER costs the loop ~20 ms under TCG, so one sent in time
+    may still wait unread at the deadline. It is read before anyone is judged."""
+    caplog.set_level(logging.INFO, "kvhost.shim")
+
+    class Slow(RecordingBackend):
+        def set_owner(self) -> None:
+            time.sleep(0.6)
+            super().set_owner()
+
+    srv = serve(Limits(handshake_timeout=0.3), lambda name: Slow())
+    early, ecodec = srv.connect()  # its clock runs from here
+    busy, bcodec = srv.connect()
+    _call(busy, bcodec, R.SET_OWNER)  # holds the loop for 0.6 s
+    time.sleep(0.1)
+    _call(early, ecodec, R.SET_OWNER)  # in time, but read only after the deadline
+    time.sleep(1.0)
+    assert round_trip(early, ecodec) < 1 and round_trip(busy, bcodec) < 1
+    assert len(srv.server.connections) == 2
+    assert "handshake-timeout" not in caplog.text
+    early.close()
+    busy.close()
+
+
 def test_an_inherited_connected_socket_has_no_handshake_deadline(fd_leak_check: None) -> None:
     """--fd with a socketpair end: its peer was chosen by whoever made the pair, and the
     shim ends with it, so only the stall deadline applies."""
