@@ -143,10 +143,11 @@ def traced_shim_main(argv: list[str]) -> int:
         read.kept = getattr(session.backend, "table", None) is read.table
         return replies
 
-    def traced_send(sock: Any, data: bytes) -> None:
-        send(sock, data)
+    def traced_send(sock: Any, data: bytes) -> int:
+        sent = send(sock, data)
         read = now[0]
         read.stamps[3:] = [time.monotonic_ns()]
+        return sent
 
     def describe(data: bytes, kept: bool) -> str:
         found, off = [], 0

@@ -42,7 +42,7 @@ from shim.closer import CLOSER
 from shim.eventlog import event
 from shim.kernel_backend import KernelBackend
 from shim.privileges import VHOST_NET_PATH, AllowList, Identity
-from shim.server import ShimConfig, ShimServer
+from shim.server import Limits, ShimConfig, ShimServer
 from shim.session import Backend, unservable_reason
 from shim.tap_setup import PreparedTap, TapSpec
 
@@ -145,6 +145,42 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve only peers whose security label (SO_PEERSEC) is this, exactly "
         "(repeatable; with SELinux sVirt, the VM's QEMU context, e.g. "
         "system_u:system_r:svirt_t:s0:c12,c34); in addition to --allow-uid/--allow-gid",
+    )
+    deadlines = parser.add_argument_group(
+        "deadlines and limits (what a frontend that stalls or floods may hold; see "
+        "docs/threat-model.md)"
+    )
+    deadlines.add_argument(
+        "--max-connections",
+        type=int,
+        default=Limits.max_connections,
+        metavar="N",
+        help="serve at most N connections at once; beyond, a new one is closed with a log "
+        "line (default: %(default)s)",
+    )
+    deadlines.add_argument(
+        "--handshake-timeout",
+        type=float,
+        default=Limits.handshake_timeout,
+        metavar="SECONDS",
+        help="drop a connection that has not sent SET_OWNER this long after connecting "
+        "(QEMU sends it at once; default: %(default)g)",
+    )
+    deadlines.add_argument(
+        "--stall-timeout",
+        type=float,
+        default=Limits.stall_timeout,
+        metavar="SECONDS",
+        help="drop a frontend that leaves a message half-sent, or its replies unread, this "
+        "long (default: %(default)g)",
+    )
+    deadlines.add_argument(
+        "--idle-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="drop a connection past SET_OWNER that has no ring running and sends nothing "
+        "this long, freeing the tap; default: off, because QEMU waits like that until the "
+        "guest's driver starts the device (a paused VM, an incoming migration)",
     )
     parser.add_argument(
         "--log-format",
@@ -264,6 +300,9 @@ def build_server(args: argparse.Namespace) -> Program:
         privileges.resolve_ids(args.allow_gid, "--allow-gid"),
         privileges.resolve_labels(args.allow_label),
     )
+    limits = Limits(
+        args.max_connections, args.handshake_timeout, args.stall_timeout, args.idle_timeout
+    )
     offer = versions.host_offer(probe.probe())
     version, supported, pinned = choose_version(args.interface_version, offer)
     _check_queues(args.queues, version)
@@ -284,7 +323,9 @@ def build_server(args: argparse.Namespace) -> Program:
                 allow_mtu_change=args.allow_mtu_change,
             )
 
-        return ShimConfig(version, make_backend, supported, pinned, allow, closer=CLOSER)
+        return ShimConfig(
+            version, make_backend, supported, pinned, allow, closer=CLOSER, limits=limits
+        )
 
     return set_up(args, config, who, socket_gid)
 

@@ -416,12 +416,21 @@ class Session:
         return []
 
     def close(self) -> None:
-        """Stop the rings and close everything (frontend hung up, or shutdown)."""
+        """Stop the rings and close everything (frontend hung up, or shutdown).
+
+        The backend is closed even when detaching a ring fails: closing the devices stops
+        their rings anyway, and skipping it would leak every fd and mapping it holds.
+        Raises what the backend's close raises (logged and survived by the server).
+        """
         if self.done:
             return
-        self._stop_all()
-        self.backend.close()
         self.state = ConnectionState.CLOSED
+        try:
+            self._stop_all()
+        except (KvhostError, OSError) as err:
+            log.error("%s: detaching the rings failed (closing the devices anyway): %s",
+                      self.name, err)
+        self.backend.close()
 
     # -- dispatch --------------------------------------------------------------------
 

@@ -9,7 +9,6 @@ that is tests/test_kernel_shim.py's job, against a real kernel.
 from __future__ import annotations
 
 import array
-import contextlib
 import errno
 import logging
 import os
@@ -706,6 +705,23 @@ def test_close_stops_running_rings() -> None:
 
 
 
+
+def test_close_closes_the_backend_even_when_a_detach_fails(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Found by bench/fuzz_session.py: a refused VHOST_NET_SET_BACKEND -1 at hang-up used to
+    skip the backend's close, leaking its devices, tap and mappings."""
+    session, backend, peer = owned()
+    peer.u64(R.SET_FEATURES, GUEST)
+    peer.mem_table([(0, 1 << 20, 0x7F00_0000_0000)])
+    peer.configure_ring(0)
+    backend.fail["detach"] = KernelError("VHOST_NET_SET_BACKEND", "/dev/vhost-net", errno.EINVAL)
+    session.close()
+    assert backend.closed == 1 and state_now(session) is ConnectionState.CLOSED
+    assert "detaching the rings failed (closing the devices anyway)" in caplog.text
+    session.close()  # idempotent
+    assert backend.closed == 1
+
 class _SlowBackend(RecordingBackend):
     """Kernel calls that take ``DELAY`` seconds: the ring-stop and ring-start events must
     account for them."""
@@ -876,43 +892,6 @@ def test_server_hang_up_mid_setup_closes_the_session(
         assert "hung up in the middle of a message" in caplog.text
     finally:
         harness.stop()
-
-
-def test_server_drops_a_frontend_that_stops_reading_its_replies(
-    tmp_path: Path,
-    fd_leak_check: None,
-    caplog: pytest.LogCaptureFixture,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """Replies go out on a non-blocking socket: when the frontend's receive buffer is full
-    the shim waits at most SEND_TIMEOUT for it, then drops that connection alone."""
-    from shim import server
-
-    monkeypatch.setattr(server, "SEND_TIMEOUT", 0.5)
-    caplog.set_level(logging.INFO, "kvhost.shim")
-    harness = _ServerHarness(f"{tmp_path}/shim.sock")
-    try:
-        good, gcodec = harness.connect()
-        deaf, _ = harness.connect()
-        request = p.raw_message(R.GET_FEATURES, 0x1, b"")
-        # requests (each answered) until the replies the deaf frontend never reads fill the
-        # shim's side of the socket and SEND_TIMEOUT runs out
-        deaf.setblocking(False)
-        deadline = time.monotonic() + 10
-        while len(harness.server.connections) > 1 and time.monotonic() < deadline:
-            with contextlib.suppress(BlockingIOError, BrokenPipeError, ConnectionResetError):
-                for _ in range(1000):
-                    deaf.send(request)
-            time.sleep(0.05)
-        assert len(harness.server.connections) == 1, "the deaf frontend was not dropped"
-        assert "the frontend has not read its replies for 0.5 s" in caplog.text
-        (reply,) = _call(good, gcodec, R.GET_QUEUE_NUM)  # the other one is served as before
-        assert reply.payload == p.U64(1)
-        good.close()
-        deaf.close()
-    finally:
-        harness.stop()
-    assert all(b.closed == 1 for b in harness.backends)
 
 
 def test_server_stop_closes_live_connections(tmp_path: Path, fd_leak_check: None) -> None:
