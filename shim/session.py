@@ -359,7 +359,7 @@ class Session:
             _close_all(fds)
             return []
         try:
-            messages = self.codec.receive(data, list(fds))
+            messages = self.codec.receive(data, fds)
         except RemoteProtocolError as err:
             self._fail(f"malformed message: {err}")
             return []
@@ -483,16 +483,7 @@ class Session:
                 ring.addr = addr
             self.backend.set_backend(ring.index, True)
             ring.state = VringState.RUNNING
-            began = self._start_began
-            start_us = None if began is None else (time.monotonic_ns() - began) // 1000
-            event(
-                "vring",
-                f"{self.name}: vring {ring.index} running",
-                connection=self.name,
-                vring=ring.index,
-                result="running",
-                start_us=start_us,
-            )
+            self._log_running(ring)
         elif not want and ring.state is VringState.RUNNING:
             self.backend.set_backend(ring.index, False)
             ring.state = VringState.STARTED
@@ -503,13 +494,53 @@ class Session:
                 self.backend.set_backend(ring.index, False)
             ring.state = VringState.STOPPED
 
+    # The event helpers return at once when their level is off: building an event's text
+    # and fields costs more than the rest of a ring message's handling in the session.
+
+    def _log_running(self, ring: Vring) -> None:
+        if not log.isEnabledFor(logging.INFO):
+            return
+        began = self._start_began
+        start_us = None if began is None else (time.monotonic_ns() - began) // 1000
+        event(
+            "vring",
+            f"{self.name}: vring {ring.index} running",
+            connection=self.name,
+            vring=ring.index,
+            result="running",
+            start_us=start_us,
+        )
+
+    def _log_features(self, acked: int, *, first: bool) -> None:
+        level = logging.INFO if first else logging.DEBUG
+        if not log.isEnabledFor(level):
+            return
+        if first:
+            message = (
+                f"{self.name}: features acked under interface version "
+                f"{self.version.label}: 0x{acked:x}"
+            )
+        else:
+            message = f"{self.name}: SET_FEATURES 0x{acked:x}"
+        event(
+            "features",
+            message,
+            level=level,
+            connection=self.name,
+            version=self.version.label,
+            features=acked,
+        )
+
     def _log_vring_base(self, request: str, index: int, base: int, **extra: object) -> None:
         # a ring stop (GET) is an operator-visible moment (shutdown, migration); a ring's
         # restore (SET) is detail
+        level = logging.INFO if request == "GET_VRING_BASE" else logging.DEBUG
+        if not log.isEnabledFor(level):
+            return
         event(
             "vring_base",
             f"{self.name}: {request} vring {index} base {base}",
-            level=logging.INFO if request == "GET_VRING_BASE" else logging.DEBUG,
+            level=level,
             connection=self.name,
             request=request,
             vring=index,
@@ -559,21 +590,7 @@ class Session:
             for ring in self.vrings:
                 ring.enabled = True
                 self._sync(ring)
-        if first:
-            message = (
-                f"{self.name}: features acked under interface version "
-                f"{self.version.label}: 0x{acked:x}"
-            )
-        else:
-            message = f"{self.name}: SET_FEATURES 0x{acked:x}"
-        event(
-            "features",
-            message,
-            level=logging.INFO if first else logging.DEBUG,
-            connection=self.name,
-            version=self.version.label,
-            features=acked,
-        )
+        self._log_features(acked, first=first)
         return None
 
     def _get_protocol_features(self, msg: p.Message, pending: _Pending) -> p.Payload | None:
