@@ -6,8 +6,8 @@ own :class:`Session` and backend; whatever happens on one connection (malformed 
 kernel refusal, a bug) fails that connection only.
 
 Per read: ``recvmsg`` with room for the most fds a message may carry (SCM_RIGHTS, received
-close-on-exec) -> ``Session.receive(data, fds)`` -> the replies are sent -> if the session is
-done, the socket is closed. A read of zero bytes is the frontend hanging up: the session is
+close-on-exec) -> ``Session.receive(data, fds)`` -> the replies are sent -> the session's
+events are logged (``Session.log_events``) -> if the session is done, the socket is closed. A read of zero bytes is the frontend hanging up: the session is
 closed (rings detached at once; the devices are closed by the config's
 :class:`~shim.closer.Closer` off the loop, because closing a vhost-net fd takes tens of
 milliseconds).
@@ -363,6 +363,7 @@ class ShimServer:
             replies = conn.session.receive(data, fds)
             for reply in replies:
                 _send(conn.sock, reply)
+            conn.session.log_events()  # after the replies: the frontend waits for those
         except OSError as err:
             self._drop(conn, f"send failed: {err}")
             return
