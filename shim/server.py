@@ -7,10 +7,10 @@ kernel refusal, a bug) fails that connection only.
 
 Per read: ``recvmsg`` with room for the most fds a message may carry (SCM_RIGHTS, received
 close-on-exec) -> ``Session.receive(data, fds)`` -> the replies are sent -> the session's
-events are logged (``Session.log_events``) -> if the session is done, the socket is closed. A read of zero bytes is the frontend hanging up: the session is
-closed (rings detached at once; the devices are closed by the config's
-:class:`~shim.closer.Closer` off the loop, because closing a vhost-net fd takes tens of
-milliseconds).
+events are logged (``Session.log_events``) -> if the session is done, the socket is
+closed. A read of zero bytes is the frontend hanging up: the session is closed (rings
+detached at once; the devices are closed by the config's :class:`~shim.closer.Closer` off
+the loop, because closing a vhost-net fd takes tens of milliseconds).
 
 Syscalls per message are kept to the minimum -- under TCG each costs tens of microseconds and
 QEMU waits on some replies inside the guest's DRIVER_OK write: connection sockets are
