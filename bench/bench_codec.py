@@ -1,6 +1,7 @@
 """Host-native cost of one vhost-user message through the codec and the session.
 
     python bench/bench_codec.py [--messages N] [--repeats K]
+    python bench/bench_codec.py --instructions [--rounds R]
 
 No kernel, no socket, no VM: a frontend's encoded bytes go straight into
 ``BackendCodec.receive`` ("codec") and into ``Session.receive`` with a backend that only
@@ -8,15 +9,25 @@ keeps the fds it is handed ("session", codec included). Prints one line per mess
 in microseconds per message (the best of K runs of N messages, so a neighbour on the shared
 machine inflates fewer of them), then the QEMU-like start sequence per message and whole.
 
+``--instructions`` counts instead of timing: CPU instructions per start sequence, under
+valgrind's callgrind. Two runs of R rounds each -- one feeding the sequence, one only making
+the same sessions and fds -- and their difference over R is the codec and the session alone,
+whatever the neighbours on a shared machine do to the clock (PYTHONHASHSEED is fixed so the
+two runs hash alike).
+
 Only the public API is used, so the same script measures an older tree: put that tree first
-on PYTHONPATH and run it again (interleave the runs: A B A B).
+on PYTHONPATH and run it again (interleave timed runs: A B A B).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
+import shutil
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -224,11 +235,77 @@ def time_sequence(sequence: list[tuple[bytes, int]], rounds: int) -> float:
     return total / rounds * 1e6
 
 
+def sequence_rounds(sequence: list[tuple[bytes, int]], rounds: int, *, feed: bool) -> None:
+    """``rounds`` fresh sessions and their fds; with ``feed`` each is given the sequence,
+    without it the fds are only closed (the baseline the instruction count subtracts)."""
+    for _ in range(rounds):
+        backend = KeepingBackend()
+        session = Session(backend, VERSION, name="bench")
+        fd_sets = [[os.eventfd(0, os.EFD_CLOEXEC) for _ in range(nfds)]
+                   for _, nfds in sequence]
+        if feed:
+            for (data, _), fds in zip(sequence, fd_sets, strict=True):
+                session.receive(data, fds)
+            assert not session.done, session.error
+            backend.close_fds()
+        else:
+            for fds in fd_sets:
+                p.close_fds(fds)
+
+
+_COLLECTED = re.compile(r"Collected : (\d+)")
+
+
+def count_instructions(mode: str, rounds: int) -> int:
+    """Instructions callgrind counts for this script's ``--count-run MODE ROUNDS``."""
+    valgrind = shutil.which("valgrind")
+    if valgrind is None:
+        raise SystemExit("--instructions needs valgrind (apt-get install valgrind)")
+    with tempfile.TemporaryDirectory() as tmp:
+        done = subprocess.run(
+            [valgrind, "--tool=callgrind", f"--callgrind-out-file={tmp}/out",
+             sys.executable, __file__, "--count-run", mode, str(rounds)],
+            env=dict(os.environ, PYTHONHASHSEED="0"), capture_output=True, text=True,
+            timeout=3600, check=False,
+        )  # fmt: skip
+    found = _COLLECTED.search(done.stderr)
+    if done.returncode != 0 or found is None:
+        raise SystemExit(f"callgrind run {mode} failed (exit {done.returncode}):\n"
+                         f"{done.stdout}{done.stderr[-2000:]}")
+    return int(found.group(1))
+
+
+def instructions(rounds: int) -> None:
+    sequence = start_sequence()
+    fed = count_instructions("feed", rounds)
+    dry = count_instructions("dry", rounds)
+    per_sequence = (fed - dry) / rounds
+    print(f"start sequence: {per_sequence:,.0f} instructions ({per_sequence / len(sequence):,.0f}"
+          f" per message, {len(sequence)} messages; callgrind, {rounds} rounds fed minus "
+          "not fed)")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--messages", type=int, default=5000, help="messages per timed run")
     parser.add_argument("--repeats", type=int, default=7, help="timed runs; the best counts")
+    parser.add_argument("--instructions", action="store_true",
+                        help="count instructions per start sequence under callgrind instead")
+    parser.add_argument("--rounds", type=int, default=200,
+                        help="start sequences per callgrind run (with --instructions)")
+    parser.add_argument("--count-run", nargs=2, metavar=("MODE", "ROUNDS"),
+                        help=argparse.SUPPRESS)  # what --instructions runs under callgrind
     args = parser.parse_args()
+    if args.count_run:
+        mode, rounds = args.count_run
+        sequence_rounds(start_sequence(), int(rounds), feed=mode == "feed")
+        return 0
+    print(f"bench_codec: {p.__file__}")
+    if args.instructions:
+        if args.rounds < 1:
+            parser.error(f"--rounds must be at least 1, not {args.rounds}")
+        instructions(args.rounds)
+        return 0
     n, k = args.messages, args.repeats
     print(f"bench_codec: {p.__file__}")
     print(f"{'message':20} {'codec µs':>9} {'session µs':>11}")

@@ -5,11 +5,11 @@ whatever happens on one connection (malformed bytes, a kernel refusal, a bug) fa
 connection only. No connection may hold the loop: nothing in it waits on a peer.
 
 Per read: ``recvmsg`` with room for the most fds a message may carry (SCM_RIGHTS, received
-close-on-exec) -> ``Session.receive(data, fds)`` -> the replies go out in one ``send`` -> if
-the session is done, the socket is closed. A read of zero bytes is the frontend hanging up:
-the session is closed (rings detached at once; the devices are closed by the config's
-:class:`~shim.closer.Closer` off the loop, because closing a vhost-net fd takes tens of
-milliseconds).
+close-on-exec) -> ``Session.receive(data, fds)`` -> the replies go out in one ``send`` -> the
+session's events are logged (``Session.log_events``) -> if the session is done, the socket
+is closed. A read of zero bytes is the frontend hanging up: the session is closed (rings
+detached at once; the devices are closed by the config's :class:`~shim.closer.Closer` off
+the loop, because closing a vhost-net fd takes tens of milliseconds).
 
 Syscalls per message are kept to the minimum -- under TCG each costs tens of microseconds and
 QEMU waits on some replies inside the guest's DRIVER_OK write: connection sockets are
@@ -553,6 +553,7 @@ class ShimServer:
             replies = conn.session.receive(data, fds)
             if replies:
                 self._write(conn, replies[0] if len(replies) == 1 else b"".join(replies))
+            conn.session.log_events()  # after the replies: the frontend waits for those
         except OSError as err:
             self._drop(conn, f"send failed: {err}")
             return

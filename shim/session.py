@@ -64,7 +64,9 @@ SET_FEATURES and SET_VRING_NUM, which QEMU resends at every DRIVER_OK.
 
 Replies: requests with a reply payload get it; any other request carrying NEED_REPLY gets a
 REPLY_ACK u64 (0 = success) once REPLY_ACK is negotiated -- a failure value when the request
-failed, just before the connection is dropped.
+failed, just before the connection is dropped. The session's events (``shim.eventlog``) wait
+for :meth:`Session.log_events`, which the caller invokes once the replies are sent: a ring
+stop's reply must not wait for its log line.
 
 Errors: anything the frontend did wrong (bad state, bad bits, unknown request, bad sizes) is a
 :class:`~kvhost.errors.RemoteProtocolError`; the kernel refusing something is a
@@ -331,6 +333,8 @@ class Session:
         #: runs), so each ``vring`` running event says how long the start took in the shim's
         #: hands -- on a migration's destination, that is the shim's share of the downtime
         self._start_began: int | None = None
+        #: events of the messages handled so far, logged by :meth:`log_events`
+        self._events: list[tuple[str, str, int, dict[str, object]]] = []
 
     # -- public API ------------------------------------------------------------------
 
@@ -359,7 +363,7 @@ class Session:
             _close_all(fds)
             return []
         try:
-            messages = self.codec.receive(data, list(fds))
+            messages = self.codec.receive(data, fds)
         except RemoteProtocolError as err:
             self._fail(f"malformed message: {err}")
             return []
@@ -415,6 +419,19 @@ class Session:
             return [ok]
         return []
 
+    def log_events(self) -> None:
+        """Log the events of the messages handled since the last call (ring stops and
+        starts, features, the dirty log, RARP), oldest first.
+
+        Call it once the replies :meth:`receive` returned are sent: the frontend waits for
+        the replies, not for the log, and one JSON log line costs more than the session's
+        whole handling of a ring stop (about 23 µs against 6 µs natively). The durations
+        the events carry (``took_us``, ``start_us``) are measured when they happen.
+        """
+        events, self._events = self._events, []
+        for kind, message, level, fields in events:
+            event(kind, message, level=level, **fields)
+
     def close(self) -> None:
         """Stop the rings and close everything (frontend hung up, or shutdown).
 
@@ -424,6 +441,7 @@ class Session:
         """
         if self.done:
             return
+        self.log_events()
         self.state = ConnectionState.CLOSED
         try:
             self._stop_all()
@@ -451,6 +469,7 @@ class Session:
         return self.codec.reply(msg, p.U64(value))
 
     def _fail(self, reason: str) -> None:
+        self.log_events()  # what happened before the failure, then the failure
         self.error = reason
         log.error("%s: connection failed: %s", self.name, reason)
         with contextlib.suppress(KvhostError, OSError):
@@ -492,16 +511,7 @@ class Session:
                 ring.addr = addr
             self.backend.set_backend(ring.index, True)
             ring.state = VringState.RUNNING
-            began = self._start_began
-            start_us = None if began is None else (time.monotonic_ns() - began) // 1000
-            event(
-                "vring",
-                f"{self.name}: vring {ring.index} running",
-                connection=self.name,
-                vring=ring.index,
-                result="running",
-                start_us=start_us,
-            )
+            self._log_running(ring)
         elif not want and ring.state is VringState.RUNNING:
             self.backend.set_backend(ring.index, False)
             ring.state = VringState.STARTED
@@ -512,13 +522,59 @@ class Session:
                 self.backend.set_backend(ring.index, False)
             ring.state = VringState.STOPPED
 
+    def _event(
+        self, kind: str, message: str, *, level: int = logging.INFO, **fields: object
+    ) -> None:
+        """Queue an event for :meth:`log_events` (after the replies are sent)."""
+        self._events.append((kind, message, level, fields))
+
+    # The event helpers return at once when their level is off: building an event's text
+    # and fields costs more than the rest of a ring message's handling in the session.
+
+    def _log_running(self, ring: Vring) -> None:
+        if not log.isEnabledFor(logging.INFO):
+            return
+        began = self._start_began
+        start_us = None if began is None else (time.monotonic_ns() - began) // 1000
+        self._event(
+            "vring",
+            f"{self.name}: vring {ring.index} running",
+            connection=self.name,
+            vring=ring.index,
+            result="running",
+            start_us=start_us,
+        )
+
+    def _log_features(self, acked: int, *, first: bool) -> None:
+        level = logging.INFO if first else logging.DEBUG
+        if not log.isEnabledFor(level):
+            return
+        if first:
+            message = (
+                f"{self.name}: features acked under interface version "
+                f"{self.version.label}: 0x{acked:x}"
+            )
+        else:
+            message = f"{self.name}: SET_FEATURES 0x{acked:x}"
+        self._event(
+            "features",
+            message,
+            level=level,
+            connection=self.name,
+            version=self.version.label,
+            features=acked,
+        )
+
     def _log_vring_base(self, request: str, index: int, base: int, **extra: object) -> None:
         # a ring stop (GET) is an operator-visible moment (shutdown, migration); a ring's
         # restore (SET) is detail
-        event(
+        level = logging.INFO if request == "GET_VRING_BASE" else logging.DEBUG
+        if not log.isEnabledFor(level):
+            return
+        self._event(
             "vring_base",
             f"{self.name}: {request} vring {index} base {base}",
-            level=logging.INFO if request == "GET_VRING_BASE" else logging.DEBUG,
+            level=level,
             connection=self.name,
             request=request,
             vring=index,
@@ -568,21 +624,7 @@ class Session:
             for ring in self.vrings:
                 ring.enabled = True
                 self._sync(ring)
-        if first:
-            message = (
-                f"{self.name}: features acked under interface version "
-                f"{self.version.label}: 0x{acked:x}"
-            )
-        else:
-            message = f"{self.name}: SET_FEATURES 0x{acked:x}"
-        event(
-            "features",
-            message,
-            level=logging.INFO if first else logging.DEBUG,
-            connection=self.name,
-            version=self.version.label,
-            features=acked,
-        )
+        self._log_features(acked, first=first)
         return None
 
     def _get_protocol_features(self, msg: p.Message, pending: _Pending) -> p.Payload | None:
@@ -661,7 +703,7 @@ class Session:
         self.log_size = None  # unknown until the backend took it
         self.backend.set_log_base(0, LogRegion(payload.mmap_size, payload.mmap_offset, fd))
         self.log_size = payload.mmap_size
-        event(
+        self._event(
             "dirty_log",
             f"{self.name}: dirty log mapped ({payload.mmap_size} bytes)",
             connection=self.name,
@@ -803,7 +845,7 @@ class Session:
         payload = msg.payload
         assert isinstance(payload, p.RarpMac)
         self.backend.send_rarp(payload.mac)
-        event(
+        self._event(
             "rarp",
             f"{self.name}: RARP announced for {payload.text}",
             connection=self.name,

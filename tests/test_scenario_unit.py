@@ -117,6 +117,7 @@ def test_shim_events_the_harness_reads(tmp_path: Path, caplog: pytest.LogCapture
         ):
             data, fds = fe.request(request, payload)
             session.receive(data, fds)
+            session.log_events()
     log = tmp_path / "shim.log"
     formatter = eventlog.EventFormatter("json")
     log.write_text("".join(f"{formatter.format(r)}\n" for r in caplog.records)

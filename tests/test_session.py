@@ -169,6 +169,7 @@ class Peer:
         replies: list[p.Message] = []
         for chunk in self.session.receive(data, list(fds)):
             replies.extend(self.codec.receive(chunk))
+        self.session.log_events()  # as the server does, once the replies are sent
         return replies
 
     def u64(self, request: R, value: int | None = None, *, need_reply: bool = False) -> int | None:
@@ -779,6 +780,26 @@ def test_ring_stop_and_start_events_time_the_shim_s_share(
     elapsed_us = (time.monotonic() - t0) * 1e6
     ((_, again),) = _events(caplog, "vring")
     assert 0 <= int(again["start_us"]) <= elapsed_us  # type: ignore[call-overload]
+    session.close()
+
+
+def test_events_wait_until_the_replies_are_out(caplog: pytest.LogCaptureFixture) -> None:
+    """A ring stop's reply is ready before its event is logged: the server sends the replies,
+    then calls log_events (a JSON line costs more than the stop itself)."""
+    caplog.set_level(logging.INFO, logger="kvhost.shim")
+    session = Session(RecordingBackend(), V5, name="test")
+    peer = Peer(session)
+    peer.negotiate()
+    peer.send(R.SET_OWNER)
+    data, _ = peer.codec.request(R.GET_VRING_BASE, p.VringState(0, 0))
+    (reply,) = session.receive(data, [])
+    assert peer.codec.receive(reply)[0].payload == p.VringState(0, 0)
+    assert _events(caplog, "vring_base") == []
+    session.log_events()
+    ((level, stop),) = _events(caplog, "vring_base")
+    assert (level, stop["request"], stop["vring"]) == (logging.INFO, "GET_VRING_BASE", 0)
+    session.log_events()  # each event once
+    assert len(_events(caplog, "vring_base")) == 1
     session.close()
 
 

@@ -53,11 +53,12 @@ Fd ownership: fds handed to ``receive`` belong to the codec until it returns the
 codec refuses further input. Requests kvhost does not interpret arrive as :class:`Raw`
 payloads with their fds already closed.
 
-Decoding has one path, whatever the chunking: the buffered headers are walked and each is
-checked as soon as it is complete (its flags, and its size against the ``SIZES`` of the
-request's payload type, so a wrong or hostile size fails before its payload is buffered);
-then each complete message's payload type checks its own bytes and its own fd count in
-``unpack(body, fds)``. Every request that a
+Decoding has one path, whatever the chunking: the stream (the held head of an incomplete
+message, then the new chunk) is walked message by message; each header is checked as soon
+as it is complete (its flags, and its size against the ``SIZES`` of the request's payload
+type, so a wrong or hostile size fails before its payload is buffered), and each complete
+message's payload type checks its own bytes and its own fd count in ``unpack(body, fds)``.
+Only the incomplete message at the end is kept for the next chunk. Every request that a
 peer may send kvhost is listed in :data:`REQUEST_PAYLOADS`; every other id (among them
 ADD_MEM_REG and REM_MEM_REG, which need CONFIGURE_MEM_SLOTS, never offered) is ``Raw``, and
 the shim answers it with a "not supported" failure.
@@ -884,10 +885,10 @@ class _Decoder:
     _side: ClassVar[str] = "peer"
 
     def __init__(self) -> None:
-        #: bytes of the messages not yet complete (at most one starts before the last chunk)
-        self._buf = bytearray()
-        #: fds of the incomplete message at _buf[0]
-        self._held: list[int] = []
+        #: the head of the one incomplete message, kept until a later chunk completes it
+        self._tail = b""
+        #: fds of the incomplete message in _tail
+        self._held: tuple[int, ...] = ()
         self._failed: str | None = None
 
     @property
@@ -898,12 +899,12 @@ class _Decoder:
     @property
     def partial(self) -> bool:
         """Bytes of an incomplete message are buffered (an EOF now is mid-message)."""
-        return bool(self._buf)
+        return bool(self._tail)
 
     def close(self) -> None:
         """Drop buffered input and close the fds held for an incomplete message."""
-        self._buf.clear()
-        fds, self._held = self._held, []
+        self._tail = b""
+        fds, self._held = self._held, ()
         close_fds(fds)
 
     def receive(self, data: bytes, fds: Sequence[int] = ()) -> list[Message]:
@@ -938,10 +939,15 @@ class _Decoder:
         self.close()
 
     def _feed(self, data: bytes, new_fds: list[int], out: list[Message]) -> None:
-        """Append a chunk and decode every message it completes into ``out``.
+        """Decode every message that the held tail and this chunk complete into ``out``.
 
-        ``new_fds`` is emptied as its fds are handed to a message or held; on an exception
-        whatever it still lists, ``_held`` and the fds of ``out`` are the caller's to close.
+        One pass over the stream, message by message: each header is checked as soon as it
+        is complete, so a bogus size fails now instead of after its payload is buffered;
+        each complete message is decoded at once. The chunk's fds belong to the last
+        message starting in the chunk: the complete message that ends the chunk, or the
+        incomplete one after it. ``new_fds`` is emptied as its fds are handed to a message
+        or held; on an exception whatever it still lists, ``_held`` and the fds of ``out``
+        are the caller's to close.
         """
         if len(new_fds) > MAX_FDS:
             raise RemoteProtocolError(
@@ -949,55 +955,50 @@ class _Decoder:
             )
         if new_fds and not data:
             raise RemoteProtocolError(f"{self._side} sent fds without any message bytes")
-        chunk_start = len(self._buf)
-        self._buf += data
-        buf = self._buf
-
-        # 1. Walk the buffered headers. Each is checked as soon as it is complete, so a
-        #    bogus size fails now instead of after its payload is buffered.
-        complete: list[tuple[int, int, int, int]] = []  # (start, request, flags, size)
-        pos = 0  # ends where the incomplete tail starts (len(buf) when there is none)
-        while pos + HEADER_SIZE <= len(buf):
-            request, flags, size = HEADER.unpack_from(buf, pos)
+        tail = self._tail
+        chunk_start = len(tail)
+        # Usually nothing is held and the chunk is walked as it came, without a copy.
+        stream = tail + data if tail else data
+        end = len(stream)
+        pos = 0  # where the next message starts
+        while end - pos >= HEADER_SIZE:
+            request, flags, size = HEADER.unpack_from(stream, pos)
             self._check_header(request, flags, size)
-            if pos + HEADER_SIZE + size > len(buf):
+            after = pos + HEADER_SIZE + size
+            if after > end:
                 break
-            complete.append((pos, request, flags, size))
-            pos += HEADER_SIZE + size
-
-        # 2. The chunk's fds belong to the last message starting in the chunk.
-        owner = -1
-        if new_fds:
-            owner = pos if pos < len(buf) else complete[-1][0]
-            if owner < chunk_start:
-                raise RemoteProtocolError(
-                    f"{self._side} sent {len(new_fds)} fds with bytes that continue a "
-                    "message; fds must come with the first byte of their message"
-                )
-
-        # 3. Decode each complete message, in order.
-        for start, request, flags, size in complete:
-            fds: list[int] = []
-            if start == 0:
-                fds, self._held = self._held, []
-            if start == owner:
-                fds += new_fds
+            fds: tuple[int, ...] = ()
+            if pos == 0:
+                fds, self._held = self._held, ()
+            if after == end and new_fds:
+                if pos < chunk_start:
+                    close_fds(fds)
+                    raise self._fds_continue(len(new_fds))
+                fds += tuple(new_fds)
                 new_fds.clear()
-            body = bytes(buf[start + HEADER_SIZE : start + HEADER_SIZE + size])
             try:
-                out.append(self._decode(request, flags, body, fds))
+                out.append(self._decode(request, flags, stream[pos + HEADER_SIZE : after], fds))
             except BaseException:
                 close_fds(fds)
                 raise
-        del buf[:pos]
-        if new_fds:  # the owner is the incomplete message now at _buf[0]
-            self._held = list(new_fds)
+            pos = after
+        if new_fds:  # the owner is the incomplete message at pos
+            if pos < chunk_start:
+                raise self._fds_continue(len(new_fds))
+            self._held = tuple(new_fds)
             new_fds.clear()
+        self._tail = bytes(stream[pos:]) if pos < end else b""
+
+    def _fds_continue(self, count: int) -> RemoteProtocolError:
+        return RemoteProtocolError(
+            f"{self._side} sent {count} fds with bytes that continue a message; fds must "
+            "come with the first byte of their message"
+        )
 
     def _check_header(self, request: int, flags: int, size: int) -> None:
         raise NotImplementedError
 
-    def _decode(self, request: int, flags: int, body: bytes, fds: list[int]) -> Message:
+    def _decode(self, request: int, flags: int, body: bytes, fds: tuple[int, ...]) -> Message:
         """One complete message. Raises RemoteProtocolError; the caller closes ``fds``
         then."""
         raise NotImplementedError
@@ -1036,7 +1037,7 @@ class BackendCodec(_Decoder):
                 f"{_describe(sizes)}"
             )
 
-    def _decode(self, request: int, flags: int, body: bytes, fds: list[int]) -> Message:
+    def _decode(self, request: int, flags: int, body: bytes, fds: tuple[int, ...]) -> Message:
         kind = _PAYLOAD_BY_ID.get(request, Raw)
         try:
             payload = kind.unpack(body, fds)
@@ -1045,10 +1046,11 @@ class BackendCodec(_Decoder):
         except RemoteProtocolError as err:
             raise RemoteProtocolError(f"{_request_name(request)}: {err}") from None
         if kind is Raw:  # kvhost cannot use what it does not interpret
-            close_fds(fds)
-            fds.clear()  # in place: the caller's error path must not close them again
+            msg = Message(_REQUEST_BY_ID.get(request, request), _FLAGS_BY_VALUE[flags], payload)
+            close_fds(fds)  # last: nothing can raise after it, so they are closed once
+            return msg
         return Message(_REQUEST_BY_ID.get(request, request), _FLAGS_BY_VALUE[flags], payload,
-                       tuple(fds))
+                       fds)
 
     @staticmethod
     def reply(msg: Message, payload: Payload) -> bytes:
@@ -1172,7 +1174,7 @@ class FrontendCodec(_Decoder):
                 f"payload; at most {limit} bytes are allowed"
             )
 
-    def _decode(self, request: int, flags: int, body: bytes, fds: list[int]) -> Message:
+    def _decode(self, request: int, flags: int, body: bytes, fds: tuple[int, ...]) -> Message:
         name = _request_name(request)
         if not self._awaiting:
             raise RemoteProtocolError(f"backend sent a reply to {name} but no request awaits one")
