@@ -108,7 +108,6 @@ def test_the_worker_follows_the_shim_into_the_vm_cgroup(
         (shim_cg / "cgroup.procs").write_text(str(shim.pid))
         (vm_cg / "cgroup.procs").write_text(str(vm.pid))
         with VhostUserFrontend(shim.socket_path, timeout=60) as fe:
-            fe.connect()
             fe.set_owner()  # the shim's VHOST_SET_OWNER: the worker is born here
             workers = _wait_workers(shim.pid, 1)
             assert len(workers) == 1, f"no vhost-{shim.pid} worker: {workers}"
