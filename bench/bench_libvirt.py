@@ -118,7 +118,11 @@ def hook_main(reps: int) -> int:
 VIRSH = ["virsh", "-c", "qemu:///system"]
 SOCKETS = Path("/run/kvhost")
 QEMU_CONF = ('user = "root"\ngroup = "root"\ndynamic_ownership = 0\nremember_owner = 0\n'
-             'security_driver = "none"\nnamespaces = [ ]\n')  # fmt: skip
+             'security_driver = "none"\nnamespaces = [ ]\n'
+             # libvirt's default device ACL lacks the devices QEMU opens itself for
+             # -netdev tap,vhost=on (it passes fds for the interfaces it knows)
+             'cgroup_device_acl = [ "/dev/null", "/dev/full", "/dev/zero", "/dev/random",'
+             ' "/dev/urandom", "/dev/ptmx", "/dev/kvm", "/dev/net/tun", "/dev/vhost-net" ]\n')
 DOMAIN = """\
 <domain type='qemu' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>
   <name>{name}</name>
