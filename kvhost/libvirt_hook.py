@@ -9,7 +9,10 @@ does::
                      a warning, when none is recorded) and return once the socket listens
     migrate begin    the recorded version must be servable here, for every kvhost interface
     restore begin    (vhost-user and native vhost-net alike); else exit 1 and nothing starts
-    release end      stop the domain's shims; remove pid file, socket and environment file
+    started begin    QEMU runs (and has connected): move each shim and its vhost workers
+                     into QEMU's cgroups (``--cgroup vm``, the default; docs/cgroups.md)
+    stopped end      QEMU is gone: stop the domain's shims, before libvirt removes the
+    release end      cgroups they were moved into; remove pid file, socket and environment file
     anything else    exit 0 at once
 
 A refusal is one line on stderr and exit 1: libvirt aborts the operation and virsh shows
@@ -52,7 +55,14 @@ if TYPE_CHECKING:  # the fast path imports nothing from kvhost
     from kvhost import libvirt as lv
     from kvhost import versions as ver
 
-HANDLED = {("prepare", "begin"), ("migrate", "begin"), ("restore", "begin"), ("release", "end")}
+HANDLED = {
+    ("prepare", "begin"),
+    ("migrate", "begin"),
+    ("restore", "begin"),
+    ("started", "begin"),
+    ("stopped", "end"),
+    ("release", "end"),
+}
 KVHOST_NS = b"https://kvhost.io/xmlns/domain/1"  # kvhost.libvirt.KVHOST_NS, not imported
 
 #: option -> (default, help); hand-parsed, argparse is not worth its import on the fast path
@@ -64,6 +74,9 @@ OPTIONS: dict[str, tuple[str, str]] = {
     "--shim": ("", "kvhost-shim command (default: this Python with -m shim.cli)"),
     "--init": ("auto", "systemd, direct or auto"),
     "--timeout": ("60", "seconds to wait for a shim's socket to listen"),
+    "--cgroup": ("vm", "vm: move each shim and its vhost workers into QEMU's cgroups; "
+                 "shim: leave them in the shim's own"),
+    "--qemu-pid-dir": ("/run/libvirt/qemu", "where libvirt writes DOMAIN.pid (QEMU's pid)"),
 }
 USAGE = (
     "usage: python -m kvhost.libvirt_hook [--option VALUE ...] DOMAIN OP SUBOP EXTRA "
@@ -148,6 +161,8 @@ class _Hook:
         if init not in ("systemd", "direct"):
             _fail(f"--init must be systemd, direct or auto, not {init!r}")
         self.init = init
+        if opts["--cgroup"] not in ("vm", "shim"):
+            _fail(f"--cgroup must be vm or shim, not {opts['--cgroup']!r}")
 
     def run(self, op: str, data: bytes) -> None:
         from kvhost import libvirt as lv
@@ -157,9 +172,16 @@ class _Hook:
             doc = lv.parse(data, f"the XML libvirt passed for {self.domain}")
             nics = list(lv.iter_kvhost_interfaces(doc.root, self.socket_dir))
             shims = [n for n in nics if n.kvhost_socket(self.socket_dir)]
-            if op == "release":
+            if op in ("stopped", "release"):
+                # at 'stopped end' already: libvirt removes QEMU's cgroups between the two
+                # calls, and cannot while a shim moved into them still runs
                 for nic in shims:
                     self.stop(self._name(nic))
+                return
+            if op == "started":
+                if self.opts["--cgroup"] == "vm":
+                    for nic in shims:
+                        self.join_vm(self._name(nic))
                 return
             if not nics:
                 return
@@ -335,6 +357,50 @@ class _Hook:
         if not _listening(socket):
             with contextlib.suppress(OSError):
                 os.unlink(socket)
+
+    # --- cgroups ----------------------------------------------------------------------------
+
+    def join_vm(self, name: str) -> None:
+        """Move NAME's shim and its vhost workers into QEMU's cgroups, so the datapath's CPU
+        is charged to the VM as with QEMU's own vhost-net (docs/cgroups.md)."""
+        import syslog
+        from pathlib import Path
+
+        from kvhost import cgroup
+
+        shim = self._shim_pid(name)
+        qemu_file = Path(self.opts["--qemu-pid-dir"]) / f"{self.domain}.pid"
+        qemu = _read_pid(qemu_file)
+        if qemu is None:
+            _fail(f"VM {self.domain}: cannot read QEMU's pid from {qemu_file}; give libvirt's "
+                  "pid directory with --qemu-pid-dir")
+        try:
+            moved = cgroup.join(shim, qemu)
+        except cgroup.CgroupError as err:
+            _fail(f"VM {self.domain}: the datapath of {name} cannot join the VM's cgroups: "
+                  f"{err} (to run it in the shim's own cgroup instead, give the hook "
+                  "--cgroup shim)")
+        syslog.openlog("kvhost-hook", 0, syslog.LOG_DAEMON)
+        syslog.syslog(syslog.LOG_INFO, f"VM {self.domain}: {name}: {moved.describe()}")
+
+    def _shim_pid(self, name: str) -> int:
+        if self.init == "systemd":
+            import subprocess
+
+            unit = f"kvhost-shim@{self._escape(name)}.service"
+            done = subprocess.run(["systemctl", "show", "--property", "MainPID", "--value",
+                                   unit], capture_output=True, text=True, check=False,
+                                  timeout=30)  # fmt: skip
+            pid = int(done.stdout.strip()) if done.stdout.strip().isdigit() else 0
+        else:
+            socket = str(self.socket_dir / f"{name}.sock")
+            pid = _read_pid(self._files(name)[0]) or 0
+            if pid and not _is_shim(pid, socket):
+                pid = 0
+        if not pid:
+            _fail(f"VM {self.domain}: the shim of {name} is not running; see "
+                  f"{self._files(name)[1] if self.init == 'direct' else 'journalctl'}")
+        return pid
 
     # --- helpers ----------------------------------------------------------------------------
 

@@ -64,8 +64,9 @@ class Host:
         return data
 
     def run(self, op: str, subop: str, xml: bytes, manifest: Path | None = None,
-            domain: str = "vm1", init: str = "direct") -> subprocess.CompletedProcess[str]:
-        argv = [sys.executable, "-m", "kvhost.libvirt_hook",
+            domain: str = "vm1", init: str = "direct",
+            extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
+        argv = [sys.executable, "-m", "kvhost.libvirt_hook", *extra,
                 "--socket-dir", str(self.sockets), "--state-dir", str(self.state),
                 "--config-dir", str(self.config), "--init", init, "--timeout", "20",
                 "--shim", f"{sys.executable} {self.shim}"]
@@ -187,13 +188,59 @@ def test_without_vhost_net_or_manifest_the_default_path_says_so(host: Host) -> N
 
 @pytest.mark.parametrize(
     ("op", "subop"),
-    [("start", "begin"), ("started", "begin"), ("stopped", "end"), ("reconnect", "begin"),
+    [("start", "begin"), ("stopped", "begin"), ("reconnect", "begin"),
      ("attach", "begin"), ("prepare", "end"), ("migrate", "end")],
 )
 def test_other_operations_do_nothing(host: Host, op: str, subop: str) -> None:
     done = host.run(op, subop, host.xml(version=V[7]), host.m61)
     assert (done.returncode, done.stdout, done.stderr) == (0, "", "")
     assert not host.state.exists()
+
+
+def test_started_without_a_running_shim_fails_saying_so(host: Host) -> None:
+    done = host.run("started", "begin", host.xml(version=V[5]), host.m61)
+    assert done.returncode == 1
+    assert "VM vm1: the shim of vm1 is not running" in done.stderr, done.stderr
+
+
+def test_started_with_cgroup_shim_leaves_the_datapath_alone(host: Host) -> None:
+    done = host.run("started", "begin", host.xml(version=V[5]), host.m61,
+                    extra=("--cgroup", "shim"))  # fmt: skip
+    assert (done.returncode, done.stdout, done.stderr) == (0, "", "")
+
+
+def test_started_without_qemus_pid_file_names_the_option(host: Host) -> None:
+    xml = host.xml(version=V[5])
+    assert host.run("prepare", "begin", xml, host.m61).returncode == 0
+    pid = host.pid()
+    try:
+        done = host.run("started", "begin", xml, host.m61,
+                        extra=("--qemu-pid-dir", str(host.tmp / "nowhere")))
+        assert done.returncode == 1
+        assert f"cannot read QEMU's pid from {host.tmp / 'nowhere' / 'vm1.pid'}" in done.stderr
+        assert "--qemu-pid-dir" in done.stderr
+    finally:
+        host.run("release", "end", xml, host.m61)
+    assert gone(pid)
+
+
+def test_a_bad_cgroup_choice_is_refused(host: Host) -> None:
+    done = host.run("started", "begin", host.xml(version=V[5]), host.m61,
+                    extra=("--cgroup", "pod"))  # fmt: skip
+    assert done.returncode == 1 and "--cgroup must be vm or shim, not 'pod'" in done.stderr
+
+
+def test_stopped_end_already_stops_the_shim(host: Host) -> None:
+    """libvirt removes QEMU's cgroups between 'stopped end' and 'release end'; a shim
+    moved into them must be gone by then."""
+    xml = host.xml(version=V[5])
+    assert host.run("prepare", "begin", xml, host.m61).returncode == 0
+    pid = host.pid()
+    done = host.run("stopped", "end", xml, host.m61)
+    assert done.returncode == 0, done.stderr
+    assert gone(pid)
+    assert not (host.sockets / "vm1.sock").exists()
+    assert host.run("release", "end", xml, host.m61).returncode == 0  # and again: no-op
 
 
 def test_a_domain_without_kvhost_is_fast_and_imports_nothing_heavy(host: Host) -> None:
