@@ -84,7 +84,8 @@ def test_7_2_refuses_uso_versions_naming_host_uso() -> None:
         qemu_args.device_properties(ver.parse("org.kernel.vhost-net.v7"), _props(QEMU_72))
 
 
-def _qom(binary: str, device: str, names: list[str]) -> dict[str, object]:
+def _qom(binary: str, device: str, names: list[str],
+         machine: str = COMMON_MACHINE) -> dict[str, object]:
     """Start ``binary`` stopped (``-S``) on a tap peer in a private network namespace with
     ``-device device`` and read ``names`` back over QMP; AssertionError with QEMU's stderr
     when it refuses the line."""
@@ -94,7 +95,7 @@ def _qom(binary: str, device: str, names: list[str]) -> dict[str, object]:
     cmds.append({"execute": "quit"})
     proc = subprocess.run(
         ["unshare", "--net", binary, "-nodefaults", "-display", "none", "-accel", "tcg",
-         "-machine", COMMON_MACHINE, "-S", "-qmp", "stdio",
+         "-machine", machine, "-S", "-qmp", "stdio",
          "-netdev", "tap,id=n0,ifname=kvp0,script=no,downscript=no",
          "-device", f"virtio-net-pci,id=net0,netdev=n0,{device}"],
         input="".join(json.dumps(c) + "\n" for c in cmds), capture_output=True, text=True,
@@ -118,3 +119,18 @@ def test_each_qemu_takes_its_pinned_line_on_a_tap(binary: str) -> None:
         value = got[name]
         shown = ("on" if value else "off") if isinstance(value, bool) else str(value)
         assert shown == want, f"{label(binary)}: {name} is {value!r}, pinned {want}"
+
+
+def test_machine_type_pins_defaults_not_what_the_host_offers() -> None:
+    # docs/qemu-releases.md: pc-q35-7.2 on 10.0 turns USO and the newer PCIe config bits
+    # back to 7.2's defaults but leaves queue_reset on, so RING_RESET still follows the kernel
+    names = ["host_uso", "guest_uso4", "queue_reset", "x-pcie-ext-tag", "x-pcie-err-unc-mask",
+             "x-pcie-ari-nextfn-1"]
+    old = _qom(QEMU_10, "mac=52:54:00:00:00:01", names, COMMON_MACHINE)
+    new = _qom(QEMU_10, "mac=52:54:00:00:00:01", names, "pc-q35-10.0")
+    assert old == {"host_uso": False, "guest_uso4": False, "queue_reset": True,
+                   "x-pcie-ext-tag": False, "x-pcie-err-unc-mask": False,
+                   "x-pcie-ari-nextfn-1": True}, old
+    assert new == {"host_uso": True, "guest_uso4": True, "queue_reset": True,
+                   "x-pcie-ext-tag": True, "x-pcie-err-unc-mask": True,
+                   "x-pcie-ari-nextfn-1": False}, new
