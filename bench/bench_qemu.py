@@ -1,6 +1,6 @@
 """Real QEMU through kvhost-shim vs QEMU's own kernel vhost-net (``-netdev tap,vhost=on``).
 
-    python -m harness.testvm -- python3 bench/bench_qemu.py [--reps N]
+    python -m harness.testvm -- python3 bench/bench_qemu.py [--reps N] [--qemu PATH]
 
 Inside the test VM (needs /dev/vhost-net and root), in a fresh network namespace, with the
 same ``virtio-net-pci`` device and the same qtest guest driver for both backends, each
@@ -34,6 +34,10 @@ last one it prints each vhost-user message QEMU sent with its arrival time relat
 start of the DRIVER_OK write and the shim's time handling it, so the round trip can be
 split into QEMU's own work, waiting for replies and the shim's work.
 
+``--qemu PATH`` runs that QEMU for every machine (default: Debian's 7.2); run once with
+``/opt/kvhost/qemu-10.0/bin/qemu-system-x86_64`` (scripts/install-deps) to compare QEMU
+releases.
+
 Prints one line per measurement and a summary; exits 1 if a target is missed.
 """
 
@@ -61,6 +65,7 @@ from harness import netns  # noqa: E402
 from harness.frames import GUEST_MAC, PEER_MAC, frame  # noqa: E402
 from harness.netns import TapPort  # noqa: E402
 from harness.qemu.machine import (  # noqa: E402
+    QEMU_BINARY,
     Machine,
     MachineConfig,
     TapBackend,
@@ -216,7 +221,7 @@ def round_trip(drv: VirtioNetDriver, i: int) -> float:
     return drv.driver_ok()
 
 
-def floor_run(reps: int) -> int:
+def floor_run(reps: int, qemu: str) -> int:
     """DRIVER_OK round trips, then migration downtimes, of the same idle device: null
     backend (C), shim, native, one after the other (no frame moves: the null backend has
     no datapath)."""
@@ -255,13 +260,14 @@ def floor_run(reps: int) -> int:
         def null_qemu(name: str, incoming: str | None = None) -> Machine:
             return rig.machine(name, MachineConfig(
                 backend=VhostUserBackend(null_backend(name)), device_properties=PROPS,
-                incoming=incoming))
+                incoming=incoming, binary=qemu))
 
         machines = {
             "null backend (C)": null_qemu("qemu-null"),
-            "shim": rig.qemu("qemu-s", shim, legacy=False, properties=PROPS),
+            "shim": rig.qemu("qemu-s", shim, legacy=False, properties=PROPS, binary=qemu),
             "native": rig.machine("qemu-n", MachineConfig(
-                backend=TapBackend("kvq0", vhost=True), device_properties=PROPS)),
+                backend=TapBackend("kvq0", vhost=True), device_properties=PROPS,
+                binary=qemu)),
         }
         netns.link_up("kvq0")
         drivers = {name: VirtioNetDriver.probe(m.qtest) for name, m in machines.items()}
@@ -283,8 +289,8 @@ def floor_run(reps: int) -> int:
             {
                 name: functools.partial(migrate_once, pair, transmit=False)
                 for name, pair in (("null backend (C)", null_pair),
-                                   ("shim", shim_pairs(rig, shim, shim_b)),
-                                   ("native", native_pairs(rig)))
+                                   ("shim", shim_pairs(rig, shim, shim_b, qemu)),
+                                   ("native", native_pairs(rig, qemu)))
             },
             reps, warm_up=False,
         )
@@ -303,30 +309,33 @@ def floor_run(reps: int) -> int:
 Pair = Callable[[int], tuple[Machine, Machine, str]]
 
 
-def shim_pairs(rig: Rig, src: ShimProcess, dst: ShimProcess) -> Pair:
+def shim_pairs(rig: Rig, src: ShimProcess, dst: ShimProcess, qemu: str) -> Pair:
     """Migration pair i: a QEMU on ``src``'s socket, an incoming one on ``dst``'s, the URI."""
 
     def pair(i: int) -> tuple[Machine, Machine, str]:
         uri = f"unix:{rig.workdir / f'mig-s{i}.sock'}"
         return (
-            rig.qemu(f"src-s{i}", src, legacy=False, properties=PROPS),
-            rig.qemu(f"dst-s{i}", dst, legacy=False, properties=PROPS, incoming=uri),
+            rig.qemu(f"src-s{i}", src, legacy=False, properties=PROPS, binary=qemu),
+            rig.qemu(f"dst-s{i}", dst, legacy=False, properties=PROPS, incoming=uri,
+                     binary=qemu),
             uri,
         )
 
     return pair
 
 
-def native_pairs(rig: Rig) -> Pair:
+def native_pairs(rig: Rig, qemu: str) -> Pair:
     """Migration pair i with QEMU's own vhost-net: taps kvq0 (source) and kvq1."""
 
     def pair(i: int) -> tuple[Machine, Machine, str]:
         uri = f"unix:{rig.workdir / f'mig-n{i}.sock'}"
         return (
             rig.machine(f"src-n{i}", MachineConfig(
-                backend=TapBackend("kvq0", vhost=True), device_properties=PROPS)),
+                backend=TapBackend("kvq0", vhost=True), device_properties=PROPS,
+                binary=qemu)),
             rig.machine(f"dst-n{i}", MachineConfig(
-                backend=TapBackend("kvq1", vhost=True), device_properties=PROPS, incoming=uri)),
+                backend=TapBackend("kvq1", vhost=True), device_properties=PROPS, incoming=uri,
+                binary=qemu)),
             uri,
         )
 
@@ -380,13 +389,13 @@ def migrate_once(
         src.kill()
 
 
-def trace_run(reps: int, verbose: bool) -> int:
+def trace_run(reps: int, verbose: bool, qemu: str) -> int:
     """Time the shim's part of the DRIVER_OK round trip message by message (see --trace)."""
     with netns.fresh("kvbench"), Rig() as rig:
         trace = rig.workdir / "shim.trace"
         port = rig.port("kvs0")
         shim = start_shim(rig, "shim-t", "kvs0", None, verbose=verbose, trace=trace)
-        m = rig.qemu("qemu-t", shim, legacy=False, properties=PROPS)
+        m = rig.qemu("qemu-t", shim, legacy=False, properties=PROPS, binary=qemu)
         drv = VirtioNetDriver.probe(m.qtest)
         windows = []
         for i in range(reps):
@@ -430,6 +439,12 @@ def trace_run(reps: int, verbose: bool) -> int:
     return 0
 
 
+def release_line(qemu: str) -> str:
+    out = subprocess.run([qemu, "--version"], capture_output=True, text=True, timeout=60,
+                         check=False)
+    return (out.stdout or out.stderr).splitlines()[0] if (out.stdout or out.stderr) else "?"
+
+
 def stats(values: list[float], scale: float = 1.0) -> str:
     v = [x * scale for x in values]
     return f"min {min(v):.2f} median {statistics.median(v):.2f} max {max(v):.2f}"
@@ -447,13 +462,20 @@ def main() -> int:
                              "C backend, the shim and native vhost")
     parser.add_argument("--trace", type=int, metavar="N", default=0,
                         help="diagnose instead: N DRIVER_OK writes, the last one traced")
+    parser.add_argument("--qemu", metavar="PATH", default=QEMU_BINARY,
+                        help=f"QEMU binary for every machine (default {QEMU_BINARY})")
     args = parser.parse_args()
     if args.reps < 1:
         parser.error("--reps must be at least 1")
+    qemu = args.qemu
+    if not (os.path.isfile(qemu) and os.access(qemu, os.X_OK)):
+        parser.error(f"--qemu {qemu}: no executable there (QEMU 10.0 is unpacked by "
+                     "scripts/install-deps into /opt/kvhost/qemu-10.0)")
+    print(f"QEMU: {qemu}: {release_line(qemu)}", flush=True)
     if args.trace:
-        return trace_run(args.trace, args.shim_verbose)
+        return trace_run(args.trace, args.shim_verbose, qemu)
     if args.floor:
-        return floor_run(args.reps)
+        return floor_run(args.reps, qemu)
     ok = True
     verbose = args.shim_verbose
     print(f"shims log at {'DEBUG (-v)' if verbose else 'INFO (the default)'}", flush=True)
@@ -462,10 +484,9 @@ def main() -> int:
         port_s = rig.port("kvs0")
         shim_a = start_shim(rig, "shim-a", "kvs0", None, verbose=verbose)
         print(f"shim serves {shim_a.served_version()}", flush=True)
-        m_s = rig.qemu("qemu-s", shim_a, legacy=False, properties=PROPS)
-        m_n = rig.machine(
-            "qemu-n", MachineConfig(backend=TapBackend("kvq0", vhost=True), device_properties=PROPS)
-        )
+        m_s = rig.qemu("qemu-s", shim_a, legacy=False, properties=PROPS, binary=qemu)
+        m_n = rig.machine("qemu-n", MachineConfig(
+            backend=TapBackend("kvq0", vhost=True), device_properties=PROPS, binary=qemu))
         netns.link_up("kvq0")
         port_n = TapPort("kvq0")
         starts = interleaved(
@@ -487,9 +508,9 @@ def main() -> int:
                             verbose=verbose)
 
         migrations = interleaved(
-            {"shim": functools.partial(migrate_once, shim_pairs(rig, shim_a, shim_b),
+            {"shim": functools.partial(migrate_once, shim_pairs(rig, shim_a, shim_b, qemu),
                                        shims=(shim_a, shim_b)),
-             "native": functools.partial(migrate_once, native_pairs(rig))},
+             "native": functools.partial(migrate_once, native_pairs(rig, qemu))},
             args.reps, warm_up=False,
         )
         s_total = [run[0] for run in migrations["shim"]]

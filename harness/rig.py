@@ -14,7 +14,7 @@ from types import TracebackType
 from harness import netns
 from harness.errors import ScenarioError
 from harness.frames import GUEST_MAC, PEER_MAC, frame
-from harness.qemu.machine import Machine, MachineConfig, VhostUserBackend
+from harness.qemu.machine import QEMU_BINARY, Machine, MachineConfig, VhostUserBackend
 from harness.qemu.virtio_pci import TX, VirtioNetDriver
 from harness.shim_process import SHIM_PROGRAM, ShimProcess
 
@@ -69,12 +69,14 @@ class Rig:
         return shim.start(timeout)
 
     def qemu(self, name: str, shim: ShimProcess, *, legacy: bool,
-             properties: dict[str, str] | None = None, incoming: str | None = None) -> Machine:
-        """Start QEMU with its vhost-user netdev on ``shim``'s socket."""
+             properties: dict[str, str] | None = None, incoming: str | None = None,
+             binary: str = QEMU_BINARY, machine: str = "pc") -> Machine:
+        """Start QEMU (``binary``, machine type ``machine``) with its vhost-user netdev on
+        ``shim``'s socket."""
         config = MachineConfig(
             backend=VhostUserBackend(shim.socket_path),
             device_properties=properties or {"mac": GUEST_MAC.hex(":")},
-            incoming=incoming, legacy=legacy,
+            incoming=incoming, legacy=legacy, binary=binary, machine=machine,
         )
         return self.machine(name, config)
 

@@ -367,6 +367,13 @@ def check_queues(doc: Document, version: ver.InterfaceVersion) -> None:
             )
 
 
+def emulator(doc: Document) -> str | None:
+    """The domain's ``<devices><emulator>`` path, if it names one: the QEMU that will run the
+    VM, so the one whose properties pin it (a fleet may carry several QEMU releases)."""
+    text = doc.root.findtext("devices/emulator")
+    return text.strip() if text and text.strip() else None
+
+
 def needs_qemu(doc: Document) -> bool:
     return any(nic.native for nic in interfaces(doc.root))
 

@@ -32,6 +32,10 @@ PROPERTY_BITS: tuple[tuple[str, str], ...] = tuple((b.qemu, b.name) for b in fb.
 #: virtio-net rx/tx_queue_size must be a power of two in this range (hw/net/virtio-net.c)
 QEMU_MIN_QUEUE_SIZE = 256
 QEMU_MAX_QUEUE_SIZE = 1024
+#: QEMU's TX ring for a tap peer (the vhost=on case these properties pin) is at most 256:
+#: 7.2 silently clamps a larger tx_queue_size to it, 10.0 refuses to start ("Invalid
+#: tx_queue_size (= 1024), must be a power of 2 between 256 and 256"). Both observed.
+QEMU_TAP_MAX_TX_QUEUE_SIZE = 256
 
 _PROP_LINE = re.compile(r"^\s+([A-Za-z0-9_.-]+)=<")
 
@@ -117,9 +121,11 @@ def device_properties(version: InterfaceVersion, available: Collection[str]) -> 
             f"{version.label} caps rings at {version.max_queue_size} entries but QEMU's "
             f"{DEVICE} rings are {QEMU_MIN_QUEUE_SIZE} to {QEMU_MAX_QUEUE_SIZE}"
         )
-    for prop in ("rx_queue_size", "tx_queue_size"):
-        if prop in available:
-            out.append(f"{prop}={size}")
+    if "rx_queue_size" in available:
+        out.append(f"rx_queue_size={size}")
+    if "tx_queue_size" in available:
+        # what 7.2 ran with anyway, so VMs pinned before keep their guest-visible ring size
+        out.append(f"tx_queue_size={min(size, QEMU_TAP_MAX_TX_QUEUE_SIZE)}")
     if not version.mtu and "host_mtu" in available:
         out.append("host_mtu=0")
     return out

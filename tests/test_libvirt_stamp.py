@@ -234,3 +234,18 @@ def test_metadata_lands_after_the_name_block() -> None:
     root = lv.parse(stamped((DATA / "native.xml").read_bytes(), V[5])).root
     assert [e.tag for e in root][:3] == ["name", "description", "metadata"]
     assert isinstance(ET.tostring(root), bytes)  # ElementTree itself still serialises it
+
+
+def test_cli_native_domain_asks_its_own_emulator(tmp_path: Path) -> None:
+    # without --qemu the domain's <emulator> is asked: a 7.2 there cannot offer USO, and the
+    # refusal names the property that QEMU lacks
+    host = manifest(tmp_path, "612.json", probe_612())
+    qemu = fake_qemu(tmp_path, ALL_PROPS - {"host_uso", "guest_uso4", "guest_uso6"})
+    xml = (DATA / "native.xml").read_bytes().replace(
+        b"<devices>", f"<devices>\n    <emulator>{qemu}</emulator>".encode(), 1)
+    done = stamp_cli("-", "--host-manifest", str(host), "--version", V[6], stdin=xml)
+    assert done.returncode == 2, done.stdout
+    assert "no host_uso property" in done.stderr.decode(), done.stderr
+    done = stamp_cli("-", "--host-manifest", str(host), "--version", V[5], stdin=xml)
+    assert done.returncode == 0, done.stderr
+    assert b"<qemu:property name='queue_reset' type='bool' value='false'/>" in done.stdout

@@ -29,7 +29,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -433,6 +433,27 @@ def _settled_stats(source: Machine, timeout: float) -> dict[str, Any]:
     return source.qmp.query_migrate()
 
 
+#: bytes/s while ``during_copy`` looks: slow enough that the RAM copy of a 64 MiB test guest
+#: (mostly zero pages, a few bytes each) lasts seconds, not milliseconds
+SLOW_BANDWIDTH = 64 * 1024
+FULL_BANDWIDTH = 1 << 40
+
+
+def _during_copy(source: Machine, call: Callable[[], None], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    try:
+        while (status := source.qmp.query_migrate().get("status")) != "active":
+            if status in ("completed", "failed", "cancelled"):
+                return  # nothing to look at: the caller reads the final status
+            if time.monotonic() > deadline:
+                raise QemuError(f"{source.name}: migration never became active in "
+                                f"{timeout} s (status {status!r})", stderr=source.stderr_text())
+            time.sleep(0.005)
+        call()
+    finally:
+        source.qmp.execute("migrate-set-parameters", {"max-bandwidth": FULL_BANDWIDTH})
+
+
 def migrate(
     source: Machine,
     uri: str,
@@ -440,6 +461,7 @@ def migrate(
     destination: Machine | None = None,
     return_path: bool = True,
     timeout: float = 120.0,
+    during_copy: Callable[[], None] | None = None,
 ) -> MigrationResult:
     """Live-migrate ``source`` to ``uri`` and wait for a final status (not raising on a
     ``failed`` migration: the result says so, with QEMU's ``error-desc``).
@@ -448,6 +470,11 @@ def migrate(
     ``destination`` (must be started with ``incoming``): then a destination that refuses
     the stream makes the source report ``failed`` instead of ``completed``. For ``exec:``
     URIs there is no destination machine and no return path.
+
+    ``during_copy``: called once while RAM is being copied (status ``active``: the dirty
+    log is on and the VM still runs, so its vhost backend is live), with the bandwidth held
+    low so that moment lasts; the moment to look at the source's logging. (Holding it at
+    ``pre-switchover`` would be too late: the VM and its vhost are stopped by then.)
 
     Raises QemuError when the migration reaches no final status in ``timeout`` seconds, or
     completes but its times are not settled within another ``timeout`` (see
@@ -460,8 +487,12 @@ def migrate(
     if destination is not None:
         destination.qmp.set_migration_capabilities(caps)
     source.qmp.set_migration_capabilities(caps)
+    if during_copy is not None:
+        source.qmp.execute("migrate-set-parameters", {"max-bandwidth": SLOW_BANDWIDTH})
     start = time.perf_counter()
     source.qmp.migrate(uri)
+    if during_copy is not None:
+        _during_copy(source, during_copy, timeout)
     info = source.qmp.wait_migration(timeout=timeout)
     wall = (time.perf_counter() - start) * 1e3
     if info.get("status") == "completed":

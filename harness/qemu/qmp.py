@@ -174,6 +174,16 @@ class QmpClient:
                                 **self._failure())
             time.sleep(poll)
 
+    def virtio_status(self, path: str = "/machine/peripheral/net0/virtio-backend"
+                      ) -> dict[str, Any]:
+        """``x-query-virtio-status`` of the device at QOM ``path``: the features QEMU's
+        device offers and the driver acked, and (``vhost-dev``) what QEMU gave its vhost
+        backend with SET_FEATURES (``acked-features``) and whether the dirty log is on."""
+        result = self.execute("x-query-virtio-status", {"path": path})
+        if not isinstance(result, dict):
+            raise QemuError(f"x-query-virtio-status returned {result!r}", **self._failure())
+        return result
+
     def query_status(self) -> str:
         """The run state (``running``, ``inmigrate``, ``postmigrate``, ...)."""
         result = self.execute("query-status")

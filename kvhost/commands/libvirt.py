@@ -44,8 +44,9 @@ def register(sub: Any) -> None:
         metavar="M.json",
         help=f"this host's manifest (default {mf.DEFAULT_PATH}, else probe the kernel)",
     )
-    s.add_argument("--qemu", default="qemu-system-x86_64",
-                   help="QEMU binary whose properties pin native interfaces")
+    s.add_argument("--qemu", default=None,
+                   help="QEMU binary whose properties pin native interfaces (default: the "
+                   "domain's <emulator>, else qemu-system-x86_64 on PATH)")
     s.add_argument("--force", action="store_true",
                    help="replace a different version already recorded in the domain")
     s.set_defaults(func=_stamp)
@@ -78,7 +79,8 @@ def _stamp(args: argparse.Namespace) -> int:
         why = lv.refusal(version, host)
         if why:
             raise VersionError(why)
-    available = qemu_args.available_properties(args.qemu) if lv.needs_qemu(doc) else None
+    qemu = args.qemu or lv.emulator(doc) or "qemu-system-x86_64"
+    available = qemu_args.available_properties(qemu) if lv.needs_qemu(doc) else None
     lv.stamp(doc, version, available, force=args.force, source=source)
     data = lv.serialize(doc)
     if args.output in (None, "-"):
