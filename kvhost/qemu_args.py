@@ -56,7 +56,9 @@ def available_properties(qemu: str = "qemu-system-x86_64") -> frozenset[str]:
             [qemu, "-nodefaults", "-machine", "none", "-device", f"{DEVICE},help"],
             capture_output=True,
             text=True,
-            timeout=30,
+            # listing properties starts QEMU's whole module system: seconds under emulation
+            # and load (a test VM under TCG exceeded 30 s once)
+            timeout=120,
             check=False,
         )
     except (OSError, subprocess.TimeoutExpired) as err:
