@@ -387,7 +387,7 @@ class _Hook:
         if self.init == "systemd":
             import subprocess
 
-            unit = f"kvhost-shim@{self._escape(name)}.service"
+            unit = f"{self._unit(name)}.service"
             done = subprocess.run(["systemctl", "show", "--property", "MainPID", "--value",
                                    unit], capture_output=True, text=True, check=False,
                                   timeout=30)  # fmt: skip
