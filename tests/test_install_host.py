@@ -340,7 +340,7 @@ def test_the_manifest_unit_is_installed_and_enabled_for_boot(installed: tuple[Pa
     root, out = installed
     unit = root / host.UNIT_DIR / vcmd.MANIFEST_UNIT
     words = shlex.split(setting(unit.read_text(), "ExecStart")[0])
-    assert words == [sys.executable, "-m", "kvhost.cli", "manifest", "--output",
+    assert words == [sys.executable, "-I", "-m", "kvhost.cli", "manifest", "--output",
                      str(mf.DEFAULT_PATH)]  # fmt: skip
     assert setting(unit.read_text(), "Type") == ["oneshot"]
     # /run is empty after a reboot and a static /dev/vhost-net node sends no event: the
