@@ -57,3 +57,14 @@ def kvhost_compat(*paths: Path) -> tuple[int, dict[str, Any]]:
     except json.JSONDecodeError as err:
         raise ScenarioError(f"kvhost compat printed no JSON ({err}): {run.stdout!r} "
                             f"{run.stderr!r}") from None
+
+
+def host_versions() -> list[versions.InterfaceVersion]:
+    """The versions this kernel serves, for parametrizing kernel-tier tests at collection;
+    empty on a host without vhost-net (where that tier is deselected, not skipped)."""
+    from kvhost.probe import probe
+
+    try:
+        return versions.supported(versions.host_offer(probe()))
+    except Exception:
+        return []

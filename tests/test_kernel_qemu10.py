@@ -39,6 +39,7 @@ from harness.device import (
     is_legacy,
 )
 from harness.frames import GUEST_MAC
+from harness.manifests import host_versions
 from harness.qemu import virtio_status as vs
 from harness.qemu.binaries import COMMON_MACHINE, QEMU_10, QEMU_72, label, require
 from harness.qemu.errors import QemuExited
@@ -62,15 +63,8 @@ MACHINE_FIXED = {"disable-modern": "off"}
 OBSERVED_10 = {"6.12.": 0x1C0010130BFFFA7}
 
 
-def _supported() -> list[versions.InterfaceVersion]:
-    # evaluated at collection, also on hosts without vhost-net (where the tier is deselected)
-    try:
-        return versions.supported(versions.host_offer(probe()))
-    except Exception:
-        return []
 
-
-SUPPORTED = _supported()
+SUPPORTED = host_versions()
 IDS = [v.label.rsplit(".", 1)[-1] for v in SUPPORTED]
 PAIRS = [(QEMU_72, QEMU_10), (QEMU_10, QEMU_72)]
 PAIR_IDS = ["7.2-to-10.0", "10.0-to-7.2"]

@@ -38,7 +38,7 @@ from harness.device import (
     is_legacy,
 )
 from harness.frames import GUEST_MAC
-from harness.manifests import capped_manifest, kvhost_compat
+from harness.manifests import capped_manifest, host_versions, kvhost_compat
 from harness.qemu.legacy_pci import LegacyVirtioNet
 from harness.qemu.machine import QEMU_BINARY, MachineConfig, TapBackend, migrate
 from harness.qemu.virtio_pci import RX, TX, DriverState
@@ -61,15 +61,8 @@ EVENT_IDX = features.mask(["EVENT_IDX"])
 INTERFACE = versions.INTERFACE_BITS | features.mask(["MTU"])
 
 
-def _host_versions() -> list[versions.InterfaceVersion]:
-    # evaluated at collection, also on hosts without vhost-net (where the tier is deselected)
-    try:
-        return versions.supported(versions.host_offer(probe()))
-    except Exception:
-        return []
 
-
-SUPPORTED = _host_versions()
+SUPPORTED = host_versions()
 IDS = [v.label.rsplit(".", 1)[-1] for v in SUPPORTED]
 
 #: device features the driver read through the shim, per version label (filled by the
