@@ -21,19 +21,16 @@ as soon as ``virsh start`` returns. Each repetition ends with ``virsh destroy``.
 domains alternate, so both see the same drift of the TCG machine. Prints the ratio
 (kvhost / native); no target, the number is reported.
 
-libvirt is set up as tests/test_kernel_libvirt.py does it (reference libvirt-in-test-vm.md);
+libvirt is set up by :mod:`harness.libvirtd`, as the kernel tier sets it up;
 ``start`` refuses to run outside the disposable test VM.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import resource
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -45,8 +42,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from harness.qemu.machine import DEVICE_SLOT, write_bios  # noqa: E402
-from harness.qemu.qtest import QtestClient  # noqa: E402
+from harness import libvirtd  # noqa: E402
+from harness.qemu.machine import DEVICE_SLOT  # noqa: E402
 from harness.qemu.virtio_pci import VirtioNetDriver  # noqa: E402
 from kvhost.commands import host as hostcmd  # noqa: E402
 
@@ -115,40 +112,6 @@ def hook_main(reps: int) -> int:
 
 # --- start -------------------------------------------------------------------------------
 
-VIRSH = ["virsh", "-c", "qemu:///system"]
-SOCKETS = Path("/run/kvhost")
-QEMU_CONF = ('user = "root"\ngroup = "root"\ndynamic_ownership = 0\nremember_owner = 0\n'
-             'security_driver = "none"\nnamespaces = [ ]\n'
-             # libvirt's default device ACL lacks the devices QEMU opens itself for
-             # -netdev tap,vhost=on (it passes fds for the interfaces it knows)
-             'cgroup_device_acl = [ "/dev/null", "/dev/full", "/dev/zero", "/dev/random",'
-             ' "/dev/urandom", "/dev/ptmx", "/dev/kvm", "/dev/net/tun", "/dev/vhost-net" ]\n')
-DOMAIN = """\
-<domain type='qemu' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>
-  <name>{name}</name>
-  <memory unit='MiB'>64</memory>
-  <memoryBacking><source type='memfd'/><access mode='shared'/></memoryBacking>
-  <vcpu>1</vcpu>
-  <os><type arch='x86_64' machine='pc'>hvm</type><loader type='rom'>{bios}</loader></os>
-  <devices>
-    <controller type='usb' model='none'/>
-{nic}    <video><model type='none'/></video>
-    <memballoon model='none'/>
-  </devices>
-  <qemu:commandline>
-    <qemu:arg value='-qtest'/><qemu:arg value='unix:{qtest},server=on,wait=off'/>
-    <qemu:arg value='-qtest-log'/><qemu:arg value='/dev/null'/>
-{extra}  </qemu:commandline>
-</domain>
-"""
-VHOSTUSER_NIC = f"""\
-    <interface type='vhostuser'>
-      <source type='unix' path='{{socket}}' mode='client'/>
-      <model type='virtio-non-transitional'/>
-      <rom enabled='no'/>
-      <address type='pci' domain='0' bus='0' slot='{DEVICE_SLOT}' function='0'/>
-    </interface>
-"""
 NATIVE_ARGS = """\
     <qemu:arg value='-netdev'/>
     <qemu:arg value='tap,id=kvb0,ifname={tap},script=no,downscript=no,vhost=on'/>
@@ -157,76 +120,37 @@ NATIVE_ARGS = """\
 """
 
 
-def sh(argv: list[str], timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{LIBVIRT_ENV['PATH']}")
-    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env,
-                          check=False)  # fmt: skip
-
-
 def must(argv: list[str], timeout: float = 300) -> str:
-    done = sh(argv, timeout)
+    done = libvirtd.sh(argv, timeout)
     if done.returncode:
         raise SystemExit(f"{' '.join(argv)} failed ({done.returncode}): {done.stderr.strip()}")
     return done.stdout
 
 
-def set_up_libvirt(work: Path) -> None:
-    """Users, directories, qemu.conf, the hook as install-host renders it, the daemons."""
-    for path, line in (("/etc/group", "libvirt-qemu:x:64055:"),
-                       ("/etc/passwd",
-                        "libvirt-qemu:x:64055:64055::/var/lib/libvirt:/usr/sbin/nologin")):
-        text = Path(path).read_text()
-        if "libvirt-qemu:" not in text:
-            Path(path).write_text(text + line + "\n")
-    for d in ("/var/lib/libvirt", "/var/cache/libvirt", "/var/log/libvirt", "/run/libvirt"):
-        Path(d).mkdir(parents=True, exist_ok=True)
-    Path("/etc/libvirt/qemu.conf").write_text(QEMU_CONF)
-    Path("/etc/libvirt/libvirtd.conf").write_text(
-        f'log_outputs = "3:file:{work}/libvirtd.log"\n')
-    stage = work / "stage"
-    must([sys.executable, "-m", "kvhost.cli", "install-host", "--root", str(stage)])
-    hook = Path("/") / hostcmd.HOOK_FILE
-    hook.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copy2(stage / hostcmd.HOOK_FILE, hook)
-    SOCKETS.mkdir(parents=True, exist_ok=True)
-    for daemon in ("virtlogd", "libvirtd"):
-        must([daemon, "--daemon"], timeout=60)
-    must([*VIRSH, "capabilities"])  # QEMU's capabilities probe: not part of any start
-
-
-def stop_daemons() -> None:
-    for pidfile in ("/run/libvirtd.pid", "/run/virtlogd.pid"):
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            os.kill(int(Path(pidfile).read_text().split()[0]), signal.SIGTERM)
-
-
-def define(work: Path, name: str, nic: str, extra: str) -> Path:
-    qtest = work / f"{name}.qtest"
+def define(work: Path, name: str, *, sock: Path | None = None,
+           extra_args: str = "") -> libvirtd.Driven:
+    domain = libvirtd.driven_domain(name, work, sock=sock, extra_args=extra_args)
     raw, xml = work / f"{name}-raw.xml", work / f"{name}.xml"
-    raw.write_text(DOMAIN.format(name=name, bios=work / "hlt.bin", nic=nic, qtest=qtest,
-                                 extra=extra))
-    if nic:  # stamped with this host's latest, as an operator would
+    raw.write_text(domain.xml)
+    if sock is not None:  # stamped with this host's latest, as an operator would
         must([sys.executable, "-m", "kvhost.cli", "libvirt", "stamp", str(raw), "-o", str(xml)])
     else:
         shutil.copy(raw, xml)
-    must([*VIRSH, "define", str(xml)])
-    return qtest
+    must([*libvirtd.VIRSH, "define", str(xml)])
+    return domain
 
 
-def start_to_driver_ok(name: str, qtest: Path) -> float:
+def start_to_driver_ok(domain: libvirtd.Driven) -> float:
     """virsh start, then the qtest guest driver to DRIVER_OK; seconds."""
     begin = time.perf_counter()
-    must([*VIRSH, "start", name])
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(60)
-    sock.connect(str(qtest))
-    client = QtestClient(sock)
+    must([*libvirtd.VIRSH, "start", domain.name])
+    client = domain.connect()
     try:
         VirtioNetDriver.probe(client).start()
         elapsed = time.perf_counter() - begin
     finally:
         client.close()
-    must([*VIRSH, "destroy", name])
+    must([*libvirtd.VIRSH, "destroy", domain.name])
     return elapsed
 
 
@@ -237,25 +161,26 @@ def start_main(reps: int) -> int:
               "--overlay-rwdir /var/lib -- python bench/bench_libvirt.py start)", file=sys.stderr)
         return 2
     work = Path(tempfile.mkdtemp(prefix="kvhost-bench-", dir="/var/tmp"))
-    write_bios(work / "hlt.bin")
-    set_up_libvirt(work)
-    try:
-        domains = {
-            "kvhost": ("kvb1", define(work, "kvb1", VHOSTUSER_NIC.format(
-                socket=SOCKETS / "kvb1.sock"), "")),
-            "native": ("kvb2", define(work, "kvb2", "", NATIVE_ARGS.format(
-                tap="kvbtap0", slot=DEVICE_SLOT))),
-        }  # fmt: skip
-        times: dict[str, list[float]] = {k: [] for k in domains}
-        for i in range(reps + 1):  # the first round warms caches and is not counted
-            order = list(domains) if i % 2 else list(reversed(domains))
-            for kind in order:
-                name, qtest = domains[kind]
-                t = start_to_driver_ok(name, qtest)
-                print(f"round {i}{' (warm-up)' if i == 0 else ''}: {kind}: {t * 1e3:.0f} ms",
-                      flush=True)
-                if i:
-                    times[kind].append(t)
+    with libvirtd.running(work, work / "stage"):
+        try:
+            domains = {
+                "kvhost": define(work, "kvb1", sock=libvirtd.SOCKETS / "kvb1.sock"),
+                "native": define(work, "kvb2", extra_args=NATIVE_ARGS.format(
+                    tap="kvbtap0", slot=DEVICE_SLOT)),
+            }  # fmt: skip
+            times: dict[str, list[float]] = {k: [] for k in domains}
+            for i in range(reps + 1):  # the first round warms caches and is not counted
+                order = list(domains) if i % 2 else list(reversed(domains))
+                for kind in order:
+                    t = start_to_driver_ok(domains[kind])
+                    print(f"round {i}{' (warm-up)' if i == 0 else ''}: {kind}: "
+                          f"{t * 1e3:.0f} ms", flush=True)
+                    if i:
+                        times[kind].append(t)
+        finally:
+            for name in ("kvb1", "kvb2"):
+                libvirtd.virsh("destroy", name)
+                libvirtd.virsh("undefine", name)
         k, n = statistics.median(times["kvhost"]), statistics.median(times["native"])
         print(f"virsh start -> guest driver at DRIVER_OK, median of {reps}:")
         print(f"  kvhost hook + shim (vhost-user): {k * 1e3:.0f} ms "
@@ -264,11 +189,6 @@ def start_main(reps: int) -> int:
               f"(min {min(times['native']) * 1e3:.0f}, max {max(times['native']) * 1e3:.0f})")
         print(f"  ratio kvhost / native: {k / n:.2f}")
         return 0
-    finally:
-        for name in ("kvb1", "kvb2"):
-            sh([*VIRSH, "destroy", name])
-            sh([*VIRSH, "undefine", name])
-        stop_daemons()
 
 
 def main() -> int:

@@ -23,15 +23,13 @@ from pathlib import Path
 import pytest
 from test_kernel_libvirt import (  # the one libvirtd fixture and domain of that tier
     RESULTS,
-    SOCKETS,
-    STATE,
     libvirtd,
     stamp_to_file,
     vhostuser_domain,
-    virsh,
 )
 
 from harness import netns as testns
+from harness.libvirtd import SOCKETS, STATE, virsh
 from harness.shim_process import ShimProcess
 from kvhost import cgroup
 from kvhost.libvirt_hook import _alive

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -30,88 +28,21 @@ from pathlib import Path
 import pytest
 from test_versions import V, probe_612
 
+from harness import libvirtd as libvirtd_harness
+from harness.libvirtd import PATH, SOCKETS, STATE, native_domain, sh, virsh
 from kvhost import libvirt as lv
 from kvhost import manifest as mf
 from kvhost import qemu_args
 from kvhost import versions as ver
-from kvhost.commands import host as hostcmd
 from kvhost.libvirt_hook import _alive, _listening
 
 pytestmark = [pytest.mark.kernel, pytest.mark.slow]
 
 RESULTS = Path(os.environ.get("KVHOST_RESULTS", "/var/tmp"))
-SOCKETS = Path("/run/kvhost")
-STATE = SOCKETS / "shim"
-#: libvirt probes QEMU twice when /bin and /usr/bin both lead to it (the reference)
-PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
-VIRSH = ["virsh", "-c", "qemu:///system"]
-QEMU_CONF = """\
-user = "root"
-group = "root"
-dynamic_ownership = 0
-remember_owner = 0
-security_driver = "none"
-namespaces = [ ]
-"""
-#: a TCG q35 domain; {backing} and {interface} are the parts the two kinds of NIC differ in
-_DOMAIN = """\
-<domain type='qemu'>
-  <name>{name}</name>
-  <memory unit='MiB'>128</memory>
-{backing}  <vcpu>1</vcpu>
-  <os>
-    <type arch='x86_64' machine='q35'>hvm</type>
-  </os>
-  <devices>
-    <controller type='usb' model='none'/>
-{interface}    <video>
-      <model type='none'/>
-    </video>
-    <memballoon model='none'/>
-  </devices>
-</domain>
-"""
-#: vhost-user needs guest RAM the shim can map
-_SHARED_MEMORY = """\
-  <memoryBacking>
-    <source type='memfd'/>
-    <access mode='shared'/>
-  </memoryBacking>
-"""
 
 
 def vhostuser_domain(name: str, socket: Path | str) -> str:
-    return _DOMAIN.format(name=name, backing=_SHARED_MEMORY, interface=f"""\
-    <interface type='vhostuser'>
-      <source type='unix' path='{socket}' mode='client'/>
-      <model type='virtio'/>
-      <rom enabled='no'/>
-    </interface>
-    <serial type='file'>
-      <source path='{RESULTS}/{name}.serial'/>
-      <target port='0'/>
-    </serial>
-""")
-
-
-def native_domain(name: str, tap: str) -> str:
-    return _DOMAIN.format(name=name, backing="", interface=f"""\
-    <interface type='ethernet'>
-      <target dev='{tap}' managed='no'/>
-      <model type='virtio'/>
-      <driver name='vhost'/>
-    </interface>
-""")
-
-
-def sh(argv: list[str], timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{PATH}")
-    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env,
-                          check=False)  # fmt: skip
-
-
-def virsh(*args: str) -> subprocess.CompletedProcess[str]:
-    return sh([*VIRSH, *args])
+    return libvirtd_harness.vhostuser_domain(name, socket, RESULTS)
 
 
 def stamp_to_file(tmp_path: Path, name: str, xml: str) -> tuple[Path, str]:
@@ -125,27 +56,6 @@ def stamp_to_file(tmp_path: Path, name: str, xml: str) -> tuple[Path, str]:
     return stamped, done.stderr
 
 
-def _append_once(path: Path, line: str) -> None:
-    text = path.read_text()
-    if line.split(":", 1)[0] + ":" not in text:
-        path.write_text(text + ("" if text.endswith("\n") else "\n") + line + "\n")
-
-
-def _kill_pidfile(path: Path) -> None:
-    try:
-        pid = int(path.read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return
-    try:
-        os.kill(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    for _ in range(100):
-        if not _alive(pid):
-            return
-        time.sleep(0.1)
-
-
 @pytest.fixture(scope="module")
 def libvirtd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     if not os.environ.get("KVHOST_IN_TESTVM"):
@@ -154,47 +64,11 @@ def libvirtd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         pytest.skip("runs only inside the disposable test VM: KVHOST_FORCE_VM=1 ./run-tests, "
                     "or python -m harness.testvm --overlay-rwdir /etc --overlay-rwdir /var/lib "
                     "-- python -m pytest -m kernel tests/test_kernel_libvirt.py")
-    for prog in ("libvirtd", "virtlogd", "virsh"):
-        if shutil.which(prog, path=PATH) is None:
-            pytest.fail(f"{prog} is not installed: run scripts/install-deps (it installs "
-                        "libvirt-daemon, libvirt-daemon-driver-qemu, libvirt-clients)",
-                        pytrace=False)
-    try:
-        Path("/etc/libvirt/.kvhost-write-check").touch()
-        Path("/etc/libvirt/.kvhost-write-check").unlink()
-        Path("/var/lib/libvirt").mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        pytest.fail(f"/etc or /var/lib is not writable ({err.strerror}): boot the test VM with "
-                    "--overlay-rwdir /etc --overlay-rwdir /var/lib", pytrace=False)
-    # libvirt resolves its build-time user even when qemu.conf says root; useradd cannot run
-    # here (virtme bind-mounts /etc/shadow)
-    _append_once(Path("/etc/group"), "libvirt-qemu:x:64055:")
-    _append_once(Path("/etc/passwd"),
-                 "libvirt-qemu:x:64055:64055::/var/lib/libvirt:/usr/sbin/nologin")
-    for d in ("/var/lib/libvirt", "/var/cache/libvirt", "/var/log/libvirt", "/run/libvirt"):
-        Path(d).mkdir(parents=True, exist_ok=True)
-    Path("/etc/libvirt/qemu.conf").write_text(QEMU_CONF)
-    log = RESULTS / "libvirtd.log"
-    Path("/etc/libvirt/libvirtd.conf").write_text(f'log_outputs = "3:file:{log}"\n')
-    # the hook, as install-host renders it for this installation; libvirtd reads hooks
-    # only when it starts
-    stage = tmp_path_factory.mktemp("stage")
-    done = sh([sys.executable, "-m", "kvhost.cli", "install-host", "--root", str(stage)])
-    assert done.returncode == 0, done.stderr
-    hook = Path("/") / hostcmd.HOOK_FILE
-    hook.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copy2(stage / hostcmd.HOOK_FILE, hook)
-    SOCKETS.mkdir(parents=True, exist_ok=True)
-    for daemon in ("virtlogd", "libvirtd"):
-        done = sh([daemon, "--daemon"], timeout=60)
-        assert done.returncode == 0, f"{daemon}: {done.stderr}"
-    try:
-        caps = virsh("capabilities")  # blocks until QEMU is probed (~26 s cold under TCG)
-        assert caps.returncode == 0, caps.stderr
+    why = libvirtd_harness.check_ready()
+    if why is not None:
+        pytest.fail(why, pytrace=False)
+    with libvirtd_harness.running(RESULTS, tmp_path_factory.mktemp("stage")) as hook:
         yield hook
-    finally:
-        _kill_pidfile(Path("/run/libvirtd.pid"))
-        _kill_pidfile(Path("/run/virtlogd.pid"))
 
 
 def _events(name: str) -> list[dict[str, object]]:
