@@ -17,7 +17,10 @@ starts with its syslog priority, ``<3>`` for an error down to ``<7>`` for debug 
 so ``journalctl -p err`` finds the shim's errors; anywhere else lines carry no prefix.
 
 Event names: ``listening``, ``accepted``, ``refused``, ``version``, ``closed``,
-``stopping``, ``tap``, ``privileges``, ``error``; per connection, what it did to the kernel
+``stopping``, ``stopped``, ``tap``, ``privileges``, ``error``; for the listener,
+``accept_paused`` (out of fds or memory: ``result`` ``paused: EMFILE`` and the like, logged
+once per shortage at error level; peers wait in the backlog) and ``accept_resumed``
+(``result`` ``resumed``, accepting again); per connection, what it did to the kernel
 device: ``features`` (each SET_FEATURES: ``features``; the first at info level, the
 rest debug), ``vring_base`` (``request`` GET_VRING_BASE -- a ring stopped, with ``took_us``,
 the time from the request to its reply being ready -- or, at debug, SET_VRING_BASE; ``vring``,
