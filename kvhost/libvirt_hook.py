@@ -4,7 +4,10 @@ libvirt runs ``/etc/libvirt/hooks/qemu.d/kvhost DOMAIN OP SUBOP EXTRA`` with the
 on stdin (``kvhost install-host`` writes that file; it execs this module). What each call
 does::
 
-    prepare begin    for every vhost-user interface whose socket is in /run/kvhost/: start
+    prepare begin    a recorded version must be servable here, for every kvhost interface
+                     (native vhost-net ones too, which have no shim: QEMU would otherwise
+                     start with a device this kernel cannot back); then for every
+                     vhost-user interface whose socket is in /run/kvhost/: start
                      kvhost-shim at the domain's recorded version (this host's latest, with
                      a warning, when none is recorded) and return once the socket listens
     migrate begin    the recorded version must be servable here, for every kvhost interface
@@ -111,6 +114,8 @@ def _relevant(op: str, data: bytes, opts: dict[str, str]) -> bool:
     """A cheap over-approximation of "kvhost has something to do for this domain"."""
     if op in ("migrate", "restore"):
         return KVHOST_NS in data
+    if op == "prepare" and KVHOST_NS in data:
+        return True  # a stamped native-only domain has no socket path, but is checked
     return (opts["--socket-dir"].rstrip("/") + "/").encode() in data
 
 
@@ -190,12 +195,14 @@ class _Hook:
                 if version is not None:
                     self.check(version, op)
                 return
+            if version is not None:
+                # before 'not shims' returns: a native <driver name='vhost'> interface is
+                # pinned to the version too, and this kernel's vhost-net must back it
+                self.check(version, "start")
             if not shims:
                 return
             if version is None:
                 version = self.unstamped()
-            else:
-                self.check(version, "start")
             for nic in shims:
                 self.start(self._name(nic), nic, version)
         except KvhostError as err:

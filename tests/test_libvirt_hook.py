@@ -381,3 +381,21 @@ def test_install_host_passes_a_non_default_manifest_to_the_hook(
     capsys.readouterr()
     last = shlex.split((root / hostcmd.HOOK_FILE).read_text().splitlines()[-1])
     assert last[-3:] == ["--manifest", "/var/lib/k.json", "$@"]
+
+
+def test_prepare_refuses_a_native_only_domain_this_host_cannot_serve(host: Host) -> None:
+    """A native <driver name='vhost'> interface has no shim, but QEMU's own vhost-net must
+    back the pinned device: prepare begin judges it like migrate and restore begin."""
+    xml = host.xml("native.xml", version=V[7])
+    assert b"/run/kvhost/" not in xml and str(host.sockets).encode() not in xml
+    done = host.run("prepare", "begin", xml, host.m61)
+    assert done.returncode == 1
+    (line,) = done.stderr.splitlines()
+    assert line.startswith(f"kvhost: VM vm1 cannot start: {host.m61}") and V[7] in line, line
+    assert "RING_RESET" in line, line
+    assert not host.state.exists()
+    for servable in (host.run("prepare", "begin", xml, host.m612),
+                     host.run("prepare", "begin", host.xml("native.xml", version=V[5]),
+                              host.m61)):  # fmt: skip
+        assert (servable.returncode, servable.stdout, servable.stderr) == (0, "", "")
+    assert not host.state.exists()
