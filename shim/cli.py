@@ -15,7 +15,8 @@ and running as ``--user``, the shim sends ``READY=1`` to ``NOTIFY_SOCKET`` when 
 Start-up order, so that everything privileged happens first and nothing is served before
 the shim runs as ``--user``: resolve names and check option combinations -> probe the host
 and choose the version -> check that the user can open the device nodes -> tap set-up (a
-persistent tap given to the user, :meth:`TapSpec.prepare`) -> socket (mode, owner, group)
+persistent tap given to the user, :meth:`TapSpec.prepare`; without ``--user``, an operator's
+``--tap`` attached once, :meth:`TapSpec.check`) -> socket (mode, owner, group)
 -> enter ``--netns`` -> drop privileges and verify -> open ``/dev/vhost-net`` once as the
 user -> serve. At exit (clean or not, once the tap is set up) the tap the shim created is
 deleted again, and an operator's tap gets back the owner and group it had.
@@ -339,6 +340,7 @@ def set_up(
     """The privileged part of the start-up, once every check has passed: under ``--user``
     the tap (:meth:`TapSpec.prepare`), then the socket, served with ``config(open_tap)``.
 
+    Without ``--user``, an operator's ``--tap`` must exist already (:meth:`TapSpec.check`).
     When the socket cannot be made, the prepared tap is released again (deleted if the
     shim created it); a failure to release it is logged, and the socket's error is the one
     raised. Raises UsageError / KernelError.
@@ -352,7 +354,9 @@ def set_up(
         mtu=args.mtu,
     )
     prepared = None
-    if who is not None:
+    if who is None:
+        spec.check()  # an operator's tap is opened per connection: is it there at all?
+    else:
         prepared = spec.prepare(who.uid, who.gid)
         what = (
             f"created: persistent, owner uid {who.uid}, no group"

@@ -62,6 +62,17 @@ class TapSpec:
             raise
         return tap
 
+    def check(self) -> None:
+        """Without ``--user``: attach to an existing tap once and let go, so that a missing
+        or unusable one fails the start-up instead of every connection's SET_OWNER (where
+        :meth:`open` would first meet it). A frontend whose connection fails reconnects at
+        once: QEMU's vhost-user netdev retries before its monitor answers, so libvirt's
+        ``virsh start`` would wait on it for ever. Nothing is configured (MTU, bridge: those
+        stay per connection). A tap the shim creates needs no check. Raises KernelError /
+        UsageError, as :meth:`open` would."""
+        if not self.create:
+            self._attach().close()
+
     def prepare(self, uid: int, gid: int) -> PreparedTap:
         """At start-up, as root: create (or open) the tap, apply MTU/bridge/up, and let
         ``uid``/``gid`` attach to it later without any capability.

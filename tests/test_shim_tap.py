@@ -174,3 +174,41 @@ def test_an_operators_tap_gets_its_owner_back_and_stays(
     assert ("group gid " in released["message"]) == (during[1] != before[1])
     refused = attach_as_shim_user(other_netns, "kvop0")
     assert "TUNSETIFF" in refused["error"] and errno.errorcode[errno.EPERM] in refused["error"]
+
+
+def plain_args(*argv: str) -> argparse.Namespace:
+    """Options of a shim that keeps its privileges (the libvirt hook's direct mode)."""
+    return build_parser().parse_args(list(argv))
+
+
+def test_without_user_a_missing_tap_fails_the_start_up_not_each_connection(
+    other_netns: str, tmp_path: Path
+) -> None:
+    """The tap is opened per connection without --user; a frontend whose SET_OWNER fails
+    reconnects at once (QEMU loops so before its monitor answers, and libvirt's 'virsh
+    start' waits for ever): the shim must not listen at all."""
+    sock = tmp_path / "vm.sock"
+    with pytest.raises(UsageError, match="no network interface named 'kvnotap0'"):
+        set_up(plain_args("--socket-path", str(sock), "--tap", "kvnotap0", "--netns",
+                          other_netns), config, None, None)  # fmt: skip
+    assert not sock.exists()
+    assert links(other_netns) == ["lo"]  # and it made none
+
+
+def test_without_user_an_existing_tap_is_checked_and_left_alone(
+    other_netns: str, tmp_path: Path
+) -> None:
+    testns.run(["ip", "-n", other_netns, "tuntap", "add", "dev", "kvop1", "mode", "tap"],
+               "creating the operator's tap")  # fmt: skip
+    before = owner_and_group(other_netns, "kvop1")
+    program = set_up(plain_args("--socket-path", str(tmp_path / "vm.sock"), "--tap", "kvop1",
+                                "--netns", other_netns), config, None, None)  # fmt: skip
+    try:
+        assert program.tap is None and (tmp_path / "vm.sock").exists()
+        # let go again: nothing holds it, and a frontend's connection attaches as before
+        assert owner_and_group(other_netns, "kvop1") == before
+        with kvnetns.inside(other_netns):
+            Tap.open("kvop1").close()
+    finally:
+        program.server.close()
+    assert "kvop1" in links(other_netns)
