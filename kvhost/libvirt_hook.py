@@ -34,7 +34,9 @@ Two ways to run the shim, chosen by ``--init`` (default ``auto``: systemd when i
 * **direct** (no systemd, e.g. the test VM): kvhost-shim in its own session, detached from
   libvirt's pipes, ``/run/kvhost/shim/NAME.pid`` and ``NAME.log`` (JSON lines) next to it;
   ``--tap`` comes from ``KVHOST_TAP`` in ``/etc/kvhost/shim/NAME.env`` when that exists,
-  else the shim makes its own tap.
+  else the shim makes its own tap. A shim that exits before it listens (a missing tap)
+  fails the start at once with its last log line (a JSON record's message) and leaves no
+  file.
 
 Most domains have no kvhost interface, and libvirt runs the hook for every one of them on
 every start and stop; so this module imports only ``os`` and ``sys`` until a byte search
@@ -316,7 +318,10 @@ class _Hook:
                 return None
             pid_file.unlink(missing_ok=True)
             tail = log_file.read_text(errors="replace").strip().splitlines()[-1:]
-            return f"kvhost-shim exited {proc.returncode}: {tail[0] if tail else 'no output'}"
+            # its reason goes into the refusal libvirt shows and logs: a shim that never
+            # served leaves no file (a served one's log stays, for after the VM)
+            log_file.unlink(missing_ok=True)
+            return f"kvhost-shim exited {proc.returncode}: {_message(tail[0] if tail else '')}"
 
         self._wait_listening(socket, f"kvhost-shim (log {log_file})", died)
 
@@ -452,6 +457,21 @@ class _Hook:
         done = subprocess.run(["systemctl", "is-failed", "--quiet", unit], check=False,
                               timeout=30)
         return f"{unit} failed; see 'journalctl -u {unit}'" if done.returncode == 0 else None
+
+
+def _message(line: str) -> str:
+    """The text of a shim log line: a ``--log-format json`` record's message (virsh shows
+    the hook's line to a person), any other line as it is."""
+    import json
+
+    if not line:
+        return "no output"
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return line
+    message = record.get("message") if isinstance(record, dict) else None
+    return message if isinstance(message, str) and message else line
 
 
 def _read_pid(path: Path) -> int | None:

@@ -178,6 +178,37 @@ def test_a_dead_shim_fails_the_start_with_its_last_line(host: Host) -> None:
     assert not (host.state / "vm1.pid").exists()
 
 
+def test_a_shim_refusing_its_tap_fails_the_start_with_its_message(host: Host) -> None:
+    """kvhost-shim without --user checks an operator's tap before it listens (a missing one
+    used to fail only each of QEMU's connections, and QEMU retried for ever under a waiting
+    'virsh start'); its JSON error line reaches virsh as the message alone."""
+    (host.config / "vm1.env").write_text("KVHOST_TAP=kvnotap0\n")
+    # the last lines kvhost-shim --log-format json writes for a tap that is not there
+    record = {"time": "2026-01-01T00:00:00.000Z", "level": "error", "event": "error",
+              "socket": None, "connection": None, "peer_pid": None, "peer_uid": None,
+              "peer_gid": None, "version": None, "result": "failed",
+              "message": "no network interface named 'kvnotap0' (refused by the kernel)"}
+    host.shim.write_text(
+        "import json, sys\n"
+        "args = sys.argv[1:]\n"
+        "assert args[args.index('--tap') + 1] == 'kvnotap0'\n"
+        f"print(json.dumps({record!r}), flush=True)\n"
+        "sys.exit(1)\n"
+    )
+    started = time.monotonic()
+    done = host.run("prepare", "begin", host.xml(version=V[5]), host.m61)
+    assert time.monotonic() - started < 15  # the hook's --timeout is 20: it saw the exit
+    assert done.returncode == 1
+    assert done.stderr.splitlines() == [
+        "kvhost: VM vm1: kvhost-shim exited 1: no network interface named 'kvnotap0' "
+        "(refused by the kernel)"
+    ]
+    assert not (host.state / "vm1.pid").exists() and not (host.sockets / "vm1.sock").exists()
+    assert not (host.state / "vm1.log").exists()  # its reason is in the line above
+    assert host.run("release", "end", host.xml(version=V[5]), host.m61).returncode == 0
+    assert list(host.state.iterdir()) == []
+
+
 def test_without_vhost_net_or_manifest_the_default_path_says_so(host: Host) -> None:
     if Path("/dev/vhost-net").exists() or Path("/run/kvhost/vhost-net.json").exists():
         pytest.skip("this host has vhost-net or a manifest: the probe path is not the error one")
