@@ -279,3 +279,129 @@ def running(results: Path, stage: Path) -> Iterator[Path]:
     finally:
         _kill_pidfile(Path("/run/libvirtd.pid"))
         _kill_pidfile(Path("/run/virtlogd.pid"))
+
+
+# --- a second libvirtd in the same test VM (live migration) ----------------------------------
+
+#: what instance B gets a private copy of, bind-mounted over the one instance A uses; its
+#: QEMUs, shims, sockets, hook state and manifest (all under /run) are B's own
+PRIVATE_DIRS = ("/run", "/etc/libvirt", "/var/lib/libvirt", "/var/log/libvirt",
+                "/var/cache/libvirt")
+#: B's host UUID: libvirt refuses to migrate to a daemon whose host UUID is its own
+HOST_UUID_B = "6b7661a1-7be2-4c8f-9f1e-00000000000b"
+
+
+@dataclass(frozen=True, slots=True)
+class Instance:
+    """Instance B: a libvirtd (and virtlogd) in a mount namespace of its own."""
+
+    base: Path
+    libvirtd_pid: int
+
+    def path(self, inside: str | Path) -> Path:
+        """Where B's ``inside`` (under one of PRIVATE_DIRS) is, seen from outside B."""
+        text = str(inside)
+        for d in sorted(PRIVATE_DIRS, key=len, reverse=True):
+            if text == d or text.startswith(d + "/"):
+                return self.base / d.strip("/").replace("/", "-") / text[len(d):].lstrip("/")
+        raise ValueError(f"{inside} is not in one of B's private directories {PRIVATE_DIRS}")
+
+    @property
+    def uri(self) -> str:
+        return f"qemu+unix:///system?socket={self.path('/run/libvirt/libvirt-sock')}"
+
+    def virsh(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+        return sh(["virsh", "-c", self.uri, *args], timeout=timeout)
+
+    def processes(self) -> dict[int, list[str]]:
+        """pid -> argv of every process in B's mount namespace (its daemons, QEMUs, shims):
+        A and B run the same programs with the same arguments, the namespace tells them
+        apart."""
+        want = _mount_ns(self.libvirtd_pid)
+        out: dict[int, list[str]] = {}
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit() and _mount_ns(int(entry.name)) == want:
+                try:
+                    argv = (entry / "cmdline").read_bytes().split(b"\0")
+                except OSError:
+                    continue
+                out[int(entry.name)] = [a.decode(errors="replace") for a in argv if a]
+        return out
+
+
+def _mount_ns(pid: int) -> str | None:
+    try:
+        return os.readlink(f"/proc/{pid}/ns/mnt")
+    except OSError:
+        return None
+
+
+@contextlib.contextmanager
+def second_instance(results: Path, base: Path, *, manifest: bytes | None = None,
+                    host_uuid: str = HOST_UUID_B) -> Iterator[Instance]:
+    """Start instance B while :func:`running` (instance A) runs, as the reference's verified
+    recipe does: A's /etc/libvirt (qemu.conf, kvhost's hook) and QEMU capability cache
+    copied into B's private directories, B's own ``host_uuid`` and log
+    (``results/libvirtd-b.log``), A's /run/libvirt still reachable inside B at
+    ``base/a-run-libvirt``; ``manifest`` becomes B's /run/kvhost/vhost-net.json, the
+    manifest B's hook judges versions by. Yields B; destroys B's domains and stops B's
+    daemons at the end."""
+    require_test_vm("a second libvirtd")
+    for d in PRIVATE_DIRS:
+        Instance(base, 0).path(d).mkdir(parents=True, exist_ok=True)
+    b = Instance(base, 0)
+    # domain definitions stay A's (*.xml): B must learn a domain only from a migration
+    shutil.copytree("/etc/libvirt", b.path("/etc/libvirt"), dirs_exist_ok=True, symlinks=True,
+                    ignore=shutil.ignore_patterns("*.xml", ".kvhost-*"))
+    b.path("/etc/libvirt/libvirtd.conf").write_text(
+        f'log_outputs = "3:file:{results}/libvirtd-b.log"\nhost_uuid = "{host_uuid}"\n')
+    # the same QEMU binary on the same kernel: A's probe is valid for B (26 s saved)
+    shutil.copytree("/var/cache/libvirt", b.path("/var/cache/libvirt"), dirs_exist_ok=True,
+                    symlinks=True)
+    for d in ("/run/libvirt", "/run/kvhost", "/var/log/libvirt/qemu"):
+        b.path(d).mkdir(parents=True, exist_ok=True)
+    if manifest is not None:
+        b.path(str(SOCKETS / "vhost-net.json")).write_bytes(manifest)
+    (base / "a-run-libvirt").mkdir(exist_ok=True)
+    mounts = [f"mount --bind /run/libvirt {base}/a-run-libvirt"]
+    mounts += [f"mount --bind {b.path(d)} {d}" for d in PRIVATE_DIRS]
+    script = "set -e\n" + "\n".join(mounts) + "\nvirtlogd --daemon\nlibvirtd --daemon\n"
+    sh(["ip", "link", "set", "lo", "up"])  # the migration stream goes over 127.0.0.1
+    done = sh(["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+              timeout=120)  # fmt: skip
+    try:
+        if done.returncode:
+            raise RuntimeError(f"instance B did not start: {done.stderr.strip()}")
+        pid = _read_pid_file(b.path("/run/libvirtd.pid"))
+        if pid is None:
+            raise RuntimeError(f"instance B's libvirtd wrote no {b.path('/run/libvirtd.pid')}")
+        b = Instance(base, pid)
+        caps = b.virsh("capabilities")
+        if caps.returncode:
+            raise RuntimeError(f"virsh -c {b.uri} capabilities: {caps.stderr.strip()}")
+        yield b
+    finally:
+        running_b = b.virsh("list", "--name").stdout.split() if b.libvirtd_pid else []
+        for name in running_b:
+            b.virsh("destroy", name)
+        _kill_pidfile(b.path("/run/libvirtd.pid"))
+        _kill_pidfile(b.path("/run/virtlogd.pid"))
+        # B's mounts go with its namespace, when its last process is gone
+
+
+def _read_pid_file(path: Path, timeout: float = 30.0) -> int | None:
+    """The pid in ``path`` once a daemonizing program has written it."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            return int(path.read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            time.sleep(0.1)
+    return None
+
+
+def migrate(name: str, b: Instance, *, port: int = 49152,
+            timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    """``virsh migrate --live`` NAME from instance A to B (the reference's command line)."""
+    return virsh("migrate", "--live", name, b.uri, "--migrateuri", f"tcp://127.0.0.1:{port}",
+                 "--listen-address", "127.0.0.1", timeout=timeout)
