@@ -17,6 +17,7 @@ they skip with that reason: they rewrite /etc/passwd and /etc/libvirt.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -34,6 +35,7 @@ from kvhost import libvirt as lv
 from kvhost import manifest as mf
 from kvhost import qemu_args
 from kvhost import versions as ver
+from kvhost.errors import VersionError
 from kvhost.libvirt_hook import _alive, _listening
 
 pytestmark = [pytest.mark.kernel, pytest.mark.slow]
@@ -240,3 +242,187 @@ def test_save_and_restore_go_through_the_hook(libvirtd: Path, tmp_path: Path) ->
     finally:
         virsh("destroy", name)
         virsh("undefine", name)
+
+
+# --- bad input (issue 15): each gets a clear line and leaves no process or file behind ----
+
+
+def _leftovers(name: str, sock: Path) -> list[str]:
+    """Whatever a domain's start left on this host: files, socket, processes naming it."""
+    files = [STATE / f"{name}.{ext}" for ext in ("pid", "env", "log")] + [sock]
+    found = [str(p) for p in files if p.exists()]
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        # the shim has the socket path in its argv, QEMU has guest=NAME
+        if str(sock).encode() in argv or any(a.startswith(f"guest={name},".encode())
+                                             for a in argv):  # fmt: skip
+            found.append(f"pid {entry.name}: {b' '.join(argv).decode(errors='replace')}")
+    return found
+
+
+def _refused_start(name: str, sock: Path, xml: str, tmp_path: Path,
+                   timeout: float = 120) -> str:
+    """Define ``xml``, ``virsh start`` it expecting the hook to refuse; the refusal as one
+    line. Asserts it came within ``timeout`` and left nothing."""
+    path = tmp_path / f"{name}-final.xml"
+    path.write_text(xml)
+    defined = virsh("define", str(path))
+    assert defined.returncode == 0, defined.stderr
+    try:
+        began = time.monotonic()
+        started = virsh("start", name, timeout=timeout)
+        took = time.monotonic() - began
+        (RESULTS / f"{name}-refused.txt").write_text(f"{took:.1f} s\n{started.stderr}")
+        assert started.returncode != 0, started.stdout
+        err = libvirtd_harness.one_line(started.stderr)
+        assert "Hook script execution failed" in err and f"{name} prepare begin -" in err, err
+        assert virsh("domstate", name).stdout.strip() == "shut off"
+        assert _leftovers(name, sock) == []
+        return err
+    finally:
+        virsh("destroy", name)
+        virsh("undefine", name)
+
+
+def _with_recorded(xml: bytes, text: str) -> str:
+    """``xml`` (stamped) with ``text`` as its recorded interface-version, as a hand edit."""
+    doc = lv.parse(xml)
+    net = doc.root.find(f"metadata/{{{lv.KVHOST_NS}}}net")
+    assert net is not None
+    net.set("interface-version", text)
+    return lv.serialize(doc).decode()
+
+
+@pytest.mark.parametrize(
+    ("slug", "text"),
+    [("malformed", "vhost-net:features=EVENT_IDX,queue-size"),
+     ("unknown", "org.kernel.vhost-net.v99")],
+)
+def test_a_bad_recorded_version_is_refused_at_start(
+    libvirtd: Path, tmp_path: Path, slug: str, text: str
+) -> None:
+    name = f"kvt5{slug[0]}"
+    sock = SOCKETS / f"{name}.sock"
+    stamped, _ = stamp_to_file(tmp_path, name, vhostuser_domain(name, sock))
+    edited = _with_recorded(stamped.read_bytes(), text)
+    with pytest.raises(VersionError) as why:  # what kvhost says of that text
+        lv.recorded_version(lv.parse(edited.encode()).root, f"domain {name}")
+    err = _refused_start(name, sock, edited, tmp_path)
+    assert f"kvhost: VM {name}: domain {name} records interface-version {text!r}: " in err, err
+    assert libvirtd_harness.one_line(f"kvhost: VM {name}: {why.value}") in err, err
+    assert ("is not key=value" if slug == "malformed" else "unknown interface version") in err
+
+
+def test_the_installed_hook_ignores_operations_it_does_not_handle(
+    libvirtd: Path, tmp_path: Path
+) -> None:
+    """Run as libvirt runs it (argv, the XML on stdin, libvirt's environment), for a stamped
+    kvhost domain: exit 0, no output, no file, no process."""
+    name, sock = "kvt6", SOCKETS / "kvt6.sock"
+    stamped, _ = stamp_to_file(tmp_path, name, vhostuser_domain(name, sock))
+    env = {"LC_ALL": "C", "PATH": PATH, "HOME": "/root"}
+    for op, subop in [("start", "begin"), ("stopped", "begin"), ("reconnect", "begin"),
+                      ("attach", "begin"), ("prepare", "end"), ("migrate", "end"),
+                      ("restore", "end"), ("started", "end"), ("release", "begin"),
+                      ("no-such-op", "sideways")]:  # fmt: skip
+        done = subprocess.run([str(libvirtd), name, op, subop, "-"],
+                              input=stamped.read_bytes(), env=env, cwd="/",
+                              capture_output=True, timeout=120, check=False)  # fmt: skip
+        assert (done.returncode, done.stdout, done.stderr) == (0, b"", b""), (op, subop, done)
+        assert _leftovers(name, sock) == [], (op, subop)
+
+
+def test_an_unstamped_domain_runs_at_latest_and_the_hook_says_so_once(
+    libvirtd: Path, tmp_path: Path
+) -> None:
+    """No kvhost metadata: served at this host's latest. The hook's warning (not
+    migration-safe, how to stamp) goes to syslog: libvirt drops a successful hook's stderr.
+    The test VM runs no syslog daemon, so this test is /dev/log for the start."""
+    import socket as socketlib
+
+    name, sock = "kvt7", SOCKETS / "kvt7.sock"
+    raw = tmp_path / f"{name}.xml"
+    raw.write_text(vhostuser_domain(name, sock))
+    assert lv.recorded(lv.parse(raw.read_bytes()).root) is None
+    assert not Path("/dev/log").exists(), "a syslog daemon runs: read its log instead"
+    log = socketlib.socket(socketlib.AF_UNIX, socketlib.SOCK_DGRAM)
+    log.bind("/dev/log")
+    assert virsh("define", str(raw)).returncode == 0
+    try:
+        started = virsh("start", name)
+        assert started.returncode == 0, started.stderr
+        pid = int((STATE / f"{name}.pid").read_text())
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        assert cmdline[cmdline.index(b"--interface-version") + 1] == V[5].encode()
+        log.settimeout(0.5)
+        lines = []
+        with contextlib.suppress(TimeoutError):
+            while True:
+                lines.append(log.recv(65536).decode(errors="replace"))
+        (RESULTS / f"{name}-syslog.txt").write_text("\n".join(lines))
+        warned = [line for line in lines if "records no interface version" in line]
+        assert len(warned) == 1, lines
+        (line,) = warned
+        assert "kvhost-hook" in line and f"VM {name} records no interface version" in line
+        assert f"{V[5]}, which is not migration-safe" in line, line
+        assert f"'virsh dumpxml --inactive {name} | kvhost libvirt stamp - -o {name}.xml'" \
+            in line  # fmt: skip
+        assert "records no interface version" not in (RESULTS / "libvirtd.log").read_text()
+        assert virsh("destroy", name).returncode == 0
+        for _ in range(100):
+            if not _alive(pid):
+                break
+            time.sleep(0.1)
+        assert not _alive(pid)
+    finally:
+        log.close()
+        Path("/dev/log").unlink(missing_ok=True)
+        virsh("destroy", name)
+        virsh("undefine", name)
+
+
+def test_a_shim_that_cannot_start_fails_virsh_start_promptly(
+    libvirtd: Path, tmp_path: Path
+) -> None:
+    """The operator's env file names a tap that does not exist. kvhost-shim (direct mode,
+    no --user) used to listen anyway and fail each of QEMU's connections at SET_OWNER;
+    QEMU's vhost-user netdev reconnects for ever before its monitor answers, and 'virsh
+    start' hung for over 300 s. Now the shim checks the tap before it listens."""
+    name, sock, tap = "kvt8", SOCKETS / "kvt8.sock", "kvnotap8"
+    config = Path("/etc/kvhost/shim")
+    config.mkdir(parents=True, exist_ok=True)
+    (config / f"{name}.env").write_text(f"KVHOST_TAP={tap}\n")
+    try:
+        stamped, _ = stamp_to_file(tmp_path, name, vhostuser_domain(name, sock))
+        began = time.monotonic()
+        err = _refused_start(name, sock, stamped.read_text(), tmp_path)
+        assert time.monotonic() - began < 90, err
+        assert (f"kvhost: VM {name}: kvhost-shim exited 2: no network interface named "
+                f"{tap!r}") in err, err
+    finally:
+        (config / f"{name}.env").unlink(missing_ok=True)
+
+
+def test_a_native_only_domain_this_kernel_cannot_serve_does_not_start(
+    libvirtd: Path, tmp_path: Path
+) -> None:
+    """No shim, no socket: prepare begin still judges a stamped native vhost-net domain."""
+    name, tap = "kvt9", "kvtap9"
+    assert sh(["ip", "tuntap", "add", "dev", tap, "mode", "tap"]).returncode == 0
+    try:
+        m612 = tmp_path / "612.json"
+        mf.write_atomic(m612, mf.encode(mf.build(probe_612())))
+        raw = tmp_path / f"{name}.xml"
+        raw.write_text(native_domain(name, tap))
+        xml = _stamp_stdin(raw.read_text(), "--manifest", str(m612))
+        assert lv.recorded(lv.parse(xml.encode()).root) == V[7]
+        err = _refused_start(name, Path("/nonexistent"), xml, tmp_path)
+        assert f"kvhost: VM {name} cannot start: this host (kernel " in err, err
+        assert f"cannot serve {V[7]}: " in err and "RING_RESET" in err, err
+    finally:
+        sh(["ip", "link", "del", tap])
