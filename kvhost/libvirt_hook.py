@@ -323,15 +323,15 @@ class _Hook:
             log_file.unlink(missing_ok=True)
             return f"kvhost-shim exited {proc.returncode}: {_message(tail[0] if tail else '')}"
 
-        self._wait_listening(socket, f"kvhost-shim (log {log_file})", died)
+        self._wait_listening(socket, f"kvhost-shim (log {log_file})", died, proc.pid)
 
     def _wait_listening(
-        self, socket: str, what: str, failed: Callable[[], str | None]
+        self, socket: str, what: str, failed: Callable[[], str | None], pid: int | None = None
     ) -> None:
         import time
 
         deadline = time.monotonic() + float(self.opts["--timeout"])
-        while not _listening(socket):
+        while not _listening(socket, pid):
             why = failed()
             if why:
                 _fail(f"VM {self.domain}: {why}")
@@ -504,18 +504,37 @@ def _alive(pid: int) -> bool:
 _ACCEPTCON = 0x10000
 
 
-def _listening(path: str) -> bool:
+def _listening(path: str, pid: int | None = None) -> bool:
     """True when a unix socket bound to ``path`` listens (read from /proc/net/unix, so
-    nothing connects to the shim and it logs no stray session)."""
+    nothing connects to the shim and it logs no stray session); with ``pid``, only a socket
+    that process holds. /proc/net/unix is per network namespace, not per mount namespace:
+    another libvirtd in a mount namespace of its own (a second instance on one host, a
+    container) may have a shim listening on the same path string, and QEMU here would
+    then connect before our shim has bound its socket."""
     try:
         with open("/proc/net/unix", "rb") as f:
             lines = f.read().splitlines()[1:]
     except OSError:
         return False
+    held: set[bytes] | None = None
+    if pid is not None:
+        held = set()
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            return False  # gone (or going): not listening
+        for fd in fds:
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue  # closed meanwhile
+            if target.startswith("socket:["):
+                held.add(target[8:-1].encode())
     want = path.encode()
     for line in lines:
         fields = line.split(None, 7)
-        if len(fields) == 8 and fields[7] == want and int(fields[3], 16) & _ACCEPTCON:
+        if (len(fields) == 8 and fields[7] == want and int(fields[3], 16) & _ACCEPTCON
+                and (held is None or fields[6] in held)):
             return True
     return False
 

@@ -209,6 +209,31 @@ def test_a_shim_refusing_its_tap_fails_the_start_with_its_message(host: Host) ->
     assert list(host.state.iterdir()) == []
 
 
+def test_the_hook_waits_for_its_own_shims_socket_not_the_path_string(host: Host) -> None:
+    """/proc/net/unix is per network namespace: another libvirtd's shim (a mount namespace of
+    its own, as in a second instance on one host) may listen on the same path string. The
+    hook must return only once *its* shim listens, or QEMU finds no socket file. Here an
+    unlinked listener keeps the path string, and the shim binds late."""
+    import socket as socketlib
+
+    sock = host.sockets / "vm1.sock"
+    other = socketlib.socket(socketlib.AF_UNIX, socketlib.SOCK_STREAM)
+    other.bind(str(sock))
+    other.listen()
+    sock.unlink()  # still in /proc/net/unix under that path, as the other namespace's is
+    try:
+        assert hook._listening(str(sock))
+        host.shim.write_text("import time\ntime.sleep(1.5)\n" + FAKE_SHIM)
+        xml = host.xml(version=V[5])
+        done = host.run("prepare", "begin", xml, host.m61)
+        assert done.returncode == 0, done.stderr
+        assert sock.exists()  # the shim's own, bound before the hook returned
+        assert hook._listening(str(sock), host.pid())
+        assert host.run("release", "end", xml, host.m61).returncode == 0
+    finally:
+        other.close()
+
+
 def test_without_vhost_net_or_manifest_the_default_path_says_so(host: Host) -> None:
     if Path("/dev/vhost-net").exists() or Path("/run/kvhost/vhost-net.json").exists():
         pytest.skip("this host has vhost-net or a manifest: the probe path is not the error one")
