@@ -27,8 +27,10 @@ the hook's judgement is the older host's. What is checked:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import shutil
 import sys
 import time
 from collections.abc import Iterator
@@ -211,7 +213,15 @@ def test_a_domain_pinned_to_the_compat_version_migrates_with_its_shim(
     hosts: Hosts, tmp_path: Path
 ) -> None:
     name, sock = "kvm3", SOCKETS / "kvm3.sock"
-    domain = lvd.driven_domain(name, tmp_path, sock=sock)
+    # the qtest socket and BIOS under /run, which each instance has privately: both QEMUs
+    # bind the same path string, and a QEMU unlinks its listening socket's path at exit, so
+    # under a shared /tmp A's exit would remove the socket B's QEMU listens on
+    work = Path("/run/kvhost-qtest")
+    work.mkdir(exist_ok=True)
+    domain = lvd.driven_domain(name, work, sock=sock)
+    hosts.b.path(work).mkdir(exist_ok=True)
+    shutil.copy(work / "hlt.bin", hosts.b.path(work / "hlt.bin"))
+    on_b = dataclasses.replace(domain, qtest=hosts.b.path(domain.qtest))
     # v4 has no VERSION_1: QEMU serves it only behind a device with a legacy interface, which
     # the qtest legacy driver plays (the harness's own domains are modern-only)
     xml = domain.xml.replace("'virtio-non-transitional'", "'virtio-transitional'")
@@ -260,7 +270,7 @@ def test_a_domain_pinned_to_the_compat_version_migrates_with_its_shim(
         assert not (STATE / f"{name}.pid").exists() and not (STATE / f"{name}.env").exists()
 
         # the driver carries on on B: same device status and queues, and the TX ring moves
-        client = domain.connect()
+        client = on_b.connect()
         try:
             moved = LegacyVirtioNet.attach(client, state)
             assert moved.status() & DRIVER_OK
