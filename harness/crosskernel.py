@@ -1,10 +1,11 @@
-"""Cross-kernel live migration: a VM started on Linux 6.12 moves to Linux 6.1 (issue 7).
+"""Cross-kernel live migration: a VM started on Linux 6.12 moves to Linux 6.1 (issues 7, 16).
 
 Debian 12 ships two kernels whose vhost-net differs: 6.12 adds RING_RESET (and the tap accepts
 USO). A guest that starts on 6.12 with QEMU's own vhost-net negotiates RING_RESET and cannot be
 loaded on 6.1 ("Features 0x... unsupported"). Pinning the VM to the interface version both
 hosts support (``kvhost compat``) makes the move work: natively with ``kvhost qemu-args``, or
-through ``kvhost-shim``.
+through ``kvhost-shim``. Debian's QEMU 7.2 shows that; QEMU 10.0 (issue 16) also gives a native
+guest the tap's USO on 6.12, and 6.1 refuses those bits too, as reported upstream.
 
 Theory of operation. The two kernels never run at the same time: QEMU migrates to a file
 (``exec:cat > FILE``) and loads it later (``-incoming defer`` + ``migrate-incoming
@@ -16,8 +17,9 @@ Theory of operation. The two kernels never run at the same time: QEMU migrates t
       per case, in a fresh network namespace:     kvhost compat (both manifests), before any load
         backend + QEMU, driver to DRIVER_OK,      per case, in a fresh network namespace:
         a frame each way, migrate to              backend + QEMU -incoming, load the stream,
-        <case>/stream, save driver state            RARP, attach the driver, rings resume,
-        -> <case>/source.json                       a frame each way -> <case>/destination.json
+        <case>/stream (dirty log read during        RARP, attach the driver, rings resume,
+        the copy), save driver state                a frame each way, QEMU's SET_FEATURES
+        -> <case>/source.json                       to vhost -> <case>/destination.json
 
 The VM's version is recorded before it starts (as management would). The source boots before
 the destination kernel has written a manifest in this run, so the host predicts the
@@ -25,12 +27,17 @@ destination's newest version from the registry's ``first_kernel`` annotations (d
 docs/versions.md); the destination phase then runs ``kvhost compat`` on both real manifests and
 the pinned cases fail unless it names exactly that version.
 
-Cases (:data:`CASES`): ``native-unpinned`` and ``shim-unpinned`` must fail to load with QEMU's
-"Features ... unsupported" naming only bits ``kvhost compat`` predicted missing;
-``native-pinned`` and ``shim-pinned`` must load, resume the rings at the saved indexes and move
-frames through 6.1's vhost-net; ``manifests``: different ``latest``, and 6.12 supports every
+Cases (:data:`CASES`, data: backend, pinned or not, QEMU binary, machine type):
+``native-unpinned``, ``shim-unpinned`` and ``native10-unpinned`` must fail to load with QEMU's
+"Features ... unsupported" refusing at least the case's ``refused`` bits (RING_RESET; with
+QEMU 10.0 also the USO bits) and only bits ``kvhost compat`` predicted missing;
+``native-pinned``, ``shim-pinned`` and ``native10-pinned`` must load, resume the rings at the
+saved indexes, move frames through 6.1's vhost-net, and 6.1's QEMU must have given its vhost
+backend SET_FEATURES with exactly the negotiated bits; every case's source must have had the
+dirty log on during the copy; ``manifests``: different ``latest``, and 6.12 supports every
 version 6.1 does. :func:`evaluate` judges collected results; ``python -m harness.crosskernel``
-runs everything and prints a report (exit 0 only when every case holds).
+runs everything (``run --case`` some cases) and prints a report (exit 0 only when every case
+holds).
 """
 
 from __future__ import annotations
