@@ -1,10 +1,11 @@
-"""Cross-kernel live migration: a VM started on Linux 6.12 moves to Linux 6.1 (issue 7).
+"""Cross-kernel live migration: a VM started on Linux 6.12 moves to Linux 6.1 (issues 7, 16).
 
 Debian 12 ships two kernels whose vhost-net differs: 6.12 adds RING_RESET (and the tap accepts
 USO). A guest that starts on 6.12 with QEMU's own vhost-net negotiates RING_RESET and cannot be
 loaded on 6.1 ("Features 0x... unsupported"). Pinning the VM to the interface version both
 hosts support (``kvhost compat``) makes the move work: natively with ``kvhost qemu-args``, or
-through ``kvhost-shim``.
+through ``kvhost-shim``. Debian's QEMU 7.2 shows that; QEMU 10.0 (issue 16) also gives a native
+guest the tap's USO on 6.12, and 6.1 refuses those bits too, as reported upstream.
 
 Theory of operation. The two kernels never run at the same time: QEMU migrates to a file
 (``exec:cat > FILE``) and loads it later (``-incoming defer`` + ``migrate-incoming
@@ -16,8 +17,9 @@ Theory of operation. The two kernels never run at the same time: QEMU migrates t
       per case, in a fresh network namespace:     kvhost compat (both manifests), before any load
         backend + QEMU, driver to DRIVER_OK,      per case, in a fresh network namespace:
         a frame each way, migrate to              backend + QEMU -incoming, load the stream,
-        <case>/stream, save driver state            RARP, attach the driver, rings resume,
-        -> <case>/source.json                       a frame each way -> <case>/destination.json
+        <case>/stream (dirty log read during        RARP, attach the driver, rings resume,
+        the copy), save driver state                a frame each way, QEMU's SET_FEATURES
+        -> <case>/source.json                       to vhost -> <case>/destination.json
 
 The VM's version is recorded before it starts (as management would). The source boots before
 the destination kernel has written a manifest in this run, so the host predicts the
@@ -25,12 +27,17 @@ destination's newest version from the registry's ``first_kernel`` annotations (d
 docs/versions.md); the destination phase then runs ``kvhost compat`` on both real manifests and
 the pinned cases fail unless it names exactly that version.
 
-Cases (:data:`CASES`): ``native-unpinned`` and ``shim-unpinned`` must fail to load with QEMU's
-"Features ... unsupported" naming only bits ``kvhost compat`` predicted missing;
-``native-pinned`` and ``shim-pinned`` must load, resume the rings at the saved indexes and move
-frames through 6.1's vhost-net; ``manifests``: different ``latest``, and 6.12 supports every
+Cases (:data:`CASES`, data: backend, pinned or not, QEMU binary, machine type):
+``native-unpinned``, ``shim-unpinned`` and ``native10-unpinned`` must fail to load with QEMU's
+"Features ... unsupported" refusing at least the case's ``refused`` bits (RING_RESET; with
+QEMU 10.0 also the USO bits) and only bits ``kvhost compat`` predicted missing;
+``native-pinned``, ``shim-pinned`` and ``native10-pinned`` must load, resume the rings at the
+saved indexes, move frames through 6.1's vhost-net, and 6.1's QEMU must have given its vhost
+backend SET_FEATURES with exactly the negotiated bits; every case's source must have had the
+dirty log on during the copy; ``manifests``: different ``latest``, and 6.12 supports every
 version 6.1 does. :func:`evaluate` judges collected results; ``python -m harness.crosskernel``
-runs everything and prints a report (exit 0 only when every case holds).
+runs everything (``run --case`` some cases) and prints a report (exit 0 only when every case
+holds).
 """
 
 from __future__ import annotations
@@ -46,12 +53,14 @@ import sys
 import time
 import traceback
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TextIO
 
 from harness import netns
 from harness.frames import TEST_ETHERTYPE
+from harness.qemu import virtio_status as vs
+from harness.qemu.binaries import QEMU_10, QEMU_72, require
 from harness.qemu.errors import QemuError, QemuExited
 from harness.qemu.machine import Machine, MachineConfig, TapBackend, VhostUserBackend, migrate
 from harness.qemu.virtio_pci import RX, TX, DriverState, VirtioNetDriver
@@ -73,7 +82,9 @@ FEATURES_ERROR = re.compile(
     r"Features (0x[0-9a-fA-F]+) unsupported\.\s*Allowed features: (0x[0-9a-fA-F]+)"
 )
 #: how long one QEMU/shim may take to come up in a TCG guest on a loaded 2-core machine
-START_TIMEOUT = 90.0
+#: (QEMU 10.0 loads more modules than 7.2 and starts slower; only a ceiling, a run that
+#: starts faster does not wait for it)
+START_TIMEOUT = 180.0
 FRAME_TIMEOUT = 10.0
 SCRATCH = Path("/run/kvhost-crosskernel")
 
@@ -87,13 +98,34 @@ class Case:
     pinned: bool
     expect_load: bool
     issue_case: int
+    #: the QEMU binary on both sides (one case never mixes releases: that is
+    #: tests/test_kernel_qemu10.py's subject, on one kernel)
+    qemu: str = QEMU_72
+    #: the machine type on both sides; a stream only loads at the type it was saved at
+    machine: str = "pc"
+    #: unpinned cases: bits the guest must negotiate on the source and the destination must
+    #: refuse (each also named by ``kvhost compat``'s reasons)
+    refused: tuple[str, ...] = ("RING_RESET",)
 
+
+#: Issue 16's QEMU 10.0 cases run 10.0 on both kernels at ``pc-q35-10.0``, named in full:
+#: ``q35`` is an alias a later QEMU moves to its own newest type, and the stream carries the
+#: concrete name. Not ``pc-q35-7.2`` (COMMON_MACHINE, for mixing 7.2 and 10.0): its compat
+#: properties switch USO off (hw_compat_8_1), which would hide the very bits the unpinned
+#: case is about.
+QEMU10_MACHINE = "pc-q35-10.0"
+#: what QEMU 10.0's native device shows on 6.12 beyond 6.1: the tap's USO (Linux 6.2) and
+#: vhost-net's RING_RESET (6.3), the bits of the upstream report
+QEMU10_REFUSED = ("RING_RESET", "GUEST_USO4", "GUEST_USO6", "HOST_USO")
 
 CASES: tuple[Case, ...] = (
     Case("native-unpinned", "native", False, False, 1),
     Case("native-pinned", "native", True, True, 2),
     Case("shim-unpinned", "shim", False, False, 3),
     Case("shim-pinned", "shim", True, True, 4),
+    Case("native10-unpinned", "native", False, False, 6, qemu=QEMU_10,
+         machine=QEMU10_MACHINE, refused=QEMU10_REFUSED),
+    Case("native10-pinned", "native", True, True, 7, qemu=QEMU_10, machine=QEMU10_MACHINE),
 )
 
 
@@ -200,9 +232,11 @@ def _device_properties(case: Case, pin: str | None) -> tuple[dict[str, str], lis
     if case.backend == "native" and case.pinned:
         if pin is None:
             raise UsageError("a pinned native case needs the pinned version")
-        # The same library call as ``kvhost qemu-args PIN`` (a Python start costs tens of
-        # seconds in a TCG guest on a loaded machine).
-        printed = qemu_args.device_properties(ver.parse(pin), qemu_args.available_properties())
+        # The same library call as ``kvhost qemu-args PIN --qemu BINARY`` (a Python start
+        # costs tens of seconds in a TCG guest on a loaded machine), asking the case's QEMU:
+        # 10.0's line also switches off the USO bits 7.2 has no properties for.
+        printed = qemu_args.device_properties(
+            ver.parse(pin), qemu_args.available_properties(case.qemu))
         for item in printed:
             key, _, value = item.partition("=")
             if key in MACHINE_FIXED:
@@ -219,8 +253,10 @@ def _backend(case: Case, pin: str | None, work: Path, log_dir: Path,
              side: str, r: dict[str, Any]) -> Iterator[tuple[MachineConfig, ShimProcess | None]]:
     """The QEMU configuration for ``case`` and, for shim cases, the running shim."""
     props, r["qemu_args"] = _device_properties(case, pin)
+    binary = require(case.qemu)
     if case.backend == "native":
-        yield MachineConfig(backend=TapBackend(TAP, vhost=True), device_properties=props), None
+        yield MachineConfig(backend=TapBackend(TAP, vhost=True), device_properties=props,
+                            binary=binary, machine=case.machine), None
         return
     # the shim takes an existing tap (--tap), as an operator's setup would give it one
     netns.create_tap(TAP)
@@ -230,7 +266,8 @@ def _backend(case: Case, pin: str | None, work: Path, log_dir: Path,
     try:
         shim.start(START_TIMEOUT)
         yield MachineConfig(backend=VhostUserBackend(shim.socket_path),
-                            device_properties=props), shim
+                            device_properties=props, binary=binary,
+                            machine=case.machine), shim
     finally:
         shim.stop()
         subprocess.run(["ip", "link", "del", TAP], capture_output=True, check=False)
@@ -257,6 +294,23 @@ def read_json(path: Path) -> Any:
 
 def _hex(value: int) -> str:
     return f"{value:#x}"
+
+
+def _qemu_release(machine: Machine) -> str:
+    """``major.minor.micro`` of the running QEMU, as it answers ``query-version``."""
+    q = (machine.qmp.execute("query-version") or {}).get("qemu") or {}
+    return f"{q.get('major')}.{q.get('minor')}.{q.get('micro')}"
+
+
+def _vhost_status(machine: Machine) -> dict[str, Any]:
+    """QEMU's own record of the device and its vhost backend (``x-query-virtio-status``):
+    what the guest negotiated, what QEMU's last SET_FEATURES gave the backend, the backend's
+    offer as QEMU keeps it, and whether the dirty log is on."""
+    status = machine.qmp.virtio_status()
+    return {"guest_features": _hex(vs.guest_features(status)),
+            "acked_features": _hex(vs.vhost_acked(status)),
+            "backend_features": _hex(vs.vhost_offered(status)),
+            "log_enabled": vs.log_enabled(status)}
 
 
 def _phase_case(case: Case, body: Callable[[dict[str, Any]], None],
@@ -330,6 +384,7 @@ def _source_case(case: Case, pin: str, case_dir: Path, r: dict[str, Any]) -> Non
         r["device_features"] = _hex(drv.state.device_features)
         r["driver_features"] = _hex(drv.state.driver_features)
         r["vhost"] = vhost_evidence(shim.pid if shim else machine.pid)
+        r["qemu_version"] = _qemu_release(machine)
         if shim is not None:
             r["shim_version"] = shim.served_version()
 
@@ -343,10 +398,18 @@ def _source_case(case: Case, pin: str, case_dir: Path, r: dict[str, Any]) -> Non
         _receive(drv, into)
         r["frames_before"] = {"tx": True, "rx": True}
 
+        r["vhost_status"] = _vhost_status(machine)
         stream = case_dir / "stream"
+        # The dirty log is the source's part of a migration whatever the transport: QEMU
+        # turns it on when RAM copying starts, into a file as over a socket. Looked at once
+        # while RAM is copied (migrate holds the bandwidth low until then).
+        logging: list[bool] = []
         with _timed(r, "migrate"):
-                result = migrate(machine, f"exec:cat > {shlex.quote(str(stream))}",
-                             return_path=False, timeout=300)
+            result = migrate(machine, f"exec:cat > {shlex.quote(str(stream))}",
+                             return_path=False, timeout=300,
+                             during_copy=lambda: logging.append(
+                                 vs.log_enabled(machine.qmp.virtio_status())))
+        r["log_during_copy"] = logging
         r["migration"] = {"status": result.status, "total_ms": result.total_ms,
                           "downtime_ms": result.downtime_ms, "setup_ms": result.setup_ms,
                           "wall_ms": round(result.wall_ms, 1), "error": result.error}
@@ -406,8 +469,7 @@ def _destination_case(case: Case, pin: str, case_dir: Path, r: dict[str, Any]) -
         with _timed(r, "backend"):
             config, shim = stack.enter_context(
                 _backend(case, pin, work, case_dir, "destination", r))
-        config = MachineConfig(backend=config.backend,
-                               device_properties=config.device_properties, incoming="defer")
+        config = replace(config, incoming="defer")
         r["device_properties"] = dict(config.device_properties)
         machine = Machine(config, name=f"destination-{case.name}")
         stack.callback(machine.kill)
@@ -420,6 +482,7 @@ def _destination_case(case: Case, pin: str, case_dir: Path, r: dict[str, Any]) -
             netns.link_up(TAP)
         port = netns.TapPort(TAP)  # bound before the load, so the self-announce is seen
         stack.callback(port.close)
+        r["qemu_version"] = _qemu_release(machine)
         if shim is not None:
             r["shim_version"] = shim.served_version()
 
@@ -458,6 +521,7 @@ def _destination_case(case: Case, pin: str, case_dir: Path, r: dict[str, Any]) -
         _receive(drv, into)
         r["frames_after"] = {"tx": True, "rx": True}
         r["vhost"] = vhost_evidence(shim.pid if shim else machine.pid)
+        r["vhost_status"] = _vhost_status(machine)
 
         r["qemu_exit"] = machine.stop()
         r["qemu_stderr"] = machine.stderr_text()
@@ -477,7 +541,8 @@ def _plan(state: Path) -> dict[str, Any]:
 # --- host side: boots, collection, verdicts, report -----------------------------------------
 
 
-def make_plan(source_kernel: str, destination_kernel: str, pin: str | None) -> dict[str, Any]:
+def make_plan(source_kernel: str, destination_kernel: str, pin: str | None,
+              cases: Sequence[Case] = CASES) -> dict[str, Any]:
     """The plan the host writes before the first boot (kernels resolved to images)."""
     from harness.testvm import find_kernel, kernel_release
 
@@ -493,18 +558,21 @@ def make_plan(source_kernel: str, destination_kernel: str, pin: str | None) -> d
         why = "given with --pin"
     return {"source_kernel": src, "destination_kernel": dst, "pin": chosen.label,
             "pin_spec": chosen.spec(), "pin_reason": why,
-            "cases": [c.name for c in CASES]}
+            "cases": [c.name for c in cases]}
 
 
 def run_scenario(state: Path, *, source_kernel: str = SOURCE_KERNEL,
                  destination_kernel: str = DESTINATION_KERNEL, pin: str | None = None,
-                 out: TextIO = sys.stdout) -> dict[str, Any]:
-    """Boot ``source_kernel`` then ``destination_kernel`` and return :func:`collect`'s
-    result (with boot exit statuses and times). UsageError for a missing kernel/tool."""
+                 cases: Sequence[Case] = CASES, out: TextIO = sys.stdout) -> dict[str, Any]:
+    """Boot ``source_kernel`` then ``destination_kernel``, run ``cases`` in each, and return
+    :func:`collect`'s result (with boot exit statuses and times). UsageError for a missing
+    kernel/tool."""
     from harness import testvm
 
     state.mkdir(parents=True, exist_ok=True)
-    plan = make_plan(source_kernel, destination_kernel, pin)
+    plan = make_plan(source_kernel, destination_kernel, pin, cases)
+    selected = [] if list(cases) == list(CASES) else [
+        arg for c in cases for arg in ("--case", c.name)]
     _write_json(state / "plan.json", plan)
     boots: dict[str, Any] = {}
     for phase, kernel in (("source", source_kernel), ("destination", destination_kernel)):
@@ -513,7 +581,8 @@ def run_scenario(state: Path, *, source_kernel: str = SOURCE_KERNEL,
               f"{sys.prefix})", file=out, flush=True)
         t0 = time.monotonic()
         rc = testvm.run([sys.executable, "-m", "harness.crosskernel", phase,
-                         "--state", str(state)], kernel=kernel, rwdirs=(str(state),), out=out)
+                         "--state", str(state), *selected], kernel=kernel,
+                        rwdirs=(str(state),), out=out)
         boots[phase] = {"exit": rc, "vm_s": round(time.monotonic() - t0, 1)}
         if rc != 0:
             print(f"[crosskernel] {phase} phase exited {rc}", file=out, flush=True)
@@ -523,11 +592,19 @@ def run_scenario(state: Path, *, source_kernel: str = SOURCE_KERNEL,
     return report
 
 
+def planned_cases(plan: Mapping[str, Any] | None) -> list[Case]:
+    """The cases a plan names (every case for a plan that names none)."""
+    names = (plan or {}).get("cases")
+    return [case_by_name(n) for n in names] if names else list(CASES)
+
+
 def collect(state: Path) -> dict[str, Any]:
-    """Everything both phases wrote, plus the verdicts (:func:`evaluate`)."""
+    """Everything both phases wrote for the planned cases, plus the verdicts
+    (:func:`evaluate`)."""
+    plan = read_json(state / "plan.json")
     report: dict[str, Any] = {
         "state": str(state),
-        "plan": read_json(state / "plan.json"),
+        "plan": plan,
         "boots": read_json(state / "boots.json"),
         "source": {"manifest": read_json(state / "source" / "manifest.json"),
                    "phase": read_json(state / "source" / "phase.json"),
@@ -537,7 +614,7 @@ def collect(state: Path) -> dict[str, Any]:
                         "done": read_json(state / "destination" / "done.json")},
         "cases": {c.name: {"source": read_json(state / c.name / "source.json"),
                            "destination": read_json(state / c.name / "destination.json")}
-                  for c in CASES},
+                  for c in planned_cases(plan)},
     }
     report["verdicts"] = {name: problems for name, problems in evaluate(report).items()}
     return report
@@ -567,7 +644,7 @@ def evaluate(report: Mapping[str, Any]) -> dict[str, list[str]]:
     compat = report["destination"].get("compat")
     compat_version = ((compat or {}).get("result") or {}).get("version")
     predicted = _missing_bits_named(compat)
-    for case in CASES:
+    for case in (case_by_name(name) for name in report["cases"]):
         p: list[str] = []
         src = report["cases"][case.name]["source"]
         dst = report["cases"][case.name]["destination"]
@@ -578,6 +655,9 @@ def evaluate(report: Mapping[str, Any]) -> dict[str, list[str]]:
             p.append(f"source failed: {src['error']}")
         elif src.get("migration", {}).get("status") != "completed":
             p.append(f"source migration did not complete: {src.get('migration')}")
+        elif src.get("log_during_copy") != [True]:
+            p.append(f"the source's dirty log while RAM was copied: "
+                     f"{src.get('log_during_copy')} (x-query-virtio-status log-enabled)")
         if dst is None:
             verdicts[case.name] = [*p, "the destination phase wrote no result"]
             continue
@@ -594,6 +674,9 @@ def evaluate(report: Mapping[str, Any]) -> dict[str, list[str]]:
                          f"VM was pinned to {pin} before it started")
             if drv_src & RING_RESET:
                 p.append("pinned source guest negotiated RING_RESET")
+            beyond = drv_src & ver.INTERFACE_BITS & ~ver.parse(pin).features if pin else 0
+            if beyond:
+                p.append(f"pinned source guest negotiated {fb.names(beyond)} beyond {pin}")
             if case.backend == "shim":
                 for side, r in (("source", src), ("destination", dst)):
                     if r.get("shim_version") != pin:
@@ -603,9 +686,10 @@ def evaluate(report: Mapping[str, Any]) -> dict[str, list[str]]:
             else:
                 p += _loaded_problems(src, dst)
         else:
-            if not drv_src & RING_RESET:
-                p.append(f"unpinned source guest did not negotiate RING_RESET "
-                         f"(device {dev:#x}, driver {drv_src:#x})")
+            must = fb.mask(case.refused)
+            if drv_src & must != must:
+                p.append(f"unpinned source guest did not negotiate "
+                         f"{fb.names(must & ~drv_src)} (device {dev:#x}, driver {drv_src:#x})")
             if dst.get("loaded"):
                 p.append("the unpinned stream loaded on the destination; expected QEMU's "
                          "'Features ... unsupported'")
@@ -619,13 +703,15 @@ def evaluate(report: Mapping[str, Any]) -> dict[str, list[str]]:
                 else:
                     carried, allowed = parsed
                     lacking = set(fb.names(carried & ~allowed))
-                    if "RING_RESET" not in lacking:
-                        p.append(f"QEMU refused {sorted(lacking)}, not RING_RESET")
+                    if not set(case.refused) <= lacking:
+                        p.append(f"QEMU refused {sorted(lacking)}, not all of "
+                                 f"{list(case.refused)}")
                     if not lacking <= predicted:
                         p.append(f"QEMU refused {sorted(lacking - predicted)} which kvhost "
                                  f"compat did not predict ({sorted(predicted)})")
-            if "RING_RESET" not in predicted:
-                p.append(f"kvhost compat did not name RING_RESET: {compat}")
+            if not set(case.refused) <= predicted:
+                p.append(f"kvhost compat did not name "
+                         f"{sorted(set(case.refused) - predicted)}: {compat}")
         verdicts[case.name] = p
     verdicts["manifests"] = _manifest_problems(report)
     return verdicts
@@ -647,6 +733,7 @@ def _loaded_problems(src: Mapping[str, Any], dst: Mapping[str, Any]) -> list[str
     if dst.get("device_features") != src.get("device_features"):
         p.append(f"device features changed: {src.get('device_features')} -> "
                  f"{dst.get('device_features')}")
+    p += _set_features_problems(src, dst)
     vhost = dst.get("vhost") or {}
     if not vhost.get("vhost_net_fds") or vhost.get("worker_tid") is None:
         p.append(f"destination traffic did not go through kernel vhost-net: {vhost}")
@@ -654,6 +741,26 @@ def _loaded_problems(src: Mapping[str, Any], dst: Mapping[str, Any]) -> list[str
         p.append(f"destination ran on {dst.get('kernel')}, not Linux 6.1")
     if dst.get("qemu_exit") != 0:
         p.append(f"destination QEMU exit {dst.get('qemu_exit')}: {dst.get('qemu_stderr')}")
+    return p
+
+
+def _set_features_problems(src: Mapping[str, Any], dst: Mapping[str, Any]) -> list[str]:
+    """The destination QEMU must have given 6.1's vhost backend exactly what the guest
+    negotiated on 6.12 (plumbing aside), as its x-query-virtio-status records."""
+    status = dst.get("vhost_status") or {}
+    negotiated = _features(status.get("guest_features"))
+    acked = _features(status.get("acked_features"))
+    offered = _features(status.get("backend_features"))
+    if negotiated is None or acked is None or offered is None:
+        return [f"no x-query-virtio-status record from the destination: {status}"]
+    p: list[str] = []
+    if negotiated != _features(src.get("driver_features")):
+        p.append(f"destination QEMU holds guest features {negotiated:#x}, the guest "
+                 f"negotiated {src.get('driver_features')}")
+    wrong = vs.acked_mismatch(negotiated, acked, offered)
+    if wrong:
+        p.append(f"destination SET_FEATURES {acked:#x} differs from the negotiated bits in "
+                 f"{fb.names(wrong)}")
     return p
 
 
@@ -694,23 +801,28 @@ def format_report(report: Mapping[str, Any]) -> str:
     for reason in compat.get("reasons", []):
         lines.append(f"    {reason}")
     verdicts = report.get("verdicts") or {}
-    for case in CASES:
+    for case in (case_by_name(name) for name in report["cases"]):
         src = report["cases"][case.name]["source"] or {}
         dst = report["cases"][case.name]["destination"] or {}
         ok = not verdicts.get(case.name)
         mig = src.get("migration") or {}
         drv = _features(src.get("driver_features"))
-        head = f"  [{'PASS' if ok else 'FAIL'}] {case.issue_case}. {case.name}"
+        head = (f"  [{'PASS' if ok else 'FAIL'}] {case.issue_case}. {case.name} "
+                f"(QEMU {src.get('qemu_version')}, {case.machine})")
         if drv is not None:
-            head += f": guest negotiated {drv:#x} ({', '.join(fb.names(drv))})"
+            head += (f": device offered {src.get('device_features')}, guest negotiated "
+                     f"{drv:#x} ({', '.join(fb.names(drv))})")
         lines.append(head)
         lines.append(f"      source: migration {mig.get('status')} (QEMU: total "
                      f"{mig.get('total_ms')} ms, downtime {mig.get('downtime_ms')} ms; wall "
-                     f"{mig.get('wall_ms')} ms), stream {src.get('stream_bytes')} bytes")
+                     f"{mig.get('wall_ms')} ms), stream {src.get('stream_bytes')} bytes, "
+                     f"dirty log during the copy {src.get('log_during_copy')}")
         if dst.get("loaded"):
+            status = dst.get("vhost_status") or {}
             lines.append(f"      destination: loaded in {dst.get('load_ms')} ms, rings resumed "
                          f"at {dst.get('resumed_used')}, frames after migration "
-                         f"{dst.get('frames_after')}, vhost worker {dst.get('vhost')}")
+                         f"{dst.get('frames_after')}, vhost worker {dst.get('vhost')}, "
+                         f"SET_FEATURES {status.get('acked_features')}")
         elif dst:
             err = parse_features_error(dst.get("qemu_stderr") or "")
             refused = fb.names(err[0] & ~err[1]) if err else None
@@ -750,12 +862,15 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--source-kernel", default=SOURCE_KERNEL)
     run.add_argument("--destination-kernel", default=DESTINATION_KERNEL)
     run.add_argument("--json", action="store_true", help="print the report as JSON")
+    run.add_argument("--case", action="append", help="only this case (repeatable; the "
+                     "report then judges only these)")
     plan = sub.add_parser("plan", help="only write STATE/plan.json (for running the phases "
                           "by hand with harness.testvm)")
     plan.add_argument("--state", required=True)
     plan.add_argument("--pin")
     plan.add_argument("--source-kernel", default=SOURCE_KERNEL)
     plan.add_argument("--destination-kernel", default=DESTINATION_KERNEL)
+    plan.add_argument("--case", action="append", help="only this case (repeatable)")
     for name, text in (("source", "inside the VM booted on the source kernel"),
                        ("destination", "inside the VM booted on the destination kernel"),
                        ("report", "print the report of an earlier run")):
@@ -767,15 +882,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     command = args.command or "run"
     try:
+        cases = [case_by_name(n) for n in args.case] if getattr(args, "case", None) \
+            else list(CASES)
         if command in ("source", "destination"):
-            cases = [case_by_name(n) for n in args.case] if args.case else list(CASES)
             state = Path(args.state)
             phase = run_source if command == "source" else run_destination
             return phase(state, cases)
         if command == "plan":
             plan_path = Path(args.state) / "plan.json"
             _write_json(plan_path, make_plan(args.source_kernel, args.destination_kernel,
-                                             args.pin))
+                                             args.pin, cases))
             print(f"wrote {plan_path}")
             return 0
         if command == "report":
@@ -788,7 +904,7 @@ def main(argv: list[str] | None = None) -> int:
             report = run_scenario(
                 state, source_kernel=getattr(args, "source_kernel", SOURCE_KERNEL),
                 destination_kernel=getattr(args, "destination_kernel", DESTINATION_KERNEL),
-                pin=getattr(args, "pin", None))
+                pin=getattr(args, "pin", None), cases=cases)
         if getattr(args, "json", False):
             print(json.dumps(report, indent=1))
         else:

@@ -5,6 +5,7 @@ which QEMU only puts behind a legacy device) that drives it."""
 from __future__ import annotations
 
 from harness.frames import GUEST_MAC
+from harness.qemu import virtio_status as vs
 from harness.qemu.legacy_pci import LegacyVirtioNet
 from harness.qemu.machine import Machine
 from harness.qemu.virtio_pci import DriverState, VirtioNetDriver
@@ -37,7 +38,7 @@ VHOST_USER_MASKED = features.mask(
 #: legacy-only bits: a modern (VERSION_1) device hides them from the driver
 LEGACY_ONLY = features.mask(["NOTIFY_ON_EMPTY", "ANY_LAYOUT"])
 #: plumbing bits in SET_FEATURES that are not part of the interface
-PLUMBING = features.PROTOCOL_FEATURES | features.LOG_ALL
+PLUMBING = vs.PLUMBING
 VERSION_1 = features.mask(["VERSION_1"])
 #: control-queue bits the qtest drivers accept when asked to take every version bit: MQ
 #: needs CTRL_VQ; the driver never sets up the control queue, and QEMU never needs it

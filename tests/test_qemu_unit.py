@@ -14,9 +14,11 @@ from pathlib import Path
 import pytest
 
 from harness.qemu import machine, qmp, qtest, virtio_pci
+from harness.qemu import virtio_status as vs
 from harness.qemu.errors import QemuError, QemuExited, QmpError, QtestError
 from harness.qemu.machine import MachineConfig, TapBackend, VhostUserBackend
 from harness.qemu.virtio_pci import DriverState, QueueState
+from kvhost import features as fb
 from kvhost.errors import UsageError
 
 PATHS = {"bios": "/w/bios.bin", "qtest": "/w/qtest.sock", "qmp": "/w/qmp.sock"}
@@ -364,3 +366,14 @@ def test_migration_stats_that_never_settle_are_an_error_not_zeros() -> None:
     assert "not 'postmigrate', after 0.2 s" in text
     assert err.value.stderr == "qemu: the last thing it said\n"
     assert source.qmp.migrate_queries == 0
+
+
+# -- x-query-virtio-status ------------------------------------------------------------------
+def test_acked_mismatch_ignores_plumbing_and_bits_the_backend_never_offered() -> None:
+    negotiated = fb.mask(["VERSION_1", "MRG_RXBUF", "CTRL_VQ"])
+    offered = fb.mask(["VERSION_1", "MRG_RXBUF"]) | fb.LOG_ALL
+    # CTRL_VQ is QEMU's own (not the backend's); LOG_ALL is QEMU's plumbing
+    acked = fb.mask(["VERSION_1", "MRG_RXBUF"]) | fb.LOG_ALL
+    assert vs.acked_mismatch(negotiated, acked, offered) == 0
+    # a backend left without MRG_RXBUF reads a 10-byte header where the guest writes 12
+    assert vs.acked_mismatch(negotiated, fb.mask(["VERSION_1"]), offered) == fb.bit("MRG_RXBUF")

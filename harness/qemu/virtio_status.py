@@ -18,6 +18,9 @@ from kvhost.errors import KvhostError
 #: QEMU's names that differ from kvhost's (features.json)
 _RENAMED = {"IOMMU_PLATFORM": "ACCESS_PLATFORM"}
 _PREFIXES = ("VIRTIO_NET_F_", "VIRTIO_RING_F_", "VIRTIO_F_", "VHOST_USER_F_", "VHOST_F_")
+#: bits QEMU adds to SET_FEATURES for its own plumbing (vhost-user protocol features, the
+#: dirty log): never negotiated with the guest, so left out when the two are compared
+PLUMBING = fb.PROTOCOL_FEATURES | fb.LOG_ALL
 
 
 def _bit(entry: str) -> int:
@@ -71,3 +74,11 @@ def guest_features(status: Mapping[str, Any]) -> int:
 
 def log_enabled(status: Mapping[str, Any]) -> bool:
     return bool(vhost_dev(status).get("log-enabled"))
+
+
+def acked_mismatch(negotiated: int, acked: int, offered: int) -> int:
+    """The bits by which QEMU's SET_FEATURES to its vhost backend (``acked``, plumbing aside)
+    differs from what the guest ``negotiated`` within the backend's offer (``offered``): 0
+    when the backend got exactly the negotiated bits. After a migration a difference is
+    silent breakage (a vnet header size the backend does not use drops every frame)."""
+    return (acked & ~PLUMBING) ^ (negotiated & offered & ~PLUMBING)
