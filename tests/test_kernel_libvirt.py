@@ -58,17 +58,22 @@ def stamp_to_file(tmp_path: Path, name: str, xml: str) -> tuple[Path, str]:
     return stamped, done.stderr
 
 
-@pytest.fixture(scope="module")
-def libvirtd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+def require_libvirt_vm(test_file: str) -> None:
+    """Skip outside the disposable test VM (these tests rewrite /etc/passwd and /etc/libvirt
+    and start their own libvirtd: never on a real host, whose vhost-net lets the kernel
+    tier run outside the VM); inside it, fail saying what is missing."""
     if not os.environ.get("KVHOST_IN_TESTVM"):
-        # it rewrites /etc/passwd, /etc/libvirt and starts its own libvirtd: never on a
-        # real host, whose vhost-net lets the kernel tier run outside the VM
         pytest.skip("runs only inside the disposable test VM: KVHOST_FORCE_VM=1 ./run-tests, "
                     "or python -m harness.testvm --overlay-rwdir /etc --overlay-rwdir /var/lib "
-                    "-- python -m pytest -m kernel tests/test_kernel_libvirt.py")
+                    f"-- python -m pytest -m kernel {test_file}")
     why = libvirtd_harness.check_ready()
     if why is not None:
         pytest.fail(why, pytrace=False)
+
+
+@pytest.fixture(scope="module")
+def libvirtd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    require_libvirt_vm("tests/test_kernel_libvirt.py")
     with libvirtd_harness.running(RESULTS, tmp_path_factory.mktemp("stage")) as hook:
         yield hook
 

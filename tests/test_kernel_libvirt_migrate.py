@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from test_kernel_libvirt import require_libvirt_vm
 from test_versions import BASIC_OFFLOADS, V, probe_json
 
 from harness import device
@@ -70,13 +71,7 @@ class Hosts:
 
 @pytest.fixture(scope="module")
 def hosts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hosts]:
-    if not os.environ.get("KVHOST_IN_TESTVM"):
-        pytest.skip("runs only inside the disposable test VM: python -m harness.testvm "
-                    "--overlay-rwdir /etc --overlay-rwdir /var/lib -- python -m pytest -m "
-                    "kernel tests/test_kernel_libvirt_migrate.py")
-    why = lvd.check_ready()
-    if why is not None:
-        pytest.fail(why, pytrace=False)
+    require_libvirt_vm("tests/test_kernel_libvirt_migrate.py")
     work = tmp_path_factory.mktemp("migrate")
     older = probe.Probe.from_json(probe_json(OLDER_RELEASE, OLDER_VHOST_FEATURES,
                                              BASIC_OFFLOADS))  # fmt: skip
