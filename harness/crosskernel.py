@@ -330,8 +330,10 @@ def _phase_case(case: Case, body: Callable[[dict[str, Any]], None],
     return result
 
 
-def run_source(state: Path, cases: Sequence[Case], out: TextIO = sys.stdout) -> int:
-    """The 6.12 side: manifest, then per case backend + QEMU, traffic, migrate to a file."""
+def run_source(state: Path, cases: Sequence[Case], out: TextIO = sys.stdout, *,
+               libvirt: bool = True) -> int:
+    """The 6.12 side: manifest, then per case backend + QEMU, traffic, migrate to a file;
+    then (``libvirt``) the same story through libvirt (:mod:`harness.crosskernel_libvirt`)."""
     plan = _plan(state)
     pin = str(plan["pin"])
     t0 = time.monotonic()
@@ -353,6 +355,10 @@ def run_source(state: Path, cases: Sequence[Case], out: TextIO = sys.stdout) -> 
 
         result = _phase_case(case, body, out)
         _write_json(case_dir / "source.json", result)
+    if libvirt:
+        from harness import crosskernel_libvirt
+
+        crosskernel_libvirt.run_source(state, pin, out)
     _write_json(state / "source" / "done.json", {"wall_s": round(time.monotonic() - t0, 2)})
     return 0
 
@@ -425,8 +431,10 @@ def _source_case(case: Case, pin: str, case_dir: Path, r: dict[str, Any]) -> Non
             r["shim_stderr"] = shim.log_text()
 
 
-def run_destination(state: Path, cases: Sequence[Case], out: TextIO = sys.stdout) -> int:
-    """The 6.1 side: manifest, compat over both, then per case load the stream and go on."""
+def run_destination(state: Path, cases: Sequence[Case], out: TextIO = sys.stdout, *,
+                    libvirt: bool = True) -> int:
+    """The 6.1 side: manifest, compat over both, then per case load the stream and go on;
+    then (``libvirt``) virsh restore of what the source's libvirt part saved."""
     plan = _plan(state)
     t0 = time.monotonic()
     src_manifest = state / "source" / "manifest.json"
@@ -450,6 +458,10 @@ def run_destination(state: Path, cases: Sequence[Case], out: TextIO = sys.stdout
 
         result = _phase_case(case, body, out)
         _write_json(case_dir / "destination.json", result)
+    if libvirt:
+        from harness import crosskernel_libvirt
+
+        crosskernel_libvirt.run_destination(state, pin, out)
     _write_json(state / "destination" / "done.json", {"wall_s": round(time.monotonic() - t0, 2)})
     return 0
 
@@ -580,9 +592,10 @@ def run_scenario(state: Path, *, source_kernel: str = SOURCE_KERNEL,
               f"(pinned cases use {plan['pin']}; python {sys.executable}, prefix "
               f"{sys.prefix})", file=out, flush=True)
         t0 = time.monotonic()
+        # /etc and /var/lib writable (in the VM only) for libvirt: harness.libvirtd
         rc = testvm.run([sys.executable, "-m", "harness.crosskernel", phase,
                          "--state", str(state), *selected], kernel=kernel,
-                        rwdirs=(str(state),), out=out)
+                        rwdirs=(str(state),), overlay_rwdirs=("/etc", "/var/lib"), out=out)
         boots[phase] = {"exit": rc, "vm_s": round(time.monotonic() - t0, 1)}
         if rc != 0:
             print(f"[crosskernel] {phase} phase exited {rc}", file=out, flush=True)
@@ -616,6 +629,9 @@ def collect(state: Path) -> dict[str, Any]:
                            "destination": read_json(state / c.name / "destination.json")}
                   for c in planned_cases(plan)},
     }
+    from harness import crosskernel_libvirt
+
+    report["libvirt"] = crosskernel_libvirt.collect(state)
     report["verdicts"] = {name: problems for name, problems in evaluate(report).items()}
     return report
 
@@ -714,6 +730,10 @@ def evaluate(report: Mapping[str, Any]) -> dict[str, list[str]]:
                          f"{sorted(set(case.refused) - predicted)}: {compat}")
         verdicts[case.name] = p
     verdicts["manifests"] = _manifest_problems(report)
+    if "libvirt" in report:
+        from harness import crosskernel_libvirt
+
+        verdicts.update(crosskernel_libvirt.evaluate(report))
     return verdicts
 
 
@@ -836,6 +856,10 @@ def format_report(report: Mapping[str, Any]) -> str:
                  f"vs {dst_m.get('latest')}; 6.12 supports all of 6.1's versions")
     for problem in verdicts.get("manifests", []):
         lines.append(f"      PROBLEM: {problem}")
+    if "libvirt" in report:
+        from harness import crosskernel_libvirt
+
+        lines += crosskernel_libvirt.format_lines(report)
     boots = report.get("boots") or {}
     if boots:
         lines.append("  VM time (boot + cases + shutdown): " + ", ".join(
@@ -876,7 +900,12 @@ def main(argv: list[str] | None = None) -> int:
                        ("report", "print the report of an earlier run")):
         p = sub.add_parser(name, help=text)
         p.add_argument("--state", required=True)
-        p.add_argument("--case", action="append", help="only this case (repeatable)")
+        p.add_argument("--case", action="append", help="only this case (repeatable); "
+                       "no libvirt part then")
+        if name != "report":
+            p.add_argument("--libvirt-only", action="store_true", help="only the libvirt "
+                           "part (harness.crosskernel_libvirt; boot with --overlay-rwdir /etc "
+                           "--overlay-rwdir /var/lib)")
         if name == "report":
             p.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
@@ -885,9 +914,11 @@ def main(argv: list[str] | None = None) -> int:
         cases = [case_by_name(n) for n in args.case] if getattr(args, "case", None) \
             else list(CASES)
         if command in ("source", "destination"):
+            if args.libvirt_only:
+                cases = []
             state = Path(args.state)
             phase = run_source if command == "source" else run_destination
-            return phase(state, cases)
+            return phase(state, cases, libvirt=args.libvirt_only or not args.case)
         if command == "plan":
             plan_path = Path(args.state) / "plan.json"
             _write_json(plan_path, make_plan(args.source_kernel, args.destination_kernel,
