@@ -46,6 +46,7 @@ from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kvhost import features as fb
 from kvhost import qemu_args
 from kvhost import versions as ver
 from kvhost.errors import UsageError, VersionError
@@ -63,6 +64,11 @@ SOCKET_DIR = Path("/run/kvhost")
 NATIVE_TYPES = ("ethernet", "network", "bridge")
 #: libvirt keeps only aliases with this prefix in a defined (inactive) domain
 USER_ALIAS_PREFIX = "ua-"
+#: models libvirt runs as virtio-net-pci-transitional / -non-transitional: those QEMU devices
+#: fix the legacy/modern choice themselves and have no property for it (QEMU refuses to
+#: start: "Property 'virtio-net-pci-non-transitional.disable-modern' not found")
+FIXED_INTERFACE_MODELS = ("virtio-transitional", "virtio-non-transitional")
+MODERN_PROPERTIES = ("disable-modern", "disable-legacy")
 
 #: QEMU property -> (element under <driver>, or "driver" itself; libvirt attribute)
 LIBVIRT_ATTRS: dict[str, tuple[str, str]] = {
@@ -355,6 +361,23 @@ def pinning(version: ver.InterfaceVersion, available: Collection[str]
     return attrs, override
 
 
+def _model_override(nic: Interface, version: ver.InterfaceVersion,
+                    override: list[tuple[str, str, str]]) -> list[tuple[str, str, str]]:
+    """``override`` as ``nic``'s model can take it. Both fixed models offer the modern
+    interface (VERSION_1) whatever the properties say, so a version without it cannot be
+    pinned on them: VersionError."""
+    model = nic.element.find("model")
+    kind = model.get("type") if model is not None else None
+    if kind not in FIXED_INTERFACE_MODELS:
+        return override
+    if not version.features & fb.bit("VERSION_1"):
+        raise VersionError(
+            f"interface {nic.index} has model {kind!r}, which always offers virtio 1.0 "
+            f"(VERSION_1); {version.label} is legacy-only: use model 'virtio'"
+        )
+    return [o for o in override if o[0] not in MODERN_PROPERTIES]
+
+
 def check_queues(doc: Document, version: ver.InterfaceVersion) -> None:
     """Raises VersionError when an interface asks for more queue pairs than the version."""
     for nic in interfaces(doc.root):
@@ -409,10 +432,13 @@ def stamp(
     check_queues(doc, version)
     natives = [nic for nic in interfaces(root) if nic.native]
     pins = None
+    overrides: list[list[tuple[str, str, str]]] = []
     if natives:
         if available is None:
             raise UsageError("the domain has a native vhost-net interface: name the QEMU to pin")
         pins = pinning(version, available)
+        # before anything is written: a refusal leaves the document as it was
+        overrides = [_model_override(nic, version, pins[1]) for nic in natives]
 
     metadata = _find_or_add(root, "metadata", 0, unit, index=_metadata_index(root))
     net = _find_or_add(metadata, f"{{{KVHOST_NS}}}net", 1, unit)
@@ -421,13 +447,13 @@ def stamp(
 
     if pins is None:
         return
-    attrs, override = pins
+    attrs = pins[0]
     device_xml = _find_or_add(root, f"{{{QEMU_NS}}}override", 0, unit)
     declared = doc.declared.setdefault(id(root), [])
     if not any(uri == QEMU_NS for _, uri in declared):
         declared.append(("qemu", QEMU_NS))
     taken = {nic.alias for nic in interfaces(root)}
-    for nic in natives:
+    for nic, override in zip(natives, overrides, strict=True):
         alias = _user_alias(nic, unit, taken)
         driver = nic.element.find("driver")
         assert driver is not None
@@ -436,6 +462,14 @@ def stamp(
             target.set(attr, value)
         dev = _find_or_add(device_xml, f"{{{QEMU_NS}}}device", 1, unit, {"alias": alias})
         frontend = _find_or_add(dev, f"{{{QEMU_NS}}}frontend", 2, unit)
+        if len(override) < len(pins[1]):  # a fixed model: drop what an earlier stamp wrote
+            for p in frontend.findall(f"{{{QEMU_NS}}}property"):
+                if p.get("name") in MODERN_PROPERTIES:
+                    siblings = list(frontend)
+                    at = siblings.index(p)
+                    if at and at == len(siblings) - 1:  # its tail indents the closing tag
+                        siblings[at - 1].tail = p.tail
+                    frontend.remove(p)
         for prop, kind, value in override:
             p = _find_or_add(frontend, f"{{{QEMU_NS}}}property", 3, unit, {"name": prop})
             p.set("type", kind)

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from test_versions import V, probe_61, probe_612
 
+from kvhost import features as fb
 from kvhost import libvirt as lv
 from kvhost import manifest as mf
 from kvhost import qemu_args
@@ -249,3 +250,35 @@ def test_cli_native_domain_asks_its_own_emulator(tmp_path: Path) -> None:
     done = stamp_cli("-", "--host-manifest", str(host), "--version", V[5], stdin=xml)
     assert done.returncode == 0, done.stderr
     assert b"<qemu:property name='queue_reset' type='bool' value='false'/>" in done.stdout
+
+
+def _as_model(data: bytes, model: str) -> bytes:
+    return data.replace(b"<model type='virtio'/>", f"<model type='{model}'/>".encode(), 1)
+
+
+@pytest.mark.parametrize("model", lv.FIXED_INTERFACE_MODELS)
+def test_fixed_models_get_no_modern_legacy_properties(model: str) -> None:
+    # libvirt runs these as virtio-net-pci-(non-)transitional, which lack disable-modern:
+    # QEMU 7.2 then refused to start a stamped domain ("Property ... not found")
+    data = _as_model((DATA / "native.xml").read_bytes(), model)
+    assert f"<model type='{model}'/>".encode() in data
+    root = lv.parse(stamped(data, V[5])).root
+    names = {p.get("name") for p in root.iter(f"{Q}property")}
+    assert "queue_reset" in names and not names & set(lv.MODERN_PROPERTIES), names
+    # and a domain an earlier kvhost stamped with them loses them on a restamp
+    generic = stamped((DATA / "native.xml").read_bytes(), V[5])
+    assert b"name='disable-modern'" in generic
+    again = stamped(_as_model(generic, model), V[5])
+    assert b"disable-modern" not in again and again.count(b"<qemu:property ") == len(names)
+    assert stamped(again, V[5]) == again
+
+
+def test_fixed_models_refuse_a_legacy_only_version() -> None:
+    data = _as_model((DATA / "native.xml").read_bytes(), "virtio-non-transitional")
+    version = ver.parse(V[4])  # MQ for the domain's 4 queues, but no virtio 1.0 yet
+    assert not version.features & fb.bit("VERSION_1")
+    doc = lv.parse(data)
+    untouched = lv.serialize(lv.parse(data))
+    with pytest.raises(VersionError, match=r"always offers virtio 1\.0.*use model 'virtio'"):
+        lv.stamp(doc, version, ALL_PROPS)
+    assert lv.serialize(doc) == untouched  # refused before anything was written
