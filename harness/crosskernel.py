@@ -901,11 +901,7 @@ def main(argv: list[str] | None = None) -> int:
         p = sub.add_parser(name, help=text)
         p.add_argument("--state", required=True)
         p.add_argument("--case", action="append", help="only this case (repeatable); "
-                       "no libvirt part then")
-        if name != "report":
-            p.add_argument("--libvirt-only", action="store_true", help="only the libvirt "
-                           "part (harness.crosskernel_libvirt; boot with --overlay-rwdir /etc "
-                           "--overlay-rwdir /var/lib)")
+                       "skips the libvirt part (python -m harness.crosskernel_libvirt runs it)")
         if name == "report":
             p.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
@@ -914,11 +910,9 @@ def main(argv: list[str] | None = None) -> int:
         cases = [case_by_name(n) for n in args.case] if getattr(args, "case", None) \
             else list(CASES)
         if command in ("source", "destination"):
-            if args.libvirt_only:
-                cases = []
             state = Path(args.state)
             phase = run_source if command == "source" else run_destination
-            return phase(state, cases, libvirt=args.libvirt_only or not args.case)
+            return phase(state, cases, libvirt=not args.case)
         if command == "plan":
             plan_path = Path(args.state) / "plan.json"
             _write_json(plan_path, make_plan(args.source_kernel, args.destination_kernel,

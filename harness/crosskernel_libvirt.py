@@ -34,6 +34,10 @@ Two limits of the test VM, said here because they shape what is checked:
   pin is v5". The native domain stamped latest therefore names QEMU 10.0 (the one
   ``scripts/install-deps`` unpacks, :mod:`harness.qemu.binaries`) as its ``<emulator>``,
   as a 6.12 host with a current QEMU would; every other domain runs libvirt's default QEMU.
+  libvirt cannot probe that QEMU through install-deps' wrapper: 10.0's module directory
+  lacks modules 7.2's has (ui-opengl), QEMU falls back to 7.2's directory while listing
+  types, and aborts on the foreign build. :func:`write_qemu10` writes a wrapper that shows
+  QEMU 10.0 its own modules at the system path, in a mount namespace of its own.
 
 Everything is kept inside a network namespace this part creates (libvirtd, and so QEMU, the
 hook and the shims, are started in it), the frames are the tier's test ethertype between
@@ -43,6 +47,7 @@ names (the BIOS, qtest and shim sockets) are under /run, valid in both boots.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
@@ -73,6 +78,9 @@ QEMU_PIDS = Path("/run/libvirt/qemu")
 #: save 8 s, restore 11-14 s); generous, as everything in this tier
 VIRSH_TIMEOUT = 600.0
 RARP_TIMEOUT = 5.0
+#: the native domain stamped latest runs this (see the module docstring)
+QEMU10 = WORK / "qemu-system-x86_64-10.0"
+SYSTEM_MODULES = Path("/usr/lib/x86_64-linux-gnu/qemu")
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +123,22 @@ def _must(done: Any, what: str) -> str:
     return str(done.stdout)
 
 
+def write_qemu10() -> Path:
+    """The QEMU 10.0 wrapper libvirt can probe (module docstring); its path."""
+    real = Path(binaries.require(binaries.QEMU_10))
+    modules = real.parents[1] / SYSTEM_MODULES.relative_to("/")
+    if not modules.is_dir():
+        raise KvhostError(f"{modules} is missing: not the layout scripts/install-deps unpacks")
+    # unshare --mount makes the bind mount private to QEMU (util-linux's default propagation)
+    QEMU10.write_text(
+        "#!/bin/sh\n"
+        "# QEMU 10.0 with only its own modules, for libvirt (harness.crosskernel_libvirt)\n"
+        "exec unshare --mount sh -c 'mount --bind \"$0\" "
+        f"{SYSTEM_MODULES} && exec \"$@\"' {modules} {real} \"$@\"\n")
+    QEMU10.chmod(0o755)
+    return QEMU10
+
+
 def _domain_xml(d: Domain) -> str:
     if d.kind == "vhostuser":
         xml = libvirtd.driven_domain(d.name, WORK, sock=d.sock).xml
@@ -122,8 +146,8 @@ def _domain_xml(d: Domain) -> str:
         xml = libvirtd.driven_domain(d.name, WORK, tap=d.tap).xml
         if not d.pinned:
             # see the module docstring: 7.2 cannot be pinned to v7, QEMU 10.0 can
-            xml = xml.replace("  <devices>\n", "  <devices>\n    <emulator>"
-                              f"{binaries.require(binaries.QEMU_10)}</emulator>\n", 1)
+            xml = xml.replace("  <devices>\n",
+                              f"  <devices>\n    <emulator>{QEMU10}</emulator>\n", 1)
     return xml
 
 
@@ -150,9 +174,10 @@ def _processes_naming(word: bytes) -> list[int]:
     return pids
 
 
-def leftovers(d: Domain, *, log_too: bool) -> list[str]:
+def leftovers(d: Domain, *, refused: bool) -> list[str]:
     """What of ``d`` still exists: shim or QEMU processes, the shim's socket, the hook's pid
-    and environment files (and log, when the hook never ran for it), libvirt's domain.
+    and environment files, and libvirt's domain unless it is defined and shut off. After a
+    refusal (``refused``) also the shim's log, and any domain: nothing may have started.
     Empty when nothing is left behind."""
     left: list[str] = []
     for pid in _processes_naming(str(d.sock).encode()):
@@ -161,12 +186,12 @@ def leftovers(d: Domain, *, log_too: bool) -> list[str]:
         left.append(f"QEMU process {pid} of {d.name}")
     files = [d.sock, libvirtd.STATE / f"{d.name}.pid", libvirtd.STATE / f"{d.name}.env",
              QEMU_PIDS / f"{d.name}.pid"]
-    if log_too:
+    if refused:
         files.append(libvirtd.STATE / f"{d.name}.log")
     left += [f"file {p}" for p in files if p.exists()]
     state = libvirtd.virsh("domstate", d.name)
-    if state.returncode == 0:
-        left.append(f"libvirt still knows {d.name}: {state.stdout.strip()}")
+    if state.returncode == 0 and (refused or state.stdout.strip() != "shut off"):
+        left.append(f"libvirt has {d.name}: {state.stdout.strip()}")
     return left
 
 
@@ -174,7 +199,7 @@ def _wait_gone(d: Domain, timeout: float = 30.0) -> list[str]:
     """:func:`leftovers` once the shim and QEMU had ``timeout`` s to exit."""
     deadline = time.monotonic() + timeout
     while True:
-        left = leftovers(d, log_too=False)
+        left = leftovers(d, refused=False)
         if not left or time.monotonic() > deadline:
             return left
         time.sleep(0.5)
@@ -262,22 +287,23 @@ def _one(d: Domain, body: Callable[[dict[str, Any]], None], out: TextIO) -> dict
 
 
 def _phase(state: Path, side: str, each: Callable[[Domain, Path, dict[str, Any]], None],
-           out: TextIO) -> None:
+           out: TextIO, domains: tuple[Domain, ...] = DOMAINS) -> None:
     """libvirt up in a fresh namespace, ``each`` domain in turn, results as JSON."""
     root = part_dir(state)
     logs = root / side
     logs.mkdir(parents=True, exist_ok=True)
-    for d in DOMAINS:
+    for d in domains:
         (root / d.name).mkdir(parents=True, exist_ok=True)
         (root / d.name / f"{side}.json").unlink(missing_ok=True)
     WORK.mkdir(parents=True, exist_ok=True)
-    write_bios(WORK / "hlt.bin")  # the saved XML's <loader>, in both boots
+    write_bios(WORK / "hlt.bin")  # the saved XML's <loader> and <emulator>, in both boots
+    write_qemu10()
     phase: dict[str, Any] = {"kernel": os.uname().release, "error": None}
     t0 = time.monotonic()
     try:
         with netns.fresh("kvx-lv"), libvirtd.running(logs, WORK / "stage"):
             phase["libvirt_up_s"] = round(time.monotonic() - t0, 2)
-            for d in DOMAINS:
+            for d in domains:
                 ddir = root / d.name
 
                 def body(r: dict[str, Any], d: Domain = d, ddir: Path = ddir) -> None:
@@ -295,7 +321,8 @@ def _phase(state: Path, side: str, each: Callable[[Domain, Path, dict[str, Any]]
 # --- source (6.12) --------------------------------------------------------------------------
 
 
-def run_source(state: Path, pin: str, out: TextIO = sys.stdout) -> None:
+def run_source(state: Path, pin: str, out: TextIO = sys.stdout,
+               domains: tuple[Domain, ...] = DOMAINS) -> None:
     """Inside the 6.12 boot: every domain stamped, started, driven, saved into the state."""
 
     def each(d: Domain, ddir: Path, r: dict[str, Any]) -> None:
@@ -303,7 +330,7 @@ def run_source(state: Path, pin: str, out: TextIO = sys.stdout) -> None:
             (ddir / stale).unlink(missing_ok=True)
         _source_domain(d, pin, ddir, r)
 
-    _phase(state, "source", each, out)
+    _phase(state, "source", each, out, domains)
 
 
 def _source_domain(d: Domain, pin: str, ddir: Path, r: dict[str, Any]) -> None:
@@ -350,13 +377,14 @@ def _source_domain(d: Domain, pin: str, ddir: Path, r: dict[str, Any]) -> None:
 # --- destination (6.1) ----------------------------------------------------------------------
 
 
-def run_destination(state: Path, pin: str, out: TextIO = sys.stdout) -> None:
+def run_destination(state: Path, pin: str, out: TextIO = sys.stdout,
+                    domains: tuple[Domain, ...] = DOMAINS) -> None:
     """Inside the 6.1 boot: ``virsh restore`` every image the source part saved."""
 
     def each(d: Domain, ddir: Path, r: dict[str, Any]) -> None:
         _destination_domain(d, pin, ddir, r)
 
-    _phase(state, "destination", each, out)
+    _phase(state, "destination", each, out, domains)
 
 
 def _destination_domain(d: Domain, pin: str, ddir: Path, r: dict[str, Any]) -> None:
@@ -374,7 +402,7 @@ def _destination_domain(d: Domain, pin: str, ddir: Path, r: dict[str, Any]) -> N
             r["restored"] = False
             r["refusal"] = libvirtd.one_line(done.stderr)
             # a refusal at restore begin must leave nothing: the hook ran before anything
-            r["left_after_refusal"] = leftovers(d, log_too=True)
+            r["left_after_refusal"] = leftovers(d, refused=True)
             return
         r["restored"] = True
         r["domstate"] = libvirtd.virsh("domstate", d.name).stdout.strip()
@@ -559,3 +587,31 @@ def format_lines(report: Mapping[str, Any]) -> list[str]:
         for problem in verdicts.get(key, []):
             lines.append(f"      PROBLEM: {problem}")
     return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one part by hand, in a test VM booted as the tier boots it (README of the tier:
+    ``python -m harness.crosskernel --help``), or print an earlier run's libvirt section."""
+    parser = argparse.ArgumentParser(prog="python -m harness.crosskernel_libvirt",
+                                     description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("part", choices=("source", "destination", "report"))
+    parser.add_argument("--state", required=True, help="the tier's state directory (with "
+                        "plan.json: python -m harness.crosskernel plan)")
+    parser.add_argument("--domain", action="append", choices=[d.name for d in DOMAINS],
+                        help="only this domain (repeatable)")
+    args = parser.parse_args(argv)
+    state = Path(args.state)
+    if args.part == "report":
+        report = ck.collect(state)
+        print("\n".join(format_lines(report)))
+        return 0 if not any(v for k, v in report["verdicts"].items()
+                            if k.startswith("libvirt ")) else 1
+    pin = str(ck._plan(state)["pin"])
+    domains = tuple(d for d in DOMAINS if not args.domain or d.name in args.domain)
+    (run_source if args.part == "source" else run_destination)(state, pin, sys.stdout, domains)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
