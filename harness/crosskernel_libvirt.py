@@ -148,6 +148,9 @@ def _domain_xml(d: Domain) -> str:
             # see the module docstring: 7.2 cannot be pinned to v7, QEMU 10.0 can
             xml = xml.replace("  <devices>\n",
                               f"  <devices>\n    <emulator>{QEMU10}</emulator>\n", 1)
+            # without <acpi/> libvirt 9.0 passes -no-acpi, which QEMU 10.0 no longer has
+            xml = xml.replace("  </os>\n", "  </os>\n  <features>\n    <acpi/>\n"
+                              "  </features>\n", 1)
     return xml
 
 

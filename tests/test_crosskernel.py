@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 import pytest
 
 from harness import crosskernel as ck
+from harness import crosskernel_libvirt as ckl
 from harness.qemu import virtio_status as vs
 from kvhost import features as fb
 from kvhost import manifest as mf
@@ -273,6 +274,99 @@ def test_report_verdicts_agree_and_both_boots_succeeded(report: dict[str, Any]) 
         assert boot["exit"] == 0, f"{phase} VM exited {boot['exit']}"
 
 
+# --- the same story through libvirt: virsh save on 6.12, virsh restore on 6.1 (issue 15) ----
+
+
+def _libvirt(report: dict[str, Any], name: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    part = report.get("libvirt") or {}
+    sides = (part.get("domains") or {}).get(name) or {}
+    src, dst = sides.get("source"), sides.get("destination")
+    assert src is not None, f"{name}: the 6.12 libvirt part wrote no result: {part.get('source')}"
+    assert dst is not None, (
+        f"{name}: the 6.1 libvirt part wrote no result: {part.get('destination')}")
+    for side, r in (("6.12", src), ("6.1", dst)):
+        assert r["error"] is None, f"{name} on {side}: {r['error']}\n{r.get('traceback')}"
+    assert src["kernel"].startswith("6.12.") and dst["kernel"].startswith("6.1.")
+    assert src["frames_before"] == {"tx": True, "rx": True}
+    assert src["image_bytes"], f"{name}: virsh save wrote an empty image"
+    assert src["left_after_save"] == [], f"{name}: left after virsh save"
+    return src, dst
+
+
+def _assert_refused_by_the_hook(report: dict[str, Any], name: str) -> str:
+    """virsh restore on 6.1 of a domain stamped with 6.12's latest: the hook refuses at
+    restore begin with one line, virsh exits non-zero, nothing was started or left."""
+    src, dst = _libvirt(report, name)
+    latest = report["source"]["manifest"]["latest"]
+    assert src["recorded"] == latest, f"{name}: stamped {src['recorded']}, not {latest}"
+    assert int(src["driver_features"], 16) & RING_RESET, (
+        f"{name}: the guest on 6.12 did not negotiate RING_RESET; nothing to refuse")
+    line = str(dst["refusal"])
+    assert dst["restored"] is False and dst["restore_exit"] not in (None, 0), dst
+    assert "Hook script execution failed" in line and "restore begin" in line, line
+    assert f"kvhost: VM {name} cannot be restored here: this host (kernel 6.1." in line, line
+    assert f"cannot serve {latest}: missing feature bits" in line, line
+    bits = ckl.refused_bits(line)
+    assert "RING_RESET" in bits, f"{name}: the hook named {bits}: {line}"
+    reasons = " ".join(_compat(report)["reasons"])
+    for bit in bits:
+        assert bit in reasons, f"{name}: the hook refused {bit}; kvhost compat did not say so"
+    assert dst["left_after_refusal"] == [], f"{name}: left behind after the refusal"
+    return line
+
+
+def _assert_restored(report: dict[str, Any], name: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """virsh restore on 6.1 of a domain stamped with the pin: the guest goes on where it
+    stopped on 6.12, and virsh destroy leaves nothing."""
+    src, dst = _libvirt(report, name)
+    pin = report["plan"]["pin"]
+    assert _compat(report)["version"] == pin
+    assert src["recorded"] == pin, f"{name}: stamped {src['recorded']}, not {pin}"
+    assert not int(src["driver_features"], 16) & RING_RESET, f"{name}: negotiated RING_RESET"
+    assert dst["restored"] is True, f"{name}: virsh restore failed: {dst['restore_stderr']}"
+    assert dst["domstate"] == "running"
+    saved, resumed = src["saved_used"], dst["resumed_used"]
+    assert saved["tx"] >= 1 and resumed == saved, f"{name}: resumed at {resumed}, saved {saved}"
+    assert dst["used_after_tx"] == saved["tx"] + 1
+    assert dst["frames_after"] == {"tx": True, "rx": True}
+    assert dst["device_features"] == src["device_features"], (
+        f"{name}: the device changed: {src['device_features']} -> {dst['device_features']}")
+    assert dst["left_after_destroy"] == [], f"{name}: left after virsh destroy"
+    return src, dst
+
+
+@crosskernel
+def test_libvirt_vhostuser_latest_is_refused_at_restore_begin(report: dict[str, Any]) -> None:
+    _assert_refused_by_the_hook(report, "kvl-user-latest")
+
+
+@crosskernel
+def test_libvirt_vhostuser_pinned_restores_on_61s_vhost_net(report: dict[str, Any]) -> None:
+    pin = report["plan"]["pin"]
+    src, dst = _assert_restored(report, "kvl-user-pin")
+    for side, r in (("6.12", src), ("6.1", dst)):
+        assert r["shim_version"] == pin and r["shim_cmdline_version"] == pin, (side, r)
+        assert r["shim_tap"] == "kvlu-pin", f"{side}: the shim did not use the phase's tap"
+    vhost = dst["vhost"]
+    assert vhost["vhost_net_fds"] >= 1 and vhost["worker_tid"] is not None, (
+        f"the restored shim does not drive 6.1's vhost-net: {vhost}")
+
+
+@crosskernel
+def test_libvirt_native_latest_is_refused_at_restore_begin(report: dict[str, Any]) -> None:
+    _assert_refused_by_the_hook(report, "kvl-native-latest")
+
+
+@crosskernel
+def test_libvirt_native_pinned_restores_with_its_pinned_device(report: dict[str, Any]) -> None:
+    # TCG: libvirt gives a type='qemu' domain QEMU's userspace virtio-net over the tap, so
+    # this is about the guest-visible device; native-pinned above proves the vhost-net path
+    src, dst = _assert_restored(report, "kvl-native-pin")
+    assert src["device_json"]["queue_reset"] is False, src["device_json"]
+    assert dst["device_json"] == src["device_json"], "QEMU's -device changed across restore"
+    assert src["qom_queue_reset"] is False and dst["qom_queue_reset"] is False
+
+
 # --- host tier: the pure helpers ------------------------------------------------------------
 
 
@@ -318,6 +412,30 @@ def test_evaluate_flags_an_unpinned_stream_that_loaded() -> None:
     verdicts = ck.evaluate(report)
     assert any("loaded" in p for p in verdicts["native-unpinned"])
     assert verdicts["manifests"] == ["a manifest is missing"]
+
+
+def test_libvirt_refused_bits_reads_the_hook_line() -> None:
+    line = ("error: Hook script execution failed: internal error: Child process (LC_ALL=C "
+            "/etc/libvirt/hooks/qemu.d/kvhost vm1 restore begin -) unexpected exit status 1: "
+            "kvhost: VM vm1 cannot be restored here: this host (kernel 6.1.0-57-amd64) cannot "
+            "serve org.kernel.vhost-net.v7: missing feature bits RING_RESET, GUEST_USO4")
+    assert ckl.refused_bits(line) == ["RING_RESET", "GUEST_USO4"]
+    assert ckl.refused_bits("error: Failed to restore domain") == []
+
+
+def test_evaluate_flags_a_libvirt_restore_the_hook_let_through() -> None:
+    src: dict[str, Any] = {"error": None, "kernel": "6.12.1", "recorded": "org.kernel.vhost-net.v7",
+           "frames_before": {"tx": True, "rx": True}, "left_after_save": [],
+           "driver_features": hex(RING_RESET)}
+    dst = {"error": None, "kernel": "6.1.1", "restored": True, "restore_exit": 0}
+    report = {"plan": {"pin": "org.kernel.vhost-net.v5"},
+              "source": {"manifest": {"latest": "org.kernel.vhost-net.v7"}},
+              "destination": {"compat": None},
+              "libvirt": {"domains": {"kvl-user-latest": {"source": src, "destination": dst}}}}
+    problems = ckl.evaluate(report)["libvirt kvl-user-latest"]
+    assert any("did not refuse" in p for p in problems), problems
+    assert ckl.evaluate(report)["libvirt kvl-user-pin"] == [
+        "the source part wrote no result (None)", "the destination part wrote no result (None)"]
 
 
 def test_every_crosskernel_test_carries_the_long_timeout() -> None:
