@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import faulthandler
 import json
 import os
 import re
@@ -78,6 +79,9 @@ QEMU_PIDS = Path("/run/libvirt/qemu")
 #: save 8 s, restore 11-14 s); generous, as everything in this tier
 VIRSH_TIMEOUT = 600.0
 RARP_TIMEOUT = 5.0
+#: one part hung once, after libvirtd started, with no timeout firing: past this, dump every
+#: thread's stack into the boot's log and end the process, so the next run says where
+WATCHDOG_S = 1500
 #: the native domain stamped latest runs this (see the module docstring)
 QEMU10 = WORK / "qemu-system-x86_64-10.0"
 SYSTEM_MODULES = Path("/usr/lib/x86_64-linux-gnu/qemu")
@@ -303,6 +307,7 @@ def _phase(state: Path, side: str, each: Callable[[Domain, Path, dict[str, Any]]
     write_qemu10()
     phase: dict[str, Any] = {"kernel": os.uname().release, "error": None}
     t0 = time.monotonic()
+    faulthandler.dump_traceback_later(WATCHDOG_S, exit=True, file=sys.stderr)
     try:
         with netns.fresh("kvx-lv"), libvirtd.running(logs, WORK / "stage"):
             phase["libvirt_up_s"] = round(time.monotonic() - t0, 2)
@@ -317,6 +322,8 @@ def _phase(state: Path, side: str, each: Callable[[Domain, Path, dict[str, Any]]
         phase["error"] = f"{type(err).__name__}: {err}"
         phase["traceback"] = traceback.format_exc()
         print(f"--- libvirt {side}: ERROR {phase['error']}", file=out, flush=True)
+    finally:
+        faulthandler.cancel_dump_traceback_later()
     phase["wall_s"] = round(time.monotonic() - t0, 2)
     ck._write_json(root / f"{side}.json", phase)
 
