@@ -81,7 +81,7 @@ VIRSH_TIMEOUT = 600.0
 RARP_TIMEOUT = 5.0
 #: one part hung once, after libvirtd started, with no timeout firing: past this, dump every
 #: thread's stack into the boot's log and end the process, so the next run says where
-WATCHDOG_S = 1500
+WATCHDOG_S = 1200
 #: the native domain stamped latest runs this (see the module docstring)
 QEMU10 = WORK / "qemu-system-x86_64-10.0"
 SYSTEM_MODULES = Path("/usr/lib/x86_64-linux-gnu/qemu")
