@@ -34,10 +34,8 @@ Two limits of the test VM, said here because they shape what is checked:
   pin is v5". The native domain stamped latest therefore names QEMU 10.0 (the one
   ``scripts/install-deps`` unpacks, :mod:`harness.qemu.binaries`) as its ``<emulator>``,
   as a 6.12 host with a current QEMU would; every other domain runs libvirt's default QEMU.
-  libvirt cannot probe that QEMU through install-deps' wrapper: 10.0's module directory
-  lacks modules 7.2's has (ui-opengl), QEMU falls back to 7.2's directory while listing
-  types, and aborts on the foreign build. :func:`write_qemu10` writes a wrapper that shows
-  QEMU 10.0 its own modules at the system path, in a mount namespace of its own.
+  libvirt probes it through install-deps' wrapper, which (as root) shows 10.0 only its own
+  modules; QEMU would otherwise load 7.2's while listing types, and abort.
 
 Everything is kept inside a network namespace this part creates (libvirtd, and so QEMU, the
 hook and the shims, are started in it), the frames are the tier's test ethertype between
@@ -82,9 +80,6 @@ RARP_TIMEOUT = 5.0
 #: one part hung once, after libvirtd started, with no timeout firing: past this, dump every
 #: thread's stack into the boot's log and end the process, so the next run says where
 WATCHDOG_S = 1200
-#: the native domain stamped latest runs this (see the module docstring)
-QEMU10 = WORK / "qemu-system-x86_64-10.0"
-SYSTEM_MODULES = Path("/usr/lib/x86_64-linux-gnu/qemu")
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,22 +122,6 @@ def _must(done: Any, what: str) -> str:
     return str(done.stdout)
 
 
-def write_qemu10() -> Path:
-    """The QEMU 10.0 wrapper libvirt can probe (module docstring); its path."""
-    real = Path(binaries.require(binaries.QEMU_10))
-    modules = real.parents[1] / SYSTEM_MODULES.relative_to("/")
-    if not modules.is_dir():
-        raise KvhostError(f"{modules} is missing: not the layout scripts/install-deps unpacks")
-    # unshare --mount makes the bind mount private to QEMU (util-linux's default propagation)
-    QEMU10.write_text(
-        "#!/bin/sh\n"
-        "# QEMU 10.0 with only its own modules, for libvirt (harness.crosskernel_libvirt)\n"
-        "exec unshare --mount sh -c 'mount --bind \"$0\" "
-        f"{SYSTEM_MODULES} && exec \"$@\"' {modules} {real} \"$@\"\n")
-    QEMU10.chmod(0o755)
-    return QEMU10
-
-
 def _domain_xml(d: Domain) -> str:
     if d.kind == "vhostuser":
         xml = libvirtd.driven_domain(d.name, WORK, sock=d.sock).xml
@@ -150,8 +129,9 @@ def _domain_xml(d: Domain) -> str:
         xml = libvirtd.driven_domain(d.name, WORK, tap=d.tap).xml
         if not d.pinned:
             # see the module docstring: 7.2 cannot be pinned to v7, QEMU 10.0 can
+            qemu10 = binaries.require(binaries.QEMU_10)
             xml = xml.replace("  <devices>\n",
-                              f"  <devices>\n    <emulator>{QEMU10}</emulator>\n", 1)
+                              f"  <devices>\n    <emulator>{qemu10}</emulator>\n", 1)
             # without <acpi/> libvirt 9.0 passes -no-acpi, which QEMU 10.0 no longer has
             xml = xml.replace("  </os>\n", "  </os>\n  <features>\n    <acpi/>\n"
                               "  </features>\n", 1)
@@ -304,7 +284,6 @@ def _phase(state: Path, side: str, each: Callable[[Domain, Path, dict[str, Any]]
         (root / d.name / f"{side}.json").unlink(missing_ok=True)
     WORK.mkdir(parents=True, exist_ok=True)
     write_bios(WORK / "hlt.bin")  # the saved XML's <loader> and <emulator>, in both boots
-    write_qemu10()
     phase: dict[str, Any] = {"kernel": os.uname().release, "error": None}
     t0 = time.monotonic()
     faulthandler.dump_traceback_later(WATCHDOG_S, exit=True, file=sys.stderr)
