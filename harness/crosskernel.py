@@ -737,17 +737,25 @@ def evaluate(report: Mapping[str, Any]) -> dict[str, list[str]]:
     return verdicts
 
 
-def _loaded_problems(src: Mapping[str, Any], dst: Mapping[str, Any]) -> list[str]:
+def resume_problems(src: Mapping[str, Any], dst: Mapping[str, Any], moved: str) -> list[str]:
+    """How the rings failed to carry on after ``moved`` (``"migration"``, ``"restore"``): the
+    used indexes the destination read against those the source saved, TX after one more
+    frame, and a frame each way. Empty when they carried on."""
     p: list[str] = []
     saved = src.get("saved_used") or {}
     resumed = dst.get("resumed_used") or {}
     if resumed != saved or not saved.get("tx"):
         p.append(f"rings resumed at used indexes {resumed}, saved {saved}")
     if dst.get("used_after_tx") != (saved.get("tx", 0) + 1) & 0xFFFF:
-        p.append(f"TX used.idx after the migrated frame is {dst.get('used_after_tx')}, "
+        p.append(f"TX used.idx after one more frame is {dst.get('used_after_tx')}, "
                  f"expected {saved.get('tx', 0) + 1}")
     if dst.get("frames_after") != {"tx": True, "rx": True}:
-        p.append(f"frames after migration: {dst.get('frames_after')}")
+        p.append(f"frames after {moved}: {dst.get('frames_after')}")
+    return p
+
+
+def _loaded_problems(src: Mapping[str, Any], dst: Mapping[str, Any]) -> list[str]:
+    p = resume_problems(src, dst, "migration")
     if dst.get("rarp_mac") != GUEST_MAC.hex(":"):
         p.append(f"self-announce RARP carried {dst.get('rarp_mac')}, not the guest MAC")
     if dst.get("device_features") != src.get("device_features"):

@@ -504,18 +504,10 @@ def _refused_problems(d: Domain, src: Mapping[str, Any], dst: Mapping[str, Any],
 
 def _restored_problems(d: Domain, pin: str | None, src: Mapping[str, Any],
                        dst: Mapping[str, Any]) -> list[str]:
-    p: list[str] = []
     if not dst.get("restored"):
         return [f"virsh restore failed (exit {dst.get('restore_exit')}): "
                 f"{dst.get('restore_stderr')}"]
-    saved, resumed = src.get("saved_used") or {}, dst.get("resumed_used")
-    if resumed != saved or not saved.get("tx"):
-        p.append(f"rings resumed at used indexes {resumed}, saved {saved}")
-    if dst.get("used_after_tx") != (saved.get("tx", 0) + 1) & 0xFFFF:
-        p.append(f"TX used.idx after one more frame is {dst.get('used_after_tx')}, saved "
-                 f"{saved.get('tx')}")
-    if dst.get("frames_after") != {"tx": True, "rx": True}:
-        p.append(f"frames after restore: {dst.get('frames_after')}")
+    p = ck.resume_problems(src, dst, "restore")
     if dst.get("device_features") != src.get("device_features"):
         p.append(f"device features changed: {src.get('device_features')} -> "
                  f"{dst.get('device_features')}")
