@@ -321,6 +321,16 @@ def _child(parent: ET.Element, tag: str, depth: int, unit: str, index: int | Non
     return child
 
 
+def _remove_child(parent: ET.Element, child: ET.Element) -> None:
+    """Remove ``child`` and keep :func:`_child`'s layout: the last child's tail indents the
+    parent's closing tag, so a removed last child hands it to the one before."""
+    kids = list(parent)
+    at = kids.index(child)
+    if 0 < at == len(kids) - 1:
+        kids[at - 1].tail = child.tail
+    parent.remove(child)
+
+
 def _find_or_add(parent: ET.Element, tag: str, depth: int, unit: str,
                  match: dict[str, str] | None = None, index: int | None = None) -> ET.Element:
     for e in parent.findall(tag):
@@ -462,14 +472,12 @@ def stamp(
             target.set(attr, value)
         dev = _find_or_add(device_xml, f"{{{QEMU_NS}}}device", 1, unit, {"alias": alias})
         frontend = _find_or_add(dev, f"{{{QEMU_NS}}}frontend", 2, unit)
-        if len(override) < len(pins[1]):  # a fixed model: drop what an earlier stamp wrote
-            for p in frontend.findall(f"{{{QEMU_NS}}}property"):
-                if p.get("name") in MODERN_PROPERTIES:
-                    siblings = list(frontend)
-                    at = siblings.index(p)
-                    if at and at == len(siblings) - 1:  # its tail indents the closing tag
-                        siblings[at - 1].tail = p.tail
-                    frontend.remove(p)
+        # what the pin sets elsewhere but this model cannot take, an earlier stamp may have
+        # written: it goes
+        stale = {o[0] for o in pins[1]} - {o[0] for o in override}
+        for p in frontend.findall(f"{{{QEMU_NS}}}property"):
+            if p.get("name") in stale:
+                _remove_child(frontend, p)
         for prop, kind, value in override:
             p = _find_or_add(frontend, f"{{{QEMU_NS}}}property", 3, unit, {"name": prop})
             p.set("type", kind)
