@@ -640,16 +640,22 @@ def _features(value: Any) -> int | None:
     return int(value, 16) if isinstance(value, str) else None
 
 
+def bits_named(text: str) -> list[str]:
+    """The feature bit names ``text`` mentions (a compat reason, a hook's refusal), in order,
+    each once."""
+    names: list[str] = []
+    for word in re.findall(r"[A-Z][A-Z0-9_]+", text):
+        with contextlib.suppress(KeyError):
+            fb.bit(word)
+            if word not in names:
+                names.append(word)
+    return names
+
+
 def _missing_bits_named(compat: Mapping[str, Any] | None) -> set[str]:
     """Bit names the compat reasons say a VM at one host's latest lacks elsewhere."""
-    names: set[str] = set()
     result = (compat or {}).get("result") or {}
-    for reason in result.get("reasons", []):
-        for word in re.findall(r"[A-Z][A-Z0-9_]+", str(reason)):
-            with contextlib.suppress(KeyError):
-                fb.bit(word)
-                names.add(word)
-    return names
+    return {name for reason in result.get("reasons", []) for name in bits_named(str(reason))}
 
 
 def evaluate(report: Mapping[str, Any]) -> dict[str, list[str]]:

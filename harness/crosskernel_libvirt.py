@@ -50,7 +50,6 @@ import contextlib
 import faulthandler
 import json
 import os
-import re
 import sys
 import time
 import traceback
@@ -432,16 +431,6 @@ def collect(state: Path) -> dict[str, Any]:
     }
 
 
-#: "missing feature bits RING_RESET, GUEST_USO4, ..." in the hook's line (kvhost.libvirt)
-_MISSING = re.compile(r"missing feature bits ([A-Z0-9_, ]+)")
-
-
-def refused_bits(line: str) -> list[str]:
-    """The bit names a refusal line lists as missing."""
-    m = _MISSING.search(line)
-    return [w for w in re.split(r"[,\s]+", m.group(1)) if w] if m else []
-
-
 def evaluate(report: Mapping[str, Any]) -> dict[str, list[str]]:
     """``libvirt NAME`` -> problems (empty: holds), from :func:`harness.crosskernel.collect`."""
     part = report.get("libvirt") or {}
@@ -489,7 +478,7 @@ def _refused_problems(d: Domain, src: Mapping[str, Any], dst: Mapping[str, Any],
                  f"VM {d.name} cannot be restored here", str(src.get("recorded"))):
         if part not in line:
             p.append(f"the refusal does not say {part!r}: {line}")
-    bits = refused_bits(line)
+    bits = ck.bits_named(line)
     if "RING_RESET" not in bits:
         p.append(f"the refusal names missing bits {bits}, not RING_RESET: {line}")
     if not set(bits) <= predicted:

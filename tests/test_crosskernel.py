@@ -306,7 +306,7 @@ def _assert_refused_by_the_hook(report: dict[str, Any], name: str) -> str:
     assert "Hook script execution failed" in line and "restore begin" in line, line
     assert f"kvhost: VM {name} cannot be restored here: this host (kernel 6.1." in line, line
     assert f"cannot serve {latest}: missing feature bits" in line, line
-    bits = ckl.refused_bits(line)
+    bits = ck.bits_named(line)
     assert "RING_RESET" in bits, f"{name}: the hook named {bits}: {line}"
     reasons = " ".join(_compat(report)["reasons"])
     for bit in bits:
@@ -414,13 +414,13 @@ def test_evaluate_flags_an_unpinned_stream_that_loaded() -> None:
     assert verdicts["manifests"] == ["a manifest is missing"]
 
 
-def test_libvirt_refused_bits_reads_the_hook_line() -> None:
+def test_bits_named_reads_the_hook_line() -> None:
     line = ("error: Hook script execution failed: internal error: Child process (LC_ALL=C "
             "/etc/libvirt/hooks/qemu.d/kvhost vm1 restore begin -) unexpected exit status 1: "
             "kvhost: VM vm1 cannot be restored here: this host (kernel 6.1.0-57-amd64) cannot "
             "serve org.kernel.vhost-net.v7: missing feature bits RING_RESET, GUEST_USO4")
-    assert ckl.refused_bits(line) == ["RING_RESET", "GUEST_USO4"]
-    assert ckl.refused_bits("error: Failed to restore domain") == []
+    assert ck.bits_named(line) == ["RING_RESET", "GUEST_USO4"]
+    assert ck.bits_named("error: Failed to restore domain") == []
 
 
 def test_evaluate_flags_a_libvirt_restore_the_hook_let_through() -> None:
